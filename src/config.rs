@@ -1,0 +1,474 @@
+//! Typed configuration, read once at startup from the environment (SPEC.md "Configuration").
+//!
+//! Parsing is a pure function over a lookup closure so tests can build a `Config` without ever
+//! touching the process environment (which is `unsafe` to mutate once threads exist).
+
+use std::fmt;
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+use crate::domain::phone::E164;
+
+pub const DEFAULT_TWILIO_API_BASE_URL: &str = "https://api.twilio.com";
+pub const DEFAULT_OPENAI_REALTIME_URL: &str = "wss://api.openai.com/v1/realtime";
+pub const DEFAULT_OPENAI_REALTIME_MODEL: &str = "gpt-realtime-1.5";
+pub const DEFAULT_OPENAI_VOICE: &str = "marin";
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://callbridge.db?mode=rwc";
+pub const DEFAULT_AGENT_INSTRUCTIONS: &str = "You are a friendly, concise phone assistant. \
+Speak naturally in short sentences, as people do on the phone. If you did not understand the caller, \
+politely ask them to repeat. Never read out long lists or links.";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// The whole runtime configuration. Secrets are `SecretString` so a stray `{:?}` cannot leak them.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub twilio_account_sid: String,
+    pub twilio_auth_token: SecretString,
+    pub openai_api_key: SecretString,
+    pub public_base_url: PublicBaseUrl,
+    pub port: u16,
+    pub twilio_whatsapp_number: Option<E164>,
+    pub twilio_call_permission_content_sid: Option<String>,
+    pub api_token: Option<SecretString>,
+    pub twilio_api_base_url: String,
+    pub openai_realtime_url: String,
+    pub openai_realtime_model: String,
+    pub openai_voice: String,
+    pub agent_instructions: String,
+    pub agent_greeting: Option<String>,
+    pub database_url: String,
+    pub outbound_calls_per_day: u32,
+    pub max_concurrent_calls: usize,
+    pub drain_timeout: Duration,
+    pub log_format: LogFormat,
+}
+
+/// `PUBLIC_BASE_URL` without a trailing slash. Every URL we sign-check or hand to Twilio is built
+/// from it, never from the `Host` header, because proxies (ngrok, Fly) rewrite scheme and host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublicBaseUrl(String);
+
+impl PublicBaseUrl {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let trimmed = raw.trim().trim_end_matches('/');
+        let parsed = url::Url::parse(trimmed).map_err(|e| format!("is not a valid URL ({e})"))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err("must start with https:// (or http:// for local tests)".into());
+        }
+        if parsed.host_str().is_none() {
+            return Err("has no host".into());
+        }
+        if parsed.query().is_some() || parsed.fragment().is_some() {
+            return Err("must not contain a query string or fragment".into());
+        }
+        Ok(Self(trimmed.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The absolute URL Twilio uses for `path_and_query` on this server.
+    pub fn join(&self, path_and_query: &str) -> String {
+        format!("{}{}", self.0, path_and_query)
+    }
+
+    /// The Media Streams URL: Twilio requires `wss` for `https` deployments (`ws` only for local
+    /// plain-HTTP setups), and signs the upgrade over exactly this string.
+    pub fn websocket_url(&self, path: &str) -> String {
+        let rest = self
+            .0
+            .strip_prefix("https")
+            .map(|rest| format!("wss{rest}"))
+            .or_else(|| self.0.strip_prefix("http").map(|rest| format!("ws{rest}")))
+            .unwrap_or_else(|| self.0.clone());
+        format!("{rest}{path}")
+    }
+}
+
+/// Every problem found in the environment, so the operator fixes them all in one go.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for problem in &self.0 {
+            writeln!(f, "configuration error: {problem} (see .env.example)")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Collects problems while reading variables, instead of stopping at the first.
+struct Reader<'a, F: Fn(&str) -> Option<String>> {
+    lookup: &'a F,
+    problems: Vec<String>,
+}
+
+impl<F: Fn(&str) -> Option<String>> Reader<'_, F> {
+    /// The value, with empty strings treated as unset (a blank line in `.env` means "not set").
+    fn optional(&self, name: &str) -> Option<String> {
+        (self.lookup)(name)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn required(&mut self, name: &str) -> Option<String> {
+        let value = self.optional(name);
+        if value.is_none() {
+            self.problems.push(format!("{name} is missing"));
+        }
+        value
+    }
+
+    fn parsed<T>(
+        &mut self,
+        name: &str,
+        default: T,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> T {
+        match self.optional(name) {
+            None => default,
+            Some(raw) => parse(&raw).unwrap_or_else(|why| {
+                self.problems.push(format!("{name} {why}"));
+                default
+            }),
+        }
+    }
+
+    fn check(
+        &mut self,
+        name: &str,
+        value: Option<String>,
+        valid: impl FnOnce(&str) -> Result<(), String>,
+    ) -> Option<String> {
+        let value = value?;
+        match valid(&value) {
+            Ok(()) => Some(value),
+            Err(why) => {
+                self.problems.push(format!("{name} {why}"));
+                None
+            }
+        }
+    }
+}
+
+fn positive_number<T: std::str::FromStr + PartialOrd + Default>(raw: &str) -> Result<T, String> {
+    match raw.parse::<T>() {
+        Ok(n) if n > T::default() => Ok(n),
+        _ => Err(format!("must be a positive whole number, got {raw:?}")),
+    }
+}
+
+fn websocket_url(raw: &str) -> Result<String, String> {
+    let parsed = url::Url::parse(raw).map_err(|e| format!("is not a valid URL ({e})"))?;
+    if !matches!(parsed.scheme(), "ws" | "wss") {
+        return Err("must start with wss:// (or ws:// for a local fake)".into());
+    }
+    if parsed.query().is_some() {
+        return Err("must not contain a query string (?model= is appended)".into());
+    }
+    Ok(raw.trim_end_matches('/').to_owned())
+}
+
+fn http_url(raw: &str) -> Result<String, String> {
+    let parsed = url::Url::parse(raw).map_err(|e| format!("is not a valid URL ({e})"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err("must start with https:// (or http:// for a local fake)".into());
+    }
+    Ok(raw.trim_end_matches('/').to_owned())
+}
+
+fn twilio_sid(prefix: &'static str) -> impl FnOnce(&str) -> Result<(), String> {
+    move |raw| {
+        let hex = raw.strip_prefix(prefix).unwrap_or("");
+        if hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            Ok(())
+        } else {
+            Err(format!("must be {prefix} followed by 32 hex characters"))
+        }
+    }
+}
+
+impl Config {
+    /// Reads the real process environment (after `.env` has been loaded by `main`).
+    pub fn from_env() -> Result<Self, ConfigErrors> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigErrors> {
+        let mut r = Reader {
+            lookup: &lookup,
+            problems: Vec::new(),
+        };
+
+        let account_sid = r.required("TWILIO_ACCOUNT_SID");
+        let account_sid = r.check("TWILIO_ACCOUNT_SID", account_sid, twilio_sid("AC"));
+        let auth_token = r.required("TWILIO_AUTH_TOKEN");
+        let openai_api_key = r.required("OPENAI_API_KEY");
+        let public_base_url = r.required("PUBLIC_BASE_URL").and_then(|raw| {
+            PublicBaseUrl::parse(&raw)
+                .map_err(|why| r.problems.push(format!("PUBLIC_BASE_URL {why}")))
+                .ok()
+        });
+
+        let port = r.parsed("PORT", 8080u16, |raw| {
+            raw.parse()
+                .map_err(|_| format!("must be a port number (0-65535), got {raw:?}"))
+        });
+        let whatsapp_number = r.parsed("TWILIO_WHATSAPP_NUMBER", None, |raw| {
+            E164::parse(raw)
+                .map(Some)
+                .map_err(|_| format!("must be an E.164 number like +15551234567, got {raw:?}"))
+        });
+        let content_sid = r.optional("TWILIO_CALL_PERMISSION_CONTENT_SID");
+        let content_sid = r.check(
+            "TWILIO_CALL_PERMISSION_CONTENT_SID",
+            content_sid,
+            twilio_sid("HX"),
+        );
+        let api_token = r.optional("CALLBRIDGE_API_TOKEN").map(SecretString::from);
+        let twilio_api_base_url = r.parsed(
+            "TWILIO_API_BASE_URL",
+            DEFAULT_TWILIO_API_BASE_URL.to_owned(),
+            http_url,
+        );
+        let openai_realtime_url = r.parsed(
+            "OPENAI_REALTIME_URL",
+            DEFAULT_OPENAI_REALTIME_URL.to_owned(),
+            websocket_url,
+        );
+        let openai_realtime_model = r
+            .optional("OPENAI_REALTIME_MODEL")
+            .unwrap_or_else(|| DEFAULT_OPENAI_REALTIME_MODEL.to_owned());
+        let openai_voice = r
+            .optional("OPENAI_VOICE")
+            .unwrap_or_else(|| DEFAULT_OPENAI_VOICE.to_owned());
+        let agent_instructions = match (
+            r.optional("AGENT_INSTRUCTIONS"),
+            r.optional("AGENT_INSTRUCTIONS_FILE"),
+        ) {
+            (Some(_), Some(_)) => {
+                r.problems.push(
+                    "AGENT_INSTRUCTIONS and AGENT_INSTRUCTIONS_FILE are both set; keep one".into(),
+                );
+                String::new()
+            }
+            (Some(text), None) => text,
+            (None, Some(path)) => match std::fs::read_to_string(&path) {
+                Ok(text) if !text.trim().is_empty() => text.trim().to_owned(),
+                Ok(_) => {
+                    r.problems
+                        .push(format!("AGENT_INSTRUCTIONS_FILE {path:?} is empty"));
+                    String::new()
+                }
+                Err(e) => {
+                    r.problems.push(format!(
+                        "AGENT_INSTRUCTIONS_FILE {path:?} cannot be read ({e})"
+                    ));
+                    String::new()
+                }
+            },
+            (None, None) => DEFAULT_AGENT_INSTRUCTIONS.to_owned(),
+        };
+        let agent_greeting = r.optional("AGENT_GREETING");
+        let database_url = r.parsed("DATABASE_URL", DEFAULT_DATABASE_URL.to_owned(), |raw| {
+            if raw.starts_with("sqlite:")
+                || raw.starts_with("postgres://")
+                || raw.starts_with("postgresql://")
+            {
+                Ok(raw.to_owned())
+            } else {
+                Err("must start with sqlite:// or postgres://".into())
+            }
+        });
+        let outbound_calls_per_day = r.parsed("OUTBOUND_CALLS_PER_DAY", 5u32, positive_number);
+        let max_concurrent_calls = r.parsed("MAX_CONCURRENT_CALLS", 1000usize, positive_number);
+        let drain_timeout = r.parsed("DRAIN_TIMEOUT_SECS", Duration::from_secs(300), |raw| {
+            raw.parse::<u64>()
+                .map(Duration::from_secs)
+                .map_err(|_| format!("must be a whole number of seconds, got {raw:?}"))
+        });
+        let log_format = r.parsed("LOG_FORMAT", LogFormat::Pretty, |raw| {
+            match raw.to_ascii_lowercase().as_str() {
+                "pretty" => Ok(LogFormat::Pretty),
+                "json" => Ok(LogFormat::Json),
+                _ => Err(format!("must be \"pretty\" or \"json\", got {raw:?}")),
+            }
+        });
+
+        let (
+            Some(twilio_account_sid),
+            Some(auth_token),
+            Some(openai_api_key),
+            Some(public_base_url),
+            true,
+        ) = (
+            account_sid,
+            auth_token,
+            openai_api_key,
+            public_base_url,
+            r.problems.is_empty(),
+        )
+        else {
+            return Err(ConfigErrors(r.problems));
+        };
+
+        Ok(Self {
+            twilio_account_sid,
+            twilio_auth_token: SecretString::from(auth_token),
+            openai_api_key: SecretString::from(openai_api_key),
+            public_base_url,
+            port,
+            twilio_whatsapp_number: whatsapp_number,
+            twilio_call_permission_content_sid: content_sid,
+            api_token,
+            twilio_api_base_url,
+            openai_realtime_url,
+            openai_realtime_model,
+            openai_voice,
+            agent_instructions,
+            agent_greeting,
+            database_url,
+            outbound_calls_per_day,
+            max_concurrent_calls,
+            drain_timeout,
+            log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    const MINIMAL: &[(&str, &str)] = &[
+        ("TWILIO_ACCOUNT_SID", "AC0123456789abcdef0123456789abcdef"),
+        ("TWILIO_AUTH_TOKEN", "secret-token"),
+        ("OPENAI_API_KEY", "sk-test"),
+        ("PUBLIC_BASE_URL", "https://abc.ngrok.app/"),
+    ];
+
+    #[test]
+    fn empty_environment_names_every_required_variable() {
+        let errors = Config::from_lookup(env(&[])).unwrap_err();
+        assert_eq!(
+            errors.0,
+            vec![
+                "TWILIO_ACCOUNT_SID is missing",
+                "TWILIO_AUTH_TOKEN is missing",
+                "OPENAI_API_KEY is missing",
+                "PUBLIC_BASE_URL is missing",
+            ]
+        );
+        assert!(errors.to_string().contains("see .env.example"));
+    }
+
+    #[test]
+    fn minimal_environment_gets_spec_defaults() {
+        let config = Config::from_lookup(env(MINIMAL)).unwrap();
+        assert_eq!(config.public_base_url.as_str(), "https://abc.ngrok.app");
+        assert_eq!(config.port, 8080);
+        assert_eq!(config.twilio_api_base_url, "https://api.twilio.com");
+        assert_eq!(
+            config.openai_realtime_url,
+            "wss://api.openai.com/v1/realtime"
+        );
+        assert_eq!(config.openai_realtime_model, "gpt-realtime-1.5");
+        assert_eq!(config.openai_voice, "marin");
+        assert_eq!(config.database_url, "sqlite://callbridge.db?mode=rwc");
+        assert_eq!(config.outbound_calls_per_day, 5);
+        assert_eq!(config.max_concurrent_calls, 1000);
+        assert_eq!(config.drain_timeout, Duration::from_secs(300));
+        assert_eq!(config.log_format, LogFormat::Pretty);
+        assert_eq!(config.agent_instructions, DEFAULT_AGENT_INSTRUCTIONS);
+        assert!(config.agent_greeting.is_none());
+        assert!(config.api_token.is_none());
+        assert_eq!(config.twilio_auth_token.expose_secret(), "secret-token");
+    }
+
+    #[test]
+    fn malformed_values_are_each_reported() {
+        let mut pairs = MINIMAL.to_vec();
+        pairs[0] = ("TWILIO_ACCOUNT_SID", "XX123");
+        pairs.extend([
+            ("PORT", "eighty"),
+            ("MAX_CONCURRENT_CALLS", "0"),
+            ("LOG_FORMAT", "xml"),
+            ("OPENAI_REALTIME_URL", "https://api.openai.com/v1/realtime"),
+            ("TWILIO_WHATSAPP_NUMBER", "5551234"),
+            ("DATABASE_URL", "mysql://x"),
+        ]);
+        let errors = Config::from_lookup(env(&pairs)).unwrap_err().0;
+        for variable in [
+            "TWILIO_ACCOUNT_SID",
+            "PORT",
+            "MAX_CONCURRENT_CALLS",
+            "LOG_FORMAT",
+            "OPENAI_REALTIME_URL",
+            "TWILIO_WHATSAPP_NUMBER",
+            "DATABASE_URL",
+        ] {
+            assert!(
+                errors.iter().any(|e| e.starts_with(variable)),
+                "{variable} not reported in {errors:?}"
+            );
+        }
+        assert_eq!(errors.len(), 7);
+    }
+
+    #[test]
+    fn secrets_do_not_appear_in_debug_output() {
+        let config = Config::from_lookup(env(MINIMAL)).unwrap();
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("secret-token"));
+        assert!(!debug.contains("sk-test"));
+    }
+
+    #[test]
+    fn websocket_url_follows_the_public_scheme() {
+        let https = PublicBaseUrl::parse("https://abc.ngrok.app").unwrap();
+        assert_eq!(https.websocket_url("/stream"), "wss://abc.ngrok.app/stream");
+        let http = PublicBaseUrl::parse("http://localhost:8080").unwrap();
+        assert_eq!(http.websocket_url("/stream"), "ws://localhost:8080/stream");
+        assert!(PublicBaseUrl::parse("ftp://x").is_err());
+        assert!(PublicBaseUrl::parse("https://x/?a=1").is_err());
+    }
+
+    #[test]
+    fn instructions_can_come_from_a_file() {
+        let dir = std::env::temp_dir().join(format!("callbridge-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("instructions.txt");
+        std::fs::write(&file, "Be a pirate.\n").unwrap();
+        let mut pairs = MINIMAL.to_vec();
+        let path = file.to_string_lossy().to_string();
+        pairs.push(("AGENT_INSTRUCTIONS_FILE", &path));
+        let config = Config::from_lookup(env(&pairs)).unwrap();
+        assert_eq!(config.agent_instructions, "Be a pirate.");
+
+        let missing = dir.join("nope.txt").to_string_lossy().to_string();
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("AGENT_INSTRUCTIONS_FILE", &missing));
+        let errors = Config::from_lookup(env(&pairs)).unwrap_err().0;
+        assert!(errors[0].starts_with("AGENT_INSTRUCTIONS_FILE"));
+    }
+}

@@ -1,0 +1,6 @@
+//! Everything that speaks Twilio's protocols: request signatures, TwiML, and the signed-webhook
+//! extractor used by every route Twilio calls.
+
+pub mod signature;
+pub mod twiml;
+pub mod webhook;

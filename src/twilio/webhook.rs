@@ -1,0 +1,108 @@
+//! The extractor every Twilio route goes through: the signature is checked against the URL
+//! built from `PUBLIC_BASE_URL` (never the `Host` header) before the handler sees any field.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use actix_web::http::StatusCode;
+use actix_web::{FromRequest, HttpRequest, HttpResponse, ResponseError, web};
+use secrecy::ExposeSecret;
+use serde::de::DeserializeOwned;
+
+use super::signature::{self, SignatureError, SignedBody};
+use crate::error::json_error;
+use crate::state::AppState;
+
+/// Form bodies Twilio sends are a few kilobytes; anything far larger is not Twilio.
+const MAX_WEBHOOK_BODY: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("refused: {0}")]
+    Forbidden(SignatureError),
+    #[error("the request body could not be read: {0}")]
+    UnreadableBody(String),
+    #[error("the form is missing a field Twilio always sends: {0}")]
+    MalformedForm(String),
+}
+
+impl ResponseError for WebhookError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::UnreadableBody(_) | Self::MalformedForm(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        match self {
+            // An empty body tells a prober nothing about why it failed.
+            Self::Forbidden(_) => HttpResponse::Forbidden().finish(),
+            Self::UnreadableBody(_) => {
+                json_error(self.status_code(), "unreadable_body", &self.to_string())
+            }
+            Self::MalformedForm(_) => {
+                json_error(self.status_code(), "invalid_form", &self.to_string())
+            }
+        }
+    }
+}
+
+/// Checks `X-Twilio-Signature` for `url` and counts and logs a refusal.
+pub fn verify(
+    req: &HttpRequest,
+    state: &AppState,
+    url: &str,
+    body: SignedBody<'_>,
+) -> Result<(), WebhookError> {
+    let header = req
+        .headers()
+        .get("x-twilio-signature")
+        .and_then(|v| v.to_str().ok());
+    signature::validate(
+        state.config.twilio_auth_token.expose_secret().as_bytes(),
+        url,
+        body,
+        header,
+    )
+    .map_err(|reason| {
+        state.metrics.signature_failures.inc();
+        tracing::warn!(path = req.path(), %reason, "refused a request claiming to come from Twilio");
+        WebhookError::Forbidden(reason)
+    })
+}
+
+/// A form POST from Twilio whose signature has been verified; `T` is parsed from the same bytes.
+pub struct SignedForm<T>(pub T);
+
+impl<T: DeserializeOwned + 'static> FromRequest for SignedForm<T> {
+    type Error = WebhookError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, Self::Error>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut actix_web::dev::Payload) -> Self::Future {
+        let req = req.clone();
+        let body = web::Bytes::from_request(&req, payload);
+        Box::pin(async move {
+            let body = body
+                .await
+                .map_err(|e| WebhookError::UnreadableBody(e.to_string()))?;
+            if body.len() > MAX_WEBHOOK_BODY {
+                return Err(WebhookError::UnreadableBody("the body is too large".into()));
+            }
+            let state = req
+                .app_data::<web::Data<AppState>>()
+                .expect("AppState is registered on every app");
+            let params: Vec<(String, String)> = serde_urlencoded::from_bytes(&body)
+                .map_err(|e| WebhookError::UnreadableBody(e.to_string()))?;
+            let path_and_query = req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| req.path(), |pq| pq.as_str());
+            let url = state.config.public_base_url.join(path_and_query);
+            verify(&req, state, &url, SignedBody::Form(&params))?;
+            let form = serde_urlencoded::from_bytes(&body)
+                .map_err(|e| WebhookError::MalformedForm(e.to_string()))?;
+            Ok(SignedForm(form))
+        })
+    }
+}
