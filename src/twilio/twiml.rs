@@ -31,8 +31,11 @@ mod tests {
     use quick_xml::Reader;
     use quick_xml::events::Event;
 
-    /// Parses the document and returns (element, attributes, text) in order: proof it is XML.
-    fn parse(xml: &str) -> Vec<(String, Vec<(String, String)>, String)> {
+    /// (element name, attributes, text content)
+    type Element = (String, Vec<(String, String)>, String);
+
+    /// Parses the document and returns its elements in order: proof it is well-formed XML.
+    fn parse(xml: &str) -> Vec<Element> {
         let mut reader = Reader::from_str(xml);
         let mut out = Vec::new();
         loop {

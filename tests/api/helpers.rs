@@ -1,0 +1,167 @@
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use callbridge::config::Config;
+use callbridge::startup::Application;
+use callbridge::state::AppState;
+use callbridge::twilio::signature::{self, SignedBody};
+
+pub const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
+pub const AUTH_TOKEN: &str = "test-auth-token";
+pub const PUBLIC_BASE_URL: &str = "https://callbridge.test";
+
+pub struct TestApp {
+    pub address: String,
+    pub state: Arc<AppState>,
+    pub http: reqwest::Client,
+}
+
+/// Environment for a test app: the required variables plus `overrides`.
+pub fn test_config(overrides: &[(&str, &str)]) -> Config {
+    let mut env: HashMap<String, String> = [
+        ("TWILIO_ACCOUNT_SID", ACCOUNT_SID),
+        ("TWILIO_AUTH_TOKEN", AUTH_TOKEN),
+        ("OPENAI_API_KEY", "sk-test-key"),
+        ("PUBLIC_BASE_URL", PUBLIC_BASE_URL),
+        ("PORT", "0"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for (k, v) in overrides {
+        env.insert(k.to_string(), v.to_string());
+    }
+    Config::from_lookup(|k| env.get(k).cloned()).expect("test configuration is valid")
+}
+
+pub async fn spawn_app(overrides: &[(&str, &str)]) -> TestApp {
+    spawn_app_with(test_config(overrides)).await
+}
+
+pub async fn spawn_app_with(config: Config) -> TestApp {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let app = Application::build(config).await.expect("app builds");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let state = app.state();
+    tokio::spawn(app.run_until_stopped());
+    TestApp {
+        address,
+        state,
+        http: reqwest::Client::new(),
+    }
+}
+
+pub fn form(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The voice webhook Twilio sends for an inbound WhatsApp call.
+pub fn voice_form(call_sid: &str) -> Vec<(String, String)> {
+    form(&[
+        ("CallSid", call_sid),
+        ("AccountSid", ACCOUNT_SID),
+        ("From", "whatsapp:+5511999990000"),
+        ("To", "whatsapp:+558551234567"),
+        ("CallStatus", "ringing"),
+        ("Direction", "inbound"),
+        ("ApiVersion", "2010-04-01"),
+    ])
+}
+
+pub fn twilio_signature(url: &str, params: &[(String, String)]) -> String {
+    signature::compute(AUTH_TOKEN.as_bytes(), url, SignedBody::Form(params))
+}
+
+impl TestApp {
+    /// POSTs a form to `path`, signed the way Twilio signs it (over the public URL).
+    pub async fn post_signed(&self, path: &str, params: &[(String, String)]) -> reqwest::Response {
+        let signature = twilio_signature(&format!("{PUBLIC_BASE_URL}{path}"), params);
+        self.post_form(path, params, Some(&signature)).await
+    }
+
+    pub async fn post_form(
+        &self,
+        path: &str,
+        params: &[(String, String)],
+        signature: Option<&str>,
+    ) -> reqwest::Response {
+        let mut request = self
+            .http
+            .post(format!("{}{path}", self.address))
+            .form(params);
+        if let Some(signature) = signature {
+            request = request.header("X-Twilio-Signature", signature);
+        }
+        request.send().await.expect("request reaches the app")
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.address))
+            .send()
+            .await
+            .expect("request reaches the app")
+    }
+
+    /// Answers a call through `/voice` and returns the stream token from the TwiML.
+    pub async fn answer_call(&self, call_sid: &str) -> String {
+        let response = self.post_signed("/voice", &voice_form(call_sid)).await;
+        assert_eq!(response.status(), 200);
+        let twiml = parse_twiml(&response.text().await.unwrap());
+        twiml.parameters["token"].clone()
+    }
+}
+
+/// The parts of a `/voice` answer the tests look at, read with a real XML parser.
+#[derive(Debug, Default)]
+pub struct Twiml {
+    pub elements: Vec<String>,
+    pub stream_url: Option<String>,
+    pub parameters: HashMap<String, String>,
+    pub say: Vec<String>,
+}
+
+pub fn parse_twiml(xml: &str) -> Twiml {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let mut twiml = Twiml::default();
+    let mut in_say = false;
+    loop {
+        match reader.read_event().expect("TwiML is well-formed XML") {
+            Event::Start(e) | Event::Empty(e) => {
+                let name = String::from_utf8(e.name().as_ref().to_vec()).unwrap();
+                let attrs: HashMap<String, String> = e
+                    .attributes()
+                    .map(|a| {
+                        let a = a.unwrap();
+                        (
+                            String::from_utf8(a.key.as_ref().to_vec()).unwrap(),
+                            a.unescape_value().unwrap().into_owned(),
+                        )
+                    })
+                    .collect();
+                match name.as_str() {
+                    "Stream" => twiml.stream_url = attrs.get("url").cloned(),
+                    "Parameter" => {
+                        twiml
+                            .parameters
+                            .insert(attrs["name"].clone(), attrs["value"].clone());
+                    }
+                    "Say" => in_say = true,
+                    _ => {}
+                }
+                twiml.elements.push(name);
+            }
+            Event::Text(t) if in_say => {
+                twiml.say.push(t.unescape().unwrap().into_owned());
+                in_say = false;
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    twiml
+}

@@ -1,0 +1,204 @@
+use crate::helpers::*;
+
+#[tokio::test]
+async fn signed_voice_webhook_gets_twiml_that_connects_the_stream() {
+    let app = spawn_app(&[]).await;
+    let response = app.post_signed("/voice", &voice_form("CA0001")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/xml; charset=utf-8"
+    );
+    let twiml = parse_twiml(&response.text().await.unwrap());
+    assert_eq!(
+        twiml.elements,
+        [
+            "Response",
+            "Connect",
+            "Stream",
+            "Parameter",
+            "Parameter",
+            "Parameter",
+            "Parameter",
+            "Say",
+            "Hangup"
+        ]
+    );
+    assert_eq!(
+        twiml.stream_url.as_deref(),
+        Some("wss://callbridge.test/stream")
+    );
+    assert_eq!(twiml.parameters["from"], "whatsapp:+5511999990000");
+    assert_eq!(twiml.parameters["to"], "whatsapp:+558551234567");
+    assert_eq!(twiml.parameters["direction"], "inbound");
+    let token = &twiml.parameters["token"];
+    assert!(
+        token.len() >= 22,
+        "token {token:?} carries at least 128 bits"
+    );
+    assert_eq!(app.state.admission.occupancy().pending, 1);
+}
+
+#[tokio::test]
+async fn plain_phone_numbers_are_accepted_and_http_base_urls_give_ws() {
+    let app = spawn_app(&[("PUBLIC_BASE_URL", "http://localhost:8080")]).await;
+    let params = form(&[
+        ("CallSid", "CA0002"),
+        ("From", "+14158675309"),
+        ("To", "+18005551212"),
+        ("Direction", "outbound-api"),
+    ]);
+    let signature = twilio_signature("http://localhost:8080/voice", &params);
+    let response = app.post_form("/voice", &params, Some(&signature)).await;
+    assert_eq!(response.status(), 200);
+    let twiml = parse_twiml(&response.text().await.unwrap());
+    assert_eq!(
+        twiml.stream_url.as_deref(),
+        Some("ws://localhost:8080/stream")
+    );
+    assert_eq!(twiml.parameters["from"], "+14158675309");
+    assert_eq!(twiml.parameters["direction"], "outbound-api");
+}
+
+#[tokio::test]
+async fn bad_signatures_are_refused_with_an_empty_403() {
+    let app = spawn_app(&[]).await;
+    let params = voice_form("CA0003");
+
+    let missing = app.post_form("/voice", &params, None).await;
+    assert_eq!(missing.status(), 403);
+    assert_eq!(missing.text().await.unwrap(), "");
+
+    let wrong = app
+        .post_form("/voice", &params, Some("RSOYDt4T1cUTdK1PDd93/VVr8B8="))
+        .await;
+    assert_eq!(wrong.status(), 403);
+
+    let signature = twilio_signature(&format!("{PUBLIC_BASE_URL}/voice"), &params);
+    let mut replayed = params.clone();
+    replayed[2].1 = "whatsapp:+5511888880000".into();
+    let replay = app.post_form("/voice", &replayed, Some(&signature)).await;
+    assert_eq!(replay.status(), 403);
+    assert_eq!(replay.text().await.unwrap(), "");
+
+    let signed_for_host_header = twilio_signature(&format!("{}/voice", app.address), &params);
+    let host = app
+        .post_form("/voice", &params, Some(&signed_for_host_header))
+        .await;
+    assert_eq!(host.status(), 403, "the Host header is never trusted");
+
+    assert_eq!(app.state.metrics.signature_failures.get(), 4);
+    assert_eq!(
+        app.state.admission.occupancy().pending,
+        0,
+        "no token was issued"
+    );
+}
+
+#[tokio::test]
+async fn signature_over_the_default_port_form_is_accepted() {
+    let app = spawn_app(&[]).await;
+    let params = voice_form("CA0004");
+    let signature = twilio_signature("https://callbridge.test:443/voice", &params);
+    let response = app.post_form("/voice", &params, Some(&signature)).await;
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn query_strings_are_part_of_the_signed_url() {
+    let app = spawn_app(&[]).await;
+    let params = voice_form("CA0005");
+    let signed = twilio_signature(&format!("{PUBLIC_BASE_URL}/voice?agent=sales"), &params);
+    let response = app
+        .post_form("/voice?agent=sales", &params, Some(&signed))
+        .await;
+    assert_eq!(response.status(), 200);
+    let response = app
+        .post_form("/voice?agent=support", &params, Some(&signed))
+        .await;
+    assert_eq!(response.status(), 403);
+}
+
+#[tokio::test]
+async fn status_callbacks_are_signature_checked_and_acknowledged() {
+    let app = spawn_app(&[]).await;
+    let params = form(&[
+        ("CallSid", "CA0006"),
+        ("AccountSid", ACCOUNT_SID),
+        ("CallStatus", "completed"),
+        ("CallDuration", "42"),
+        ("SequenceNumber", "3"),
+        ("CallbackSource", "call-progress-events"),
+    ]);
+    let response = app.post_signed("/voice/status", &params).await;
+    assert_eq!(response.status(), 204);
+    let forged = app.post_form("/voice/status", &params, Some("AAAA")).await;
+    assert_eq!(forged.status(), 403);
+    let unsigned = app.post_form("/voice/status", &params, None).await;
+    assert_eq!(unsigned.status(), 403);
+}
+
+#[tokio::test]
+async fn a_signed_form_without_a_call_sid_is_a_400() {
+    let app = spawn_app(&[]).await;
+    let response = app
+        .post_signed("/voice", &form(&[("From", "+14158675309")]))
+        .await;
+    assert_eq!(response.status(), 400);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_form");
+}
+
+#[tokio::test]
+async fn calls_beyond_capacity_hear_the_busy_message() {
+    let app = spawn_app(&[("MAX_CONCURRENT_CALLS", "2")]).await;
+    app.answer_call("CA0011").await;
+    app.answer_call("CA0012").await;
+    let response = app.post_signed("/voice", &voice_form("CA0013")).await;
+    assert_eq!(response.status(), 200);
+    let twiml = parse_twiml(&response.text().await.unwrap());
+    assert_eq!(twiml.elements, ["Response", "Say", "Hangup"]);
+    assert!(twiml.say[0].contains("busy"));
+    assert_eq!(app.state.metrics.calls_refused_busy.get(), 1);
+}
+
+#[tokio::test]
+async fn draining_fails_readiness_and_turns_new_calls_away() {
+    let app = spawn_app(&[]).await;
+    assert_eq!(app.get("/healthz").await.status(), 200);
+    assert_eq!(app.get("/readyz").await.status(), 200);
+    // A pending call keeps the drain (and the server) alive long enough to observe it.
+    app.answer_call("CA0021").await;
+
+    app.state.lifecycle.begin_drain();
+    let ready = app.get("/readyz").await;
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["status"], "draining");
+    assert_eq!(app.get("/healthz").await.status(), 200);
+
+    let response = app.post_signed("/voice", &voice_form("CA0022")).await;
+    let twiml = parse_twiml(&response.text().await.unwrap());
+    assert_eq!(twiml.elements, ["Response", "Say", "Hangup"]);
+    assert_eq!(app.state.metrics.calls_refused_draining.get(), 1);
+}
+
+#[tokio::test]
+async fn metrics_are_exposed_in_prometheus_text_format() {
+    let app = spawn_app(&[]).await;
+    app.post_form("/voice", &voice_form("CA0031"), None).await;
+    let response = app.get("/metrics").await;
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = response.text().await.unwrap();
+    assert!(
+        text.contains("callbridge_signature_failures_total 1\n"),
+        "{text}"
+    );
+    assert!(text.contains("# TYPE callbridge_live_calls gauge"));
+}

@@ -1,0 +1,152 @@
+//! The binary as an operator runs it: configuration errors exit 2, a good `.env` serves on PORT,
+//! SIGTERM drains and exits cleanly.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_callbridge");
+const REQUIRED: [&str; 4] = [
+    "TWILIO_ACCOUNT_SID",
+    "TWILIO_AUTH_TOKEN",
+    "OPENAI_API_KEY",
+    "PUBLIC_BASE_URL",
+];
+
+fn empty_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("callbridge-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn an_empty_environment_names_every_missing_variable_and_exits_2() {
+    let dir = empty_dir("empty");
+    let output = Command::new(BINARY)
+        .current_dir(&dir)
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    for variable in REQUIRED {
+        assert!(
+            stderr.contains(&format!("{variable} is missing")),
+            "{stderr}"
+        );
+    }
+    assert_eq!(
+        stderr.lines().count(),
+        REQUIRED.len(),
+        "one line per problem: {stderr}"
+    );
+    assert!(stderr.contains(".env.example"));
+}
+
+#[test]
+fn a_malformed_value_is_named_and_exits_2() {
+    let dir = empty_dir("malformed");
+    let output = Command::new(BINARY)
+        .current_dir(&dir)
+        .env_clear()
+        .env("TWILIO_ACCOUNT_SID", "AC0123456789abcdef0123456789abcdef")
+        .env("TWILIO_AUTH_TOKEN", "super-secret-token")
+        .env("OPENAI_API_KEY", "sk-live-secret")
+        .env("PUBLIC_BASE_URL", "not a url")
+        .env("PORT", "99999")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("PUBLIC_BASE_URL"), "{stderr}");
+    assert!(stderr.contains("PORT"), "{stderr}");
+    assert!(!stderr.contains("super-secret-token") && !stderr.contains("sk-live-secret"));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn a_complete_env_file_serves_on_port_and_sigterm_exits_cleanly() {
+    let dir = empty_dir("serve");
+    let port = free_port();
+    std::fs::write(
+        dir.join(".env"),
+        format!(
+            "TWILIO_ACCOUNT_SID=AC0123456789abcdef0123456789abcdef\n\
+             TWILIO_AUTH_TOKEN=super-secret-token\n\
+             OPENAI_API_KEY=sk-live-secret\n\
+             PUBLIC_BASE_URL=https://example.ngrok.app\n\
+             PORT={port}\n\
+             DATABASE_URL=sqlite://{}/callbridge.db?mode=rwc\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BINARY)
+        .current_dir(&dir)
+        .env_clear()
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let healthy = loop {
+        if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::Write;
+            stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut reply = String::new();
+            let _ = stream.read_to_string(&mut reply);
+            break reply.starts_with("HTTP/1.1 200");
+        }
+        assert!(Instant::now() < deadline, "server did not start listening");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(healthy);
+
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+    let mut logs = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    assert!(logs.contains("SIGTERM"), "{logs}");
+    assert!(!logs.contains("super-secret-token") && !logs.contains("sk-live-secret"));
+}
