@@ -5,11 +5,13 @@
 //! session and back. `startup::Application` wires it together from a `config::Config`.
 
 pub mod admission;
+pub mod bridge;
 pub mod config;
 pub mod domain;
 pub mod error;
 pub mod lifecycle;
 pub mod metrics;
+pub mod openai;
 pub mod routes;
 pub mod startup;
 pub mod state;

@@ -2,6 +2,7 @@
 
 mod health;
 mod metrics;
+mod stream;
 mod voice;
 
 use actix_web::web;
@@ -11,5 +12,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/readyz", web::get().to(health::readyz))
         .route("/metrics", web::get().to(metrics::metrics))
         .route("/voice", web::post().to(voice::voice))
-        .route("/voice/status", web::post().to(voice::status));
+        .route("/voice/status", web::post().to(voice::status))
+        .route("/stream", web::get().to(stream::stream));
 }

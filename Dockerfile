@@ -1,0 +1,51 @@
+# Builds the `callbridge` server image.
+#
+#   docker build -t callbridge .
+#   docker run --rm -p 8080:8080 --env-file .env callbridge
+
+# ---- build stage -----------------------------------------------------------------------------
+FROM rust:1.95-slim-bookworm AS builder
+WORKDIR /src
+
+# Dependencies first, in their own layer: build them against a placeholder crate so that
+# changing our sources does not rebuild every dependency.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir src \
+    && echo 'fn main() {}' > src/main.rs \
+    && touch src/lib.rs \
+    && cargo build --release --locked --bin callbridge \
+    && rm -rf src
+
+# The real sources (src/, templates/, migrations/ if present; see .dockerignore). `touch` makes
+# sure cargo rebuilds our crate instead of trusting the placeholder's newer timestamps.
+COPY . .
+RUN touch src/main.rs src/lib.rs \
+    && cargo build --release --locked --bin callbridge
+
+# ---- runtime stage ---------------------------------------------------------------------------
+FROM debian:bookworm-slim
+
+# ca-certificates for outbound TLS; util-linux provides `setpriv` for the entrypoint below.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates util-linux \
+    && rm -rf /var/lib/apt/lists/*
+
+# The server runs as this unprivileged user. /app is the working directory (a local SQLite file
+# lands here by default); /data is where fly.toml mounts a volume.
+RUN groupadd --system --gid 10001 callbridge \
+    && useradd --system --uid 10001 --gid callbridge --home-dir /app --shell /usr/sbin/nologin callbridge \
+    && mkdir -p /app /data \
+    && chown callbridge:callbridge /app /data
+
+COPY --from=builder /src/target/release/callbridge /usr/local/bin/callbridge
+
+WORKDIR /app
+EXPOSE 8080
+STOPSIGNAL SIGTERM
+
+# Volumes mounted at /data (Fly volumes, Docker named volumes) may be owned by root. When the
+# container starts as root, hand /data to the callbridge user, then drop to that user with
+# `setpriv`; `exec` keeps callbridge as PID 1 so it receives SIGTERM directly. Started as any
+# other user (`docker run --user ...`), the command runs as given.
+ENTRYPOINT ["/bin/sh", "-c", "if [ \"$(id -u)\" = 0 ]; then chown -R 10001:10001 /data; exec setpriv --reuid=10001 --regid=10001 --init-groups \"$@\"; fi; exec \"$@\"", "entrypoint"]
+CMD ["callbridge"]

@@ -1,0 +1,271 @@
+//! Media Streams messages (research/twilio.md §1.2–1.3).
+//!
+//! Inbound frames are parsed into one flat, borrowing struct rather than a tagged enum: serde's
+//! internally tagged enums buffer every field into an owned map first, which would cost an
+//! allocation per 20 ms frame. The base64 `payload` is borrowed from the frame and later copied
+//! verbatim into the outgoing OpenAI event.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A message from Twilio, already classified.
+#[derive(Debug, PartialEq)]
+pub enum Inbound<'a> {
+    Connected,
+    Start(Start),
+    Media {
+        payload: Cow<'a, str>,
+    },
+    Mark {
+        name: Cow<'a, str>,
+    },
+    Dtmf {
+        digit: String,
+    },
+    Stop,
+    /// A well-formed message of an event type this server does not use.
+    Other(String),
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Start {
+    pub stream_sid: String,
+    pub account_sid: String,
+    pub call_sid: String,
+    #[serde(default)]
+    pub custom_parameters: HashMap<String, String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InboundError {
+    #[error("not a Media Streams message: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("a {0:?} message without its {0:?} object")]
+    MissingBody(&'static str),
+}
+
+#[derive(Deserialize)]
+struct Frame<'a> {
+    #[serde(borrow)]
+    event: Cow<'a, str>,
+    #[serde(borrow, default)]
+    media: Option<MediaBody<'a>>,
+    #[serde(borrow, default)]
+    mark: Option<MarkBody<'a>>,
+    #[serde(default)]
+    start: Option<Start>,
+    #[serde(default)]
+    dtmf: Option<DtmfBody>,
+}
+
+#[derive(Deserialize)]
+struct MediaBody<'a> {
+    #[serde(borrow)]
+    payload: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct MarkBody<'a> {
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct DtmfBody {
+    digit: String,
+}
+
+pub fn parse(text: &str) -> Result<Inbound<'_>, InboundError> {
+    let frame: Frame<'_> = serde_json::from_str(text)?;
+    Ok(match frame.event.as_ref() {
+        "media" => Inbound::Media {
+            payload: frame
+                .media
+                .ok_or(InboundError::MissingBody("media"))?
+                .payload,
+        },
+        "mark" => Inbound::Mark {
+            name: frame.mark.ok_or(InboundError::MissingBody("mark"))?.name,
+        },
+        "start" => Inbound::Start(frame.start.ok_or(InboundError::MissingBody("start"))?),
+        "connected" => Inbound::Connected,
+        "stop" => Inbound::Stop,
+        "dtmf" => Inbound::Dtmf {
+            digit: frame.dtmf.ok_or(InboundError::MissingBody("dtmf"))?.digit,
+        },
+        other => Inbound::Other(other.to_owned()),
+    })
+}
+
+#[derive(Serialize)]
+struct Outbound<'a, B: Serialize> {
+    event: &'static str,
+    #[serde(rename = "streamSid")]
+    stream_sid: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    media: Option<B>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mark: Option<B>,
+}
+
+#[derive(Serialize)]
+struct PayloadBody<'a> {
+    payload: &'a str,
+}
+
+#[derive(Serialize)]
+struct NameBody<N: Serialize> {
+    name: N,
+}
+
+/// Serialises any `Display` value as a JSON string without an intermediate `String`.
+struct AsJsonString<D>(D);
+
+impl<D: fmt::Display> Serialize for AsJsonString<D> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&self.0)
+    }
+}
+
+/// `{"event":"media","streamSid":…,"media":{"payload":…}}` with the payload copied unchanged.
+pub fn media(stream_sid: &str, payload: &str) -> String {
+    to_json(&Outbound {
+        event: "media",
+        stream_sid,
+        media: Some(PayloadBody { payload }),
+        mark: None,
+    })
+}
+
+pub fn mark(stream_sid: &str, name: impl fmt::Display) -> String {
+    to_json(&Outbound {
+        event: "mark",
+        stream_sid,
+        media: None,
+        mark: Some(NameBody {
+            name: AsJsonString(name),
+        }),
+    })
+}
+
+pub fn clear(stream_sid: &str) -> String {
+    to_json(&Outbound::<PayloadBody<'_>> {
+        event: "clear",
+        stream_sid,
+        media: None,
+        mark: None,
+    })
+}
+
+fn to_json(value: &impl Serialize) -> String {
+    serde_json::to_string(value).expect("plain structs of strings always serialise")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parses_every_documented_message() {
+        assert_eq!(
+            parse(r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#).unwrap(),
+            Inbound::Connected
+        );
+        let start = r#"{"event":"start","sequenceNumber":"1","streamSid":"MZ1","start":{"accountSid":"AC1","streamSid":"MZ1","callSid":"CA1","tracks":["inbound"],"customParameters":{"token":"t","from":"whatsapp:+5511999990000"},"mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}"#;
+        let Inbound::Start(start) = parse(start).unwrap() else {
+            panic!("not a start")
+        };
+        assert_eq!(start.stream_sid, "MZ1");
+        assert_eq!(start.account_sid, "AC1");
+        assert_eq!(start.call_sid, "CA1");
+        assert_eq!(start.custom_parameters["token"], "t");
+
+        let media = r#"{"event":"media","sequenceNumber":"3","streamSid":"MZ1","media":{"track":"inbound","chunk":"1","timestamp":"5","payload":"//7+/g=="}}"#;
+        let Inbound::Media { payload } = parse(media).unwrap() else {
+            panic!("not media")
+        };
+        assert_eq!(payload, "//7+/g==");
+        assert!(
+            matches!(payload, Cow::Borrowed(_)),
+            "the payload is not copied"
+        );
+
+        assert_eq!(
+            parse(
+                r#"{"event":"mark","sequenceNumber":"4","streamSid":"MZ1","mark":{"name":"m7"}}"#
+            )
+            .unwrap(),
+            Inbound::Mark { name: "m7".into() }
+        );
+        assert_eq!(
+            parse(r#"{"event":"dtmf","streamSid":"MZ1","sequenceNumber":"5","dtmf":{"track":"inbound_track","digit":"1"}}"#).unwrap(),
+            Inbound::Dtmf { digit: "1".into() }
+        );
+        assert_eq!(
+            parse(r#"{"event":"stop","sequenceNumber":"5","streamSid":"MZ1","stop":{"accountSid":"AC1","callSid":"CA1"}}"#).unwrap(),
+            Inbound::Stop
+        );
+        assert_eq!(
+            parse(r#"{"event":"future-thing","streamSid":"MZ1"}"#).unwrap(),
+            Inbound::Other("future-thing".into())
+        );
+    }
+
+    #[test]
+    fn escaped_payloads_are_unescaped() {
+        let Inbound::Media { payload } =
+            parse(r#"{"event":"media","media":{"payload":"ab\/cd"}}"#).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(payload, "ab/cd");
+    }
+
+    #[test]
+    fn malformed_messages_are_errors_not_panics() {
+        for bad in [
+            "",
+            "{",
+            "null",
+            "[]",
+            r#"{"event":5}"#,
+            r#"{"event":"media"}"#,
+            r#"{"event":"media","media":{"payload":7}}"#,
+            r#"{"event":"mark","mark":{}}"#,
+            r#"{"event":"start","start":{"callSid":"CA1"}}"#,
+            r#"{"no":"event"}"#,
+        ] {
+            assert!(parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn outbound_messages_have_the_documented_shape() {
+        assert_eq!(
+            media("MZ1", "//7+"),
+            r#"{"event":"media","streamSid":"MZ1","media":{"payload":"//7+"}}"#
+        );
+        assert_eq!(
+            mark("MZ1", "m1"),
+            r#"{"event":"mark","streamSid":"MZ1","mark":{"name":"m1"}}"#
+        );
+        assert_eq!(clear("MZ1"), r#"{"event":"clear","streamSid":"MZ1"}"#);
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(text in ".{0,200}") {
+            let _ = parse(&text);
+        }
+
+        #[test]
+        fn parse_never_panics_on_near_valid_json(event in "(media|mark|start|stop|dtmf|x)", body in "[{}\\[\\]\",:a-z0-9 ]{0,40}") {
+            let _ = parse(&format!(r#"{{"event":"{event}","{event}":{body}}}"#));
+        }
+    }
+}
