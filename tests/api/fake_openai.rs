@@ -1,0 +1,173 @@
+//! An in-process OpenAI Realtime server speaking the real wire protocol (tokio-tungstenite):
+//! it checks the bearer key, records every client event and lets a test script server events.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::{Mutex, mpsc};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+
+pub const API_KEY: &str = "sk-test-key";
+
+pub struct FakeOpenAi {
+    /// Base URL to put in `OPENAI_REALTIME_URL`.
+    pub url: String,
+    upgrades: Arc<AtomicUsize>,
+    sessions: Mutex<mpsc::UnboundedReceiver<FakeSession>>,
+}
+
+/// One accepted Realtime WebSocket.
+pub struct FakeSession {
+    pub path_and_query: String,
+    received: mpsc::UnboundedReceiver<Message>,
+    outgoing: mpsc::UnboundedSender<Message>,
+}
+
+impl FakeOpenAi {
+    pub async fn start() -> Self {
+        Self::start_with_handshake_delay(Duration::ZERO).await
+    }
+
+    /// The WebSocket upgrade is answered only after `delay`, like a slow network would.
+    pub async fn start_with_handshake_delay(delay: Duration) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/v1/realtime", listener.local_addr().unwrap());
+        let upgrades = Arc::new(AtomicUsize::new(0));
+        let (session_tx, session_rx) = mpsc::unbounded_channel();
+        let counter = Arc::clone(&upgrades);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let session_tx = session_tx.clone();
+                let counter = Arc::clone(&counter);
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let mut path_and_query = String::new();
+                    let check = |request: &Request, response: Response| {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        path_and_query = request.uri().to_string();
+                        let authorized = request
+                            .headers()
+                            .get("authorization")
+                            .is_some_and(|v| v == format!("Bearer {API_KEY}").as_str());
+                        let beta = request.headers().contains_key("openai-beta");
+                        if authorized && !beta {
+                            Ok(response)
+                        } else {
+                            let mut refusal = ErrorResponse::new(None);
+                            *refusal.status_mut() = StatusCode::UNAUTHORIZED;
+                            Err(refusal)
+                        }
+                    };
+                    let Ok(socket) = tokio_tungstenite::accept_hdr_async(tcp, check).await else {
+                        return;
+                    };
+                    let (mut sink, mut stream) = socket.split();
+                    let (received_tx, received) = mpsc::unbounded_channel();
+                    let (outgoing, mut outgoing_rx) = mpsc::unbounded_channel::<Message>();
+                    let _ = session_tx.send(FakeSession {
+                        path_and_query,
+                        received,
+                        outgoing,
+                    });
+                    loop {
+                        tokio::select! {
+                            incoming = stream.next() => match incoming {
+                                Some(Ok(message)) => { let _ = received_tx.send(message); }
+                                _ => break,
+                            },
+                            out = outgoing_rx.recv() => match out {
+                                Some(message) => { if sink.send(message).await.is_err() { break } }
+                                // The test dropped its handle: drop the connection abruptly.
+                                None => break,
+                            },
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            url,
+            upgrades,
+            sessions: Mutex::new(session_rx),
+        }
+    }
+
+    /// WebSocket upgrade requests seen (each would be a billed session at OpenAI).
+    pub fn upgrades(&self) -> usize {
+        self.upgrades.load(Ordering::SeqCst)
+    }
+
+    pub async fn next_session(&self) -> FakeSession {
+        tokio::time::timeout(Duration::from_secs(10), self.sessions.lock().await.recv())
+            .await
+            .expect("the bridge opened a Realtime session")
+            .unwrap()
+    }
+}
+
+impl FakeSession {
+    /// The next client event (text frames only; pings are skipped).
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), self.received.recv())
+                .await
+                .expect("an event from the bridge")
+                .expect("the socket is open");
+            match message {
+                Message::Text(text) => return serde_json::from_str(text.as_str()).unwrap(),
+                Message::Close(_) => panic!("the bridge closed the session"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next client event's raw text, to compare byte for byte.
+    pub async fn recv_text(&mut self) -> String {
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), self.received.recv())
+                .await
+                .expect("an event from the bridge")
+                .expect("the socket is open");
+            if let Message::Text(text) = message {
+                return text.as_str().to_owned();
+            }
+        }
+    }
+
+    pub fn send(&self, event: Value) {
+        self.send_raw(Message::text(event.to_string()));
+    }
+
+    pub fn send_raw(&self, message: Message) {
+        self.outgoing
+            .send(message)
+            .expect("the fake session is running");
+    }
+
+    /// Resolves when the bridge closed the socket (close frame or EOF), or fails after `within`.
+    pub async fn closed_within(&mut self, within: Duration) -> bool {
+        tokio::time::timeout(within, async {
+            loop {
+                match self.received.recv().await {
+                    None | Some(Message::Close(_)) => return,
+                    Some(_) => continue,
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    /// Consumes the session.update every session starts with.
+    pub async fn expect_session_update(&mut self) -> Value {
+        let update = self.recv().await;
+        assert_eq!(update["type"], "session.update", "{update}");
+        update
+    }
+}

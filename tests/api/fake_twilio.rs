@@ -1,0 +1,163 @@
+//! A Media Streams client that behaves like Twilio: signed upgrade, `connected`, `start` with the
+//! `<Parameter>`s from our TwiML, 20 ms µ-law frames, mark echoes, `stop`.
+
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::helpers::{ACCOUNT_SID, PUBLIC_BASE_URL, TestApp, twilio_signature};
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub struct FakeTwilio {
+    sink: SplitSink<Socket, Message>,
+    stream: SplitStream<Socket>,
+    pub stream_sid: String,
+}
+
+/// A distinct 20 ms µ-law frame (160 bytes), so reordering or mixing would show.
+pub fn frame(call: usize, n: usize) -> String {
+    let bytes: Vec<u8> = (0..160)
+        .map(|i| ((call * 31 + n * 7 + i) % 256) as u8)
+        .collect();
+    STANDARD.encode(bytes)
+}
+
+/// `ms` milliseconds of agent audio as base64 µ-law.
+pub fn agent_audio(ms: usize, seed: u8) -> String {
+    STANDARD.encode(vec![seed; ms * 8])
+}
+
+impl FakeTwilio {
+    pub async fn connect(app: &TestApp) -> Self {
+        let signature = twilio_signature(
+            &format!("{}/stream", PUBLIC_BASE_URL.replacen("https", "wss", 1)),
+            &[],
+        );
+        Self::connect_signed(app, Some(&signature))
+            .await
+            .expect("upgrade accepted")
+    }
+
+    pub async fn connect_signed(
+        app: &TestApp,
+        signature: Option<&str>,
+    ) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
+        let url = format!("{}/stream", app.address.replacen("http", "ws", 1));
+        let mut request = url.into_client_request().unwrap();
+        if let Some(signature) = signature {
+            request
+                .headers_mut()
+                .insert("x-twilio-signature", signature.parse().unwrap());
+        }
+        let (socket, _) = tokio_tungstenite::connect_async(request).await?;
+        let (sink, stream) = socket.split();
+        Ok(Self {
+            sink,
+            stream,
+            stream_sid: String::new(),
+        })
+    }
+
+    /// Answers `call_sid` through `/voice`, opens the stream and starts it with the token.
+    pub async fn start_call(app: &TestApp, call_sid: &str) -> Self {
+        let token = app.answer_call(call_sid).await;
+        let mut twilio = Self::connect(app).await;
+        twilio.start(call_sid, &token, ACCOUNT_SID).await;
+        twilio
+    }
+
+    pub async fn send(&mut self, value: Value) {
+        self.send_text(value.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: String) {
+        self.sink
+            .send(Message::text(text))
+            .await
+            .expect("socket open");
+    }
+
+    pub async fn send_raw(&mut self, message: Message) {
+        self.sink.send(message).await.expect("socket open");
+    }
+
+    pub async fn start(&mut self, call_sid: &str, token: &str, account_sid: &str) {
+        self.stream_sid = format!("MZ{}", &call_sid[2..]);
+        self.send(json!({"event":"connected","protocol":"Call","version":"1.0.0"}))
+            .await;
+        self.send(json!({
+            "event": "start",
+            "sequenceNumber": "1",
+            "streamSid": self.stream_sid,
+            "start": {
+                "accountSid": account_sid,
+                "streamSid": self.stream_sid,
+                "callSid": call_sid,
+                "tracks": ["inbound"],
+                "customParameters": {"token": token, "from": "whatsapp:+5511999990000", "to": "whatsapp:+558551234567", "direction": "inbound"},
+                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
+            }
+        }))
+        .await;
+    }
+
+    pub async fn media(&mut self, n: usize, payload: &str) {
+        let message = json!({
+            "event": "media",
+            "sequenceNumber": (n + 2).to_string(),
+            "streamSid": self.stream_sid,
+            "media": {"track": "inbound", "chunk": (n + 1).to_string(), "timestamp": (n * 20).to_string(), "payload": payload}
+        });
+        self.send(message).await;
+    }
+
+    pub async fn echo_mark(&mut self, name: &str) {
+        let message = json!({"event":"mark","sequenceNumber":"9","streamSid":self.stream_sid,"mark":{"name":name}});
+        self.send(message).await;
+    }
+
+    pub async fn stop(&mut self, call_sid: &str) {
+        let message = json!({"event":"stop","sequenceNumber":"99","streamSid":self.stream_sid,"stop":{"accountSid":ACCOUNT_SID,"callSid":call_sid}});
+        self.send(message).await;
+    }
+
+    /// The next JSON message from the bridge; pings are answered as Twilio's stack would.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), self.stream.next())
+                .await
+                .expect("a message from the bridge")
+                .expect("the socket is open")
+                .expect("a valid frame");
+            match message {
+                Message::Text(text) => return serde_json::from_str(text.as_str()).unwrap(),
+                Message::Close(frame) => panic!("the bridge closed the stream: {frame:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Waits for the bridge to close the stream; returns the close code if one was sent.
+    pub async fn closed_within(&mut self, within: Duration) -> Option<Option<u16>> {
+        tokio::time::timeout(within, async {
+            loop {
+                match self.stream.next().await {
+                    Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                    None | Some(Err(_)) => return None,
+                    Some(Ok(_)) => continue,
+                }
+            }
+        })
+        .await
+        .ok()
+    }
+}

@@ -1,0 +1,484 @@
+//! The bridge end to end: the real app on port 0, a fake Twilio client and a fake OpenAI server.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::fake_openai::{FakeOpenAi, FakeSession};
+use crate::fake_twilio::{FakeTwilio, agent_audio, frame};
+use crate::helpers::*;
+
+async fn app_with(fake: &FakeOpenAi, extra: &[(&str, &str)]) -> TestApp {
+    let mut overrides = vec![("OPENAI_REALTIME_URL", fake.url.as_str())];
+    overrides.extend_from_slice(extra);
+    spawn_app(&overrides).await
+}
+
+/// Starts a call and returns both ends with the session.update already consumed.
+async fn connected_call(
+    app: &TestApp,
+    fake: &FakeOpenAi,
+    call_sid: &str,
+) -> (FakeTwilio, FakeSession) {
+    let twilio = FakeTwilio::start_call(app, call_sid).await;
+    let mut session = fake.next_session().await;
+    session.expect_session_update().await;
+    (twilio, session)
+}
+
+fn delta(response_id: &str, item_id: &str, audio: &str) -> Value {
+    json!({"type":"response.output_audio.delta","event_id":"ev","response_id":response_id,"item_id":item_id,"output_index":0,"content_index":0,"delta":audio})
+}
+
+#[tokio::test]
+async fn the_session_is_configured_with_the_ga_shape() {
+    let fake = FakeOpenAi::start().await;
+    let app = app_with(
+        &fake,
+        &[
+            ("OPENAI_VOICE", "cedar"),
+            ("AGENT_INSTRUCTIONS", "You sell <tea> & coffee."),
+        ],
+    )
+    .await;
+    let _twilio = FakeTwilio::start_call(&app, "CA1001").await;
+    let mut session = fake.next_session().await;
+    assert_eq!(
+        session.path_and_query,
+        "/v1/realtime?model=gpt-realtime-1.5"
+    );
+    let update = session.expect_session_update().await;
+    let s = &update["session"];
+    assert_eq!(s["type"], "realtime");
+    assert_eq!(s["instructions"], "You sell <tea> & coffee.");
+    assert_eq!(s["audio"]["input"]["format"], json!({"type":"audio/pcmu"}));
+    assert_eq!(s["audio"]["output"]["format"], json!({"type":"audio/pcmu"}));
+    assert_eq!(s["audio"]["output"]["voice"], "cedar");
+    assert_eq!(s["audio"]["input"]["turn_detection"]["type"], "server_vad");
+    assert!(s["audio"]["input"]["transcription"]["model"].is_string());
+}
+
+#[tokio::test]
+async fn audio_passes_through_byte_for_byte_in_both_directions() {
+    let fake = FakeOpenAi::start().await;
+    let app = app_with(&fake, &[]).await;
+    let (mut twilio, mut session) = connected_call(&app, &fake, "CA1002").await;
+
+    for n in 0..500 {
+        twilio.media(n, &frame(0, n)).await;
+    }
+    for n in 0..500 {
+        let expected = format!(
+            r#"{{"type":"input_audio_buffer.append","audio":"{}"}}"#,
+            frame(0, n)
+        );
+        assert_eq!(session.recv_text().await, expected, "frame {n}");
+    }
+
+    for n in 0..500 {
+        session.send(delta("resp_1", "item_1", &frame(1, n)));
+    }
+    let mut marks = std::collections::HashSet::new();
+    for n in 0..500 {
+        let media = twilio.recv().await;
+        assert_eq!(
+            media,
+            json!({"event":"media","streamSid":twilio.stream_sid,"media":{"payload":frame(1, n)}}),
+            "delta {n}"
+        );
+        let mark = twilio.recv().await;
+        assert_eq!(mark["event"], "mark");
+        assert_eq!(mark["streamSid"], twilio.stream_sid);
+        assert!(
+            marks.insert(mark["mark"]["name"].as_str().unwrap().to_owned()),
+            "mark names are unique"
+        );
+    }
+    assert_eq!(app.state.metrics.frames_from_caller.get(), 500);
+    assert_eq!(app.state.metrics.frames_to_caller.get(), 500);
+}
+
+#[tokio::test]
+async fn barge_in_clears_twilio_truncates_at_played_plus_50_and_drops_late_deltas() {
+    let fake = FakeOpenAi::start().await;
+    let app = app_with(&fake, &[]).await;
+    let (mut twilio, mut session) = connected_call(&app, &fake, "CA1003").await;
+
+    session
+        .send(json!({"type":"response.created","response":{"id":"resp_1","status":"in_progress"}}));
+    // 3 s of agent audio in 100 ms deltas.
+    for _ in 0..30 {
+        session.send(delta("resp_1", "item_1", &agent_audio(100, 0x7F)));
+    }
+    let mut mark_names = Vec::new();
+    for _ in 0..30 {
+        assert_eq!(twilio.recv().await["event"], "media");
+        mark_names.push(
+            twilio.recv().await["mark"]["name"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    // Twilio has played 1.2 s.
+    for name in &mark_names[..12] {
+        twilio.echo_mark(name).await;
+    }
+    // Make sure the echoes were processed before the caller speaks.
+    twilio.media(0, &frame(0, 0)).await;
+    assert_eq!(session.recv().await["type"], "input_audio_buffer.append");
+
+    session.send(json!({"type":"input_audio_buffer.speech_started","audio_start_ms":1000,"item_id":"item_user"}));
+    assert_eq!(
+        twilio.recv().await,
+        json!({"event":"clear","streamSid":twilio.stream_sid})
+    );
+    let truncate = session.recv().await;
+    assert_eq!(
+        truncate,
+        json!({"type":"conversation.item.truncate","item_id":"item_1","content_index":0,"audio_end_ms":1250})
+    );
+
+    // Twilio echoes the cleared marks; then late deltas of the interrupted response arrive.
+    for name in &mark_names[12..] {
+        twilio.echo_mark(name).await;
+    }
+    for _ in 0..5 {
+        session.send(delta("resp_1", "item_1", &agent_audio(100, 0x11)));
+    }
+    session.send(json!({"type":"response.done","response":{"id":"resp_1","status":"cancelled"}}));
+    // The next response plays normally, and its audio is the first thing Twilio gets.
+    session
+        .send(json!({"type":"response.created","response":{"id":"resp_2","status":"in_progress"}}));
+    session.send(delta("resp_2", "item_2", &agent_audio(100, 0x22)));
+    let next = twilio.recv().await;
+    assert_eq!(
+        next["media"]["payload"],
+        agent_audio(100, 0x22),
+        "late deltas of resp_1 never reach Twilio"
+    );
+    let next_mark = twilio.recv().await["mark"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    twilio.echo_mark(&next_mark).await;
+    twilio.media(1, &frame(0, 1)).await;
+    assert_eq!(session.recv().await["type"], "input_audio_buffer.append");
+
+    // The cleared echoes did not count as played: a second barge-in truncates item_2 only.
+    session.send(json!({"type":"input_audio_buffer.speech_started","audio_start_ms":5000,"item_id":"item_user2"}));
+    assert_eq!(twilio.recv().await["event"], "clear");
+    assert_eq!(
+        session.recv().await,
+        json!({"type":"conversation.item.truncate","item_id":"item_2","content_index":0,"audio_end_ms":100})
+    );
+    assert_eq!(app.state.metrics.barge_ins.get(), 2);
+    assert_eq!(app.state.metrics.dropped_interrupted_deltas.get(), 5);
+}
+
+#[tokio::test]
+async fn speech_while_the_agent_is_silent_does_nothing() {
+    let fake = FakeOpenAi::start().await;
+    let app = app_with(&fake, &[]).await;
+    let (mut twilio, mut session) = connected_call(&app, &fake, "CA1004").await;
+
+    // A finished answer that Twilio played to the end.
+    session.send(json!({"type":"response.created","response":{"id":"resp_1"}}));
+    session.send(delta("resp_1", "item_1", &agent_audio(200, 1)));
+    session.send(json!({"type":"response.output_audio.done","response_id":"resp_1","item_id":"item_1","output_index":0,"content_index":0}));
+    session.send(json!({"type":"response.done","response":{"id":"resp_1","status":"completed"}}));
+    assert_eq!(twilio.recv().await["event"], "media");
+    let audio_mark = twilio.recv().await["mark"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let done_mark = twilio.recv().await["mark"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    twilio.echo_mark(&audio_mark).await;
+    twilio.echo_mark(&done_mark).await;
+
+    session.send(
+        json!({"type":"input_audio_buffer.speech_started","audio_start_ms":0,"item_id":"u1"}),
+    );
+    twilio.media(1, &frame(0, 1)).await;
+    // The first thing OpenAI hears after the speech event is the caller's audio, not a truncate.
+    assert_eq!(session.recv().await["type"], "input_audio_buffer.append");
+    session.send(delta("resp_2", "item_2", &agent_audio(20, 2)));
+    assert_eq!(twilio.recv().await["event"], "media", "no clear was sent");
+    assert_eq!(app.state.metrics.barge_ins.get(), 0);
+    assert_eq!(app.state.metrics.truncates.get(), 0);
+}
+
+#[tokio::test]
+async fn a_wrong_token_or_account_closes_the_stream_without_an_openai_session() {
+    let fake = FakeOpenAi::start().await;
+    let app = app_with(&fake, &[]).await;
+
+    let token = app.answer_call("CA1005").await;
+    let mut twilio = FakeTwilio::connect(&app).await;
+    twilio.start("CA1005", "not-the-token", ACCOUNT_SID).await;
+    assert_eq!(
+        twilio.closed_within(Duration::from_secs(5)).await,
+        Some(Some(1008))
+    );
+
+    let mut other_call = FakeTwilio::connect(&app).await;
+    other_call.start("CA9999", &token, ACCOUNT_SID).await;
+    assert!(
+        other_call
+            .closed_within(Duration::from_secs(5))
+            .await
+            .is_some()
+    );
+
+    let token = app.answer_call("CA1006").await;
+    let mut wrong_account = FakeTwilio::connect(&app).await;
+    wrong_account
+        .start("CA1006", &token, "ACffffffffffffffffffffffffffffffff")
+        .await;
+    assert!(
+        wrong_account
+            .closed_within(Duration::from_secs(5))
+            .await
+            .is_some()
+    );
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(fake.upgrades(), 0, "no Realtime session was ever requested");
+    assert_eq!(
+        app.state
+            .metrics
+            .calls_ended(callbridge::metrics::EndReason::Unauthorized),
+        3
+    );
+    assert_eq!(app.state.admission.occupancy().live, 0);
+}
+
+#[tokio::test]
+async fn a_token_cannot_be_replayed() {
+    let fake = FakeOpenAi::start().await;
+    let app = app_with(&fake, &[]).await;
+    let token = app.answer_call("CA1007").await;
+    let mut first = FakeTwilio::connect(&app).await;
+    first.start("CA1007", &token, ACCOUNT_SID).await;
+    fake.next_session().await;
+    let mut replay = FakeTwilio::connect(&app).await;
+    replay.start("CA1007", &token, ACCOUNT_SID).await;
+    assert!(replay.closed_within(Duration::from_secs(5)).await.is_some());
+    assert_eq!(fake.upgrades(), 1);
+}
+
+#[tokio::test]
+async fn unsigned_or_forged_upgrades_are_refused_before_the_socket_exists() {
+    let fake = FakeOpenAi::start().await;
+    let app = app_with(&fake, &[]).await;
+    assert!(FakeTwilio::connect_signed(&app, None).await.is_err());
+    let signed_for_https = twilio_signature(&format!("{PUBLIC_BASE_URL}/stream"), &[]);
+    assert!(
+        FakeTwilio::connect_signed(&app, Some(&signed_for_https))
+            .await
+            .is_err()
+    );
+    assert_eq!(app.state.metrics.signature_failures.get(), 2);
+    let with_port = twilio_signature("wss://callbridge.test:443/stream", &[]);
+    assert!(
+        FakeTwilio::connect_signed(&app, Some(&with_port))
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn twilio_stop_closes_the_openai_socket_within_a_second() {
+    let fake = FakeOpenAi::start().await;
+    let app = app_with(&fake, &[]).await;
+    let (mut twilio, mut session) = connected_call(&app, &fake, "CA1008").await;
+    twilio.stop("CA1008").await;
+    assert!(session.closed_within(Duration::from_secs(1)).await);
+    let _ = twilio.closed_within(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        app.state.admission.occupancy().live,
+        0,
+        "the call slot is released"
+    );
+}
+
+#[tokio::test]
+async fn openai_dropping_the_socket_closes_the_twilio_stream() {
+    let fake = FakeOpenAi::start().await;
+    let app = app_with(&fake, &[]).await;
+    let (mut twilio, session) = connected_call(&app, &fake, "CA1009").await;
+    drop(session);
+    assert!(twilio.closed_within(Duration::from_secs(5)).await.is_some());
+}
+
+#[tokio::test]
+async fn a_fatal_openai_error_closes_the_twilio_stream() {
+    let fake = FakeOpenAi::start().await;
+    let app = app_with(&fake, &[]).await;
+    let (mut twilio, mut session) = connected_call(&app, &fake, "CA1010").await;
+    session.send(json!({"type":"error","error":{"type":"invalid_request_error","code":"response_cancel_not_active","message":"no active response"}}));
+    twilio.media(0, &frame(0, 0)).await;
+    assert_eq!(
+        session.recv().await["type"],
+        "input_audio_buffer.append",
+        "a benign error is survived"
+    );
+    session.send(json!({"type":"error","error":{"type":"invalid_request_error","code":"session_expired","message":"Your session hit the maximum duration of 60 minutes."}}));
+    assert_eq!(
+        twilio.closed_within(Duration::from_secs(5)).await,
+        Some(Some(1011))
+    );
+}
+
+#[tokio::test]
+async fn garbage_from_both_sides_leaves_the_call_working() {
+    let fake = FakeOpenAi::start().await;
+    let app = app_with(&fake, &[]).await;
+    let (mut twilio, mut session) = connected_call(&app, &fake, "CA1011").await;
+
+    twilio.send_text("not json".into()).await;
+    twilio.send_text(r#"{"event":"media"}"#.into()).await;
+    twilio
+        .send_text(r#"{"event":"media","media":{"payload":17}}"#.into())
+        .await;
+    twilio
+        .send_text(r#"{"event":"from-the-future"}"#.into())
+        .await;
+    twilio
+        .send_raw(Message::binary(vec![0u8, 159, 146, 150]))
+        .await;
+    twilio.send(json!({"event":"start","streamSid":"MZx","start":{"accountSid":ACCOUNT_SID,"streamSid":"MZx","callSid":"CAx","customParameters":{}}})).await;
+    twilio.media(7, &frame(2, 7)).await;
+    assert_eq!(
+        session.recv().await,
+        json!({"type":"input_audio_buffer.append","audio":frame(2, 7)})
+    );
+
+    session.send_raw(Message::text("{{{{"));
+    session.send_raw(Message::text(r#"{"type":"response.output_audio.delta"}"#));
+    session.send_raw(Message::binary(vec![1u8, 2, 3]));
+    session.send(json!({"type":"some.new_event","x":[1,2,3]}));
+    session.send(delta("resp_1", "item_1", &frame(3, 0)));
+    assert_eq!(twilio.recv().await["media"]["payload"], frame(3, 0));
+
+    assert_eq!(app.state.metrics.malformed_from_twilio.get(), 5);
+    assert_eq!(app.state.metrics.malformed_from_openai.get(), 3);
+}
+
+#[tokio::test]
+async fn an_oversized_frame_closes_only_that_call_with_1009() {
+    let fake = FakeOpenAi::start().await;
+    let app = app_with(&fake, &[]).await;
+    let (mut victim, mut victim_session) = connected_call(&app, &fake, "CA1012").await;
+    let (mut attacker, _attacker_session) = connected_call(&app, &fake, "CA1013").await;
+    attacker.send_text("x".repeat(70 * 1024)).await;
+    assert_eq!(
+        attacker.closed_within(Duration::from_secs(5)).await,
+        Some(Some(1009))
+    );
+    victim.media(0, &frame(4, 0)).await;
+    assert_eq!(victim_session.recv().await["audio"], frame(4, 0));
+}
+
+#[tokio::test]
+async fn fifty_concurrent_calls_keep_their_audio_separate() {
+    let fake = FakeOpenAi::start().await;
+    let app = app_with(&fake, &[]).await;
+    let mut calls = Vec::new();
+    for i in 0..50 {
+        let call_sid = format!("CA2{i:03}");
+        let twilio = FakeTwilio::start_call(&app, &call_sid).await;
+        let mut session = fake.next_session().await;
+        session.expect_session_update().await;
+        calls.push((i, twilio, session));
+    }
+    assert_eq!(app.state.admission.occupancy().live, 50);
+    let tasks = calls
+        .into_iter()
+        .map(|(i, mut twilio, mut session)| async move {
+            for n in 0..20 {
+                twilio.media(n, &frame(i, n)).await;
+                session.send(delta(&format!("resp_{i}"), "item", &frame(100 + i, n)));
+            }
+            for n in 0..20 {
+                assert_eq!(
+                    session.recv().await["audio"],
+                    frame(i, n),
+                    "call {i} frame {n}"
+                );
+                assert_eq!(
+                    twilio.recv().await["media"]["payload"],
+                    frame(100 + i, n),
+                    "call {i} delta {n}"
+                );
+                assert_eq!(twilio.recv().await["event"], "mark");
+            }
+        });
+    futures_util::future::join_all(tasks).await;
+}
+
+#[tokio::test]
+async fn caller_audio_sent_while_openai_is_still_connecting_all_arrives_in_order() {
+    let fake = FakeOpenAi::start_with_handshake_delay(Duration::from_millis(600)).await;
+    let app = app_with(
+        &fake,
+        &[("AGENT_GREETING", "Greet the caller and offer help.")],
+    )
+    .await;
+    let mut twilio = FakeTwilio::start_call(&app, "CA1014").await;
+    // 500 ms of speech at the real 20 ms pace while the handshake is held up.
+    for n in 0..25 {
+        twilio.media(n, &frame(5, n)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut session = fake.next_session().await;
+    session.expect_session_update().await;
+    let greeting = session.recv().await;
+    assert_eq!(greeting["type"], "conversation.item.create");
+    assert_eq!(
+        greeting["item"]["content"][0]["text"],
+        "Greet the caller and offer help."
+    );
+    assert_eq!(session.recv().await["type"], "response.create");
+    for n in 0..25 {
+        assert_eq!(session.recv().await["audio"], frame(5, n), "frame {n}");
+    }
+    assert!(app.state.metrics.frames_buffered_before_agent.get() > 0);
+    assert_eq!(app.state.metrics.frames_dropped_buffer_full.get(), 0);
+}
+
+#[tokio::test]
+async fn metrics_describe_the_calls() {
+    let fake = FakeOpenAi::start().await;
+    let app = app_with(&fake, &[]).await;
+    let (mut twilio, mut session) = connected_call(&app, &fake, "CA1015").await;
+    twilio.media(0, &frame(0, 0)).await;
+    session.recv().await;
+    let text = app.get("/metrics").await.text().await.unwrap();
+    assert!(text.contains("callbridge_live_calls 1\n"), "{text}");
+    assert!(text.contains("callbridge_frames_from_caller_total 1\n"));
+    assert!(text.contains("callbridge_openai_connect_seconds_count 1\n"));
+    assert!(!text.contains("CA1015"), "no CallSid in metrics");
+}
+
+#[tokio::test]
+async fn draining_waits_for_live_calls_then_closes_them() {
+    let fake = FakeOpenAi::start().await;
+    let app = app_with(&fake, &[("DRAIN_TIMEOUT_SECS", "1")]).await;
+    let (mut twilio, mut session) = connected_call(&app, &fake, "CA1016").await;
+    app.state.lifecycle.begin_drain();
+    // The call goes on during the drain...
+    twilio.media(0, &frame(0, 0)).await;
+    assert_eq!(session.recv().await["type"], "input_audio_buffer.append");
+    // ...and is closed politely once the drain timeout has passed.
+    assert_eq!(
+        twilio.closed_within(Duration::from_secs(5)).await,
+        Some(Some(1012))
+    );
+    assert!(session.closed_within(Duration::from_secs(2)).await);
+}
