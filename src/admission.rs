@@ -3,7 +3,9 @@
 //! `/voice` issues a single-use token bound to the CallSid and reserves a call slot with it; the
 //! `/stream` socket redeems the token after Twilio's `start`. Reserving at `/voice` (not at
 //! `/stream`) means capacity is decided before we promise the caller anything, and a token that
-//! is never redeemed gives its slot back when it expires.
+//! is never redeemed gives its slot back when it expires. The token itself lives in the store,
+//! so a call whose webhook and stream land on different machines still connects; the slot
+//! bookkeeping is per machine.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,6 +16,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::store::Store;
+
 /// How long Twilio has to open the stream after we answered `/voice`.
 pub const STREAM_TOKEN_TTL: Duration = Duration::from_secs(60);
 
@@ -23,7 +27,7 @@ pub enum Refusal {
     Full(usize),
 }
 
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum RedeemError {
     #[error("the stream token is unknown or was already used")]
     Unknown,
@@ -31,10 +35,11 @@ pub enum RedeemError {
     Expired,
     #[error("the stream token belongs to another call")]
     WrongCall,
+    #[error("the stream token cannot be checked: {0:#}")]
+    Store(#[from] anyhow::Error),
 }
 
 struct PendingStream {
-    call_sid: String,
     expires_at: Instant,
 }
 
@@ -80,8 +85,9 @@ impl Admission {
         })
     }
 
-    /// Reserves a slot for `call_sid` and returns the token Twilio must present in `start`.
-    pub fn issue(&self, call_sid: &str, now: Instant) -> Result<String, Refusal> {
+    /// Reserves a slot and returns a new token for Twilio to present in `start`; the caller
+    /// stores it, bound to the CallSid, with `STREAM_TOKEN_TTL`.
+    pub fn issue(&self, now: Instant) -> Result<String, Refusal> {
         let mut pending = self.lock_pending();
         pending.retain(|_, p| p.expires_at > now);
         let live = self.occupancy.borrow().live;
@@ -93,7 +99,6 @@ impl Admission {
         pending.insert(
             token.clone(),
             PendingStream {
-                call_sid: call_sid.to_owned(),
                 expires_at: now + STREAM_TOKEN_TTL,
             },
         );
@@ -101,22 +106,30 @@ impl Admission {
         Ok(token)
     }
 
-    /// Consumes the token: it is gone after this call whether or not it was valid, so a replayed
-    /// or guessed token can never be tried twice.
-    pub fn redeem(
+    /// Gives back a reservation whose token could not be stored.
+    pub fn release(&self, token: &str) {
+        let mut pending = self.lock_pending();
+        pending.remove(token);
+        self.publish_pending(pending.len());
+    }
+
+    /// Consumes the token: it is gone from the store after this, valid or not, so a replayed or
+    /// guessed token can never be tried twice. A valid one turns into a live call slot.
+    pub async fn redeem(
         self: &Arc<Self>,
+        store: &Store,
         token: &str,
         call_sid: &str,
-        now: Instant,
+        now_ms: i64,
     ) -> Result<CallSlot, RedeemError> {
-        let mut pending = self.lock_pending();
-        let entry = pending.remove(token);
-        self.publish_pending(pending.len());
-        let entry = entry.ok_or(RedeemError::Unknown)?;
-        if entry.expires_at <= now {
+        let bound = store.take_stream_token(token).await?;
+        // This machine's reservation (if it issued the token) ends either way.
+        self.release(token);
+        let (bound_call_sid, expires_at_ms) = bound.ok_or(RedeemError::Unknown)?;
+        if expires_at_ms <= now_ms {
             return Err(RedeemError::Expired);
         }
-        if entry.call_sid != call_sid {
+        if bound_call_sid != call_sid {
             return Err(RedeemError::WrongCall);
         }
         self.occupancy.send_modify(|o| o.live += 1);
@@ -165,17 +178,45 @@ fn new_token() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::{Clock, SystemClock};
 
-    #[test]
-    fn a_token_is_single_use_and_bound_to_its_call() {
-        let admission = Admission::new(10);
-        let now = Instant::now();
-        let token = admission.issue("CA1", now).unwrap();
+    fn now_ms() -> i64 {
+        SystemClock.now_ms()
+    }
+
+    async fn store() -> Store {
+        let path = std::env::temp_dir().join(format!("callbridge-admission-{}.db", new_token()));
+        Store::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+            .await
+            .unwrap()
+    }
+
+    async fn issue_for(
+        admission: &Admission,
+        store: &Store,
+        call_sid: &str,
+        ttl_ms: i64,
+    ) -> String {
+        let token = admission.issue(Instant::now()).unwrap();
+        store
+            .insert_stream_token(&token, call_sid, now_ms() + ttl_ms)
+            .await
+            .unwrap();
+        token
+    }
+
+    #[tokio::test]
+    async fn a_token_is_single_use_and_bound_to_its_call() {
+        let (admission, store) = (Admission::new(10), store().await);
+        let token = issue_for(&admission, &store, "CA1", 60_000).await;
         assert!(
             token.len() >= 22,
             "128 bits need at least 22 base64 characters"
         );
-        let slot = admission.redeem(&token, "CA1", now).unwrap();
+        let slot = admission
+            .redeem(&store, &token, "CA1", now_ms())
+            .await
+            .unwrap();
         assert_eq!(
             admission.occupancy(),
             Occupancy {
@@ -183,10 +224,10 @@ mod tests {
                 live: 1
             }
         );
-        assert_eq!(
-            admission.redeem(&token, "CA1", now).err(),
-            Some(RedeemError::Unknown)
-        );
+        assert!(matches!(
+            admission.redeem(&store, &token, "CA1", now_ms()).await,
+            Err(RedeemError::Unknown)
+        ));
         drop(slot);
         assert_eq!(
             admission.occupancy(),
@@ -196,63 +237,76 @@ mod tests {
             }
         );
 
-        let token = admission.issue("CA2", now).unwrap();
+        let token = issue_for(&admission, &store, "CA2", 60_000).await;
+        assert!(matches!(
+            admission.redeem(&store, &token, "CA3", now_ms()).await,
+            Err(RedeemError::WrongCall)
+        ));
+        assert!(matches!(
+            admission.redeem(&store, &token, "CA2", now_ms()).await,
+            Err(RedeemError::Unknown)
+        ));
         assert_eq!(
-            admission.redeem(&token, "CA3", now).err(),
-            Some(RedeemError::WrongCall)
-        );
-        assert_eq!(
-            admission.redeem(&token, "CA2", now).err(),
-            Some(RedeemError::Unknown)
+            admission.occupancy(),
+            Occupancy {
+                pending: 0,
+                live: 0
+            }
         );
     }
 
-    #[test]
-    fn tokens_expire_after_sixty_seconds() {
-        let admission = Admission::new(10);
-        let now = Instant::now();
-        let token = admission.issue("CA1", now).unwrap();
-        let later = now + STREAM_TOKEN_TTL;
-        assert_eq!(
-            admission.redeem(&token, "CA1", later).err(),
-            Some(RedeemError::Expired)
-        );
-        let token = admission.issue("CA1", now).unwrap();
-        assert!(
-            admission
-                .redeem(&token, "CA1", later - Duration::from_millis(1))
-                .is_ok()
-        );
+    #[tokio::test]
+    async fn expired_tokens_are_refused() {
+        let (admission, store) = (Admission::new(10), store().await);
+        let token = issue_for(&admission, &store, "CA1", 60_000).await;
+        let later = now_ms() + 60_001;
+        assert!(matches!(
+            admission.redeem(&store, &token, "CA1", later).await,
+            Err(RedeemError::Expired)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_token_issued_by_another_machine_is_honoured() {
+        let store = store().await;
+        let (webhook_machine, stream_machine) = (Admission::new(10), Admission::new(10));
+        let token = issue_for(&webhook_machine, &store, "CA1", 60_000).await;
+        let _slot = stream_machine
+            .redeem(&store, &token, "CA1", now_ms())
+            .await
+            .unwrap();
+        assert_eq!(stream_machine.occupancy().live, 1);
     }
 
     #[test]
     fn tokens_are_unique() {
         let admission = Admission::new(1000);
         let now = Instant::now();
-        let tokens: std::collections::HashSet<_> = (0..500)
-            .map(|i| admission.issue(&format!("CA{i}"), now).unwrap())
-            .collect();
+        let tokens: std::collections::HashSet<_> =
+            (0..500).map(|_| admission.issue(now).unwrap()).collect();
         assert_eq!(tokens.len(), 500);
     }
 
     #[test]
-    fn capacity_counts_pending_and_live_calls_and_frees_expired_reservations() {
+    fn capacity_counts_pending_calls_and_frees_expired_or_released_reservations() {
         let admission = Admission::new(2);
         let now = Instant::now();
-        let first = admission.issue("CA1", now).unwrap();
-        let _live = admission.redeem(&first, "CA1", now).unwrap();
-        admission.issue("CA2", now).unwrap();
-        assert_eq!(admission.issue("CA3", now), Err(Refusal::Full(2)));
+        let first = admission.issue(now).unwrap();
+        admission.issue(now).unwrap();
+        assert_eq!(admission.issue(now), Err(Refusal::Full(2)));
+        admission.release(&first);
+        let third = admission.issue(now).unwrap();
+        assert_eq!(admission.issue(now), Err(Refusal::Full(2)));
         let later = now + STREAM_TOKEN_TTL + Duration::from_secs(1);
         assert!(
-            admission.issue("CA3", later).is_ok(),
-            "the expired reservation is released"
+            admission.issue(later).is_ok(),
+            "expired reservations are released"
         );
         assert_eq!(
             admission.occupancy(),
             Occupancy {
                 pending: 1,
-                live: 1
+                live: 0
             }
         );
         admission.expire(later + STREAM_TOKEN_TTL);
@@ -260,8 +314,9 @@ mod tests {
             admission.occupancy(),
             Occupancy {
                 pending: 0,
-                live: 1
+                live: 0
             }
         );
+        admission.release(&third);
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod bridge;
+pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod error;
@@ -15,5 +16,6 @@ pub mod openai;
 pub mod routes;
 pub mod startup;
 pub mod state;
+pub mod store;
 pub mod telemetry;
 pub mod twilio;

@@ -70,12 +70,14 @@ pub enum EndReason {
     Shutdown,
     /// Refused at `start`: bad token or account.
     Unauthorized,
-    /// The Twilio socket misbehaved beyond recovery (oversized frame, protocol error).
+    /// The Twilio socket broke at the WebSocket protocol level.
     ProtocolError,
+    /// Twilio's side sent a frame over 64 KiB; the stream was closed with 1009.
+    FrameTooLarge,
 }
 
 impl EndReason {
-    pub const ALL: [EndReason; 7] = [
+    pub const ALL: [EndReason; 8] = [
         Self::CallerHungUp,
         Self::AgentFailed,
         Self::AgentUnreachable,
@@ -83,6 +85,7 @@ impl EndReason {
         Self::Shutdown,
         Self::Unauthorized,
         Self::ProtocolError,
+        Self::FrameTooLarge,
     ];
 
     pub fn label(self) -> &'static str {
@@ -94,6 +97,7 @@ impl EndReason {
             Self::Shutdown => "shutdown",
             Self::Unauthorized => "unauthorized",
             Self::ProtocolError => "protocol_error",
+            Self::FrameTooLarge => "frame_too_large",
         }
     }
 }
@@ -115,6 +119,9 @@ pub struct Metrics {
     pub malformed_from_twilio: Counter,
     pub malformed_from_openai: Counter,
     pub openai_errors: Counter,
+    pub store_records_dropped: Counter,
+    pub store_transcript_waits: Counter,
+    pub store_write_failures: Counter,
     pub openai_connect: Histogram,
     pub first_agent_audio: Histogram,
 }
@@ -251,6 +258,24 @@ impl Metrics {
             "callbridge_openai_errors_total",
             "Error events received from OpenAI Realtime.",
             &self.openai_errors,
+        );
+        counter(
+            &mut out,
+            "callbridge_store_records_dropped_total",
+            "Call records dropped because the database writer was too far behind.",
+            &self.store_records_dropped,
+        );
+        counter(
+            &mut out,
+            "callbridge_store_transcript_waits_total",
+            "Transcript lines that waited for room in the database writer's queue.",
+            &self.store_transcript_waits,
+        );
+        counter(
+            &mut out,
+            "callbridge_store_write_failures_total",
+            "Records the database refused after retries.",
+            &self.store_write_failures,
         );
         histogram(
             &mut out,

@@ -30,7 +30,7 @@ impl Application {
         let listener = TcpListener::bind(("0.0.0.0", config.port))
             .with_context(|| format!("cannot listen on port {}", config.port))?;
         let port = listener.local_addr()?.port();
-        let state = AppState::new(config);
+        let state = AppState::build(config).await?;
         let data = web::Data::from(Arc::clone(&state));
         let server = HttpServer::new(move || {
             App::new()
@@ -62,7 +62,10 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let supervisor = supervise(Arc::clone(&self.state), self.server.handle());
         tokio::spawn(supervisor);
-        self.server.await
+        let served = self.server.await;
+        // The last calls' records are still queued: commit them before the process exits.
+        self.state.records.flush().await;
+        served
     }
 }
 

@@ -3,33 +3,58 @@
 
 use std::sync::Arc;
 
+use anyhow::Context;
+
 use crate::admission::Admission;
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::openai::client::RealtimeDialer;
+use crate::store::Store;
+use crate::store::writer::RecordWriter;
 
 pub struct AppState {
     pub config: Config,
     pub admission: Arc<Admission>,
     pub lifecycle: Lifecycle,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub dialer: RealtimeDialer,
+    pub store: Store,
+    pub records: RecordWriter,
+    pub clock: Arc<dyn Clock>,
 }
 
 impl AppState {
-    pub fn new(config: Config) -> Arc<Self> {
+    /// Opens the database (applying migrations) and starts the record writer.
+    pub async fn build(config: Config) -> anyhow::Result<Arc<Self>> {
+        Self::build_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// As `build`, with the clock consent windows and call limits are measured by.
+    pub async fn build_with_clock(
+        config: Config,
+        clock: Arc<dyn Clock>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let store = Store::connect(&config.database_url)
+            .await
+            .context("DATABASE_URL")?;
+        let metrics = Arc::new(Metrics::default());
+        let records = RecordWriter::spawn(store.clone(), Arc::clone(&metrics), Arc::clone(&clock));
         let dialer = RealtimeDialer::new(
             &config.openai_realtime_url,
             &config.openai_realtime_model,
             config.openai_api_key.clone(),
         );
-        Arc::new(Self {
-            dialer,
+        Ok(Arc::new(Self {
             admission: Admission::new(config.max_concurrent_calls),
             config,
             lifecycle: Lifecycle::default(),
-            metrics: Metrics::default(),
-        })
+            metrics,
+            dialer,
+            store,
+            records,
+            clock,
+        }))
     }
 }

@@ -24,6 +24,7 @@ use crate::metrics::EndReason;
 use crate::openai::client::{AgentDialer, DialError};
 use crate::openai::events::{self, ErrorSeverity, ServerEvent, SessionSettings, Usage};
 use crate::state::AppState;
+use crate::store::Record;
 use crate::twilio::media::{self, Inbound, Start};
 use playback::{BYTES_PER_MS, Playback, base64_decoded_len};
 use transcript::{Speaker, TranscriptLine};
@@ -177,9 +178,7 @@ where
                     Some(Ok(AggregatedMessage::Close(_))) | None => Step::End(EndReason::CallerHungUp),
                     Some(Err(ProtocolError::Overflow)) => {
                         call.malformed_from_twilio("a frame over 64 KiB");
-                        let reason = CloseReason { code: CloseCode::Size, description: None };
-                        let _ = twilio_tx.send(TwilioMessage::Close(Some(reason))).await;
-                        break EndReason::ProtocolError;
+                        break EndReason::FrameTooLarge;
                     }
                     Some(Err(error)) => {
                         tracing::warn!(%error, "the Twilio socket broke");
@@ -278,6 +277,22 @@ where
 
     finish(&mut call, reason, &mut twilio_tx, agent_tx.as_mut()).await;
     state.metrics.call_ended(reason);
+    let unheard_yet = call.playback.release_all_lines();
+    call.record_agent_lines(unheard_yet).await;
+    if let Some(start) = &call.started {
+        call.record_event("stream", "ended", Some(reason.label().to_owned()));
+        let usage = call.usage;
+        let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        state.records.record(Record::CallEnded {
+            call_sid: start.call_sid.clone(),
+            end_reason: reason.label(),
+            openai_session_id: call.session_id.clone(),
+            input_tokens: tokens(usage.input_tokens),
+            output_tokens: tokens(usage.output_tokens),
+            total_tokens: tokens(usage.total_tokens),
+            at_ms: state.clock.now_ms(),
+        });
+    }
     let started = call.started.take();
     CallSummary {
         call_sid: started.as_ref().map(|s| s.call_sid.clone()),
@@ -319,6 +334,7 @@ async fn finish<TS, AS>(
         EndReason::CallerHungUp => None,
         EndReason::Unauthorized => Some(CloseCode::Policy),
         EndReason::ProtocolError => Some(CloseCode::Protocol),
+        EndReason::FrameTooLarge => Some(CloseCode::Size),
         EndReason::Shutdown => Some(CloseCode::Restart),
         EndReason::AgentFailed | EndReason::AgentUnreachable | EndReason::Timeout => {
             Some(CloseCode::Error)
@@ -378,9 +394,11 @@ impl Call<'_> {
             Inbound::Mark { name } => {
                 let echo = self.playback.on_mark(&name);
                 tracing::trace!(mark = %name, ?echo, "mark echoed");
+                let lines = self.playback.take_released_lines();
+                self.record_agent_lines(lines).await;
                 Step::Continue
             }
-            Inbound::Start(start) => self.on_start(start),
+            Inbound::Start(start) => self.on_start(start).await,
             Inbound::Stop => {
                 tracing::info!("Twilio stopped the stream");
                 Step::End(EndReason::CallerHungUp)
@@ -399,7 +417,7 @@ impl Call<'_> {
 
     /// Checks the stream belongs to a call we answered: our account and the single-use token
     /// `/voice` put in the TwiML. Until this passes nothing reaches OpenAI.
-    fn on_start(&mut self, start: Start) -> Step {
+    async fn on_start(&mut self, start: Start) -> Step {
         if self.started.is_some() {
             self.malformed_from_twilio("a second start");
             return Step::Continue;
@@ -418,7 +436,13 @@ impl Call<'_> {
         match self
             .state
             .admission
-            .redeem(token, &start.call_sid, Instant::now())
+            .redeem(
+                &self.state.store,
+                token,
+                &start.call_sid,
+                self.state.clock.now_ms(),
+            )
+            .await
         {
             Ok(slot) => self.slot = Some(slot),
             Err(error) => {
@@ -434,8 +458,14 @@ impl Call<'_> {
             "media stream started"
         );
         self.state.metrics.calls_started.inc();
+        self.state.records.record(Record::StreamStarted {
+            call_sid: start.call_sid.clone(),
+            stream_sid: start.stream_sid.clone(),
+            at_ms: self.state.clock.now_ms(),
+        });
         self.started = Some(start);
         self.started_at = Some(Instant::now());
+        self.record_event("stream", "started", None);
         Step::Authorized
     }
 
@@ -545,12 +575,13 @@ impl Call<'_> {
                 item_id,
                 transcript,
             } => {
-                let (text, truncated) = self.playback.agent_transcript(&item_id, transcript);
-                self.record_line(Speaker::Agent, text, truncated);
+                self.playback.agent_transcript(&item_id, transcript);
+                let lines = self.playback.take_released_lines();
+                self.record_agent_lines(lines).await;
                 true
             }
             ServerEvent::CallerTranscriptDone { transcript } => {
-                self.record_line(Speaker::Caller, transcript, false);
+                self.record_line(Speaker::Caller, transcript, false).await;
                 true
             }
             ServerEvent::SessionCreated { session_id } => {
@@ -568,6 +599,7 @@ impl Call<'_> {
             ServerEvent::Error(error) => {
                 self.state.metrics.openai_errors.inc();
                 let code = error.code.as_deref().unwrap_or("");
+                self.record_event("openai_error", code, Some(error.message.clone()));
                 match error.severity() {
                     ErrorSeverity::Benign => {
                         tracing::debug!(code, message = %error.message, "OpenAI reported a harmless race");
@@ -601,6 +633,8 @@ impl Call<'_> {
         };
         self.state.metrics.barge_ins.inc();
         tracing::debug!(?interruption, "caller barged in");
+        let lines = self.playback.take_released_lines();
+        self.record_agent_lines(lines).await;
         // Silence first: stopping playback is what the caller notices.
         if interruption.clear {
             let clear = media::clear(self.stream_sid());
@@ -628,7 +662,26 @@ impl Call<'_> {
         }
     }
 
-    fn record_line(&mut self, speaker: Speaker, text: String, truncated: bool) {
+    /// Stream lifecycle and OpenAI errors, for the call's history. Never waits.
+    fn record_event(&self, kind: &'static str, name: &str, detail: Option<String>) {
+        if let Some(start) = &self.started {
+            self.state.records.record(Record::Event {
+                call_sid: start.call_sid.clone(),
+                kind,
+                name: name.to_owned(),
+                detail,
+                at_ms: self.state.clock.now_ms(),
+            });
+        }
+    }
+
+    async fn record_agent_lines(&mut self, lines: Vec<(String, bool)>) {
+        for (text, truncated) in lines {
+            self.record_line(Speaker::Agent, text, truncated).await;
+        }
+    }
+
+    async fn record_line(&mut self, speaker: Speaker, text: String, truncated: bool) {
         let text = text.trim().to_owned();
         if text.is_empty() {
             return;
@@ -647,6 +700,13 @@ impl Call<'_> {
             text = %line.text,
             "transcript"
         );
+        if let Some(start) = &self.started {
+            let record = Record::Transcript {
+                call_sid: start.call_sid.clone(),
+                line: line.clone(),
+            };
+            self.state.records.record_transcript(record).await;
+        }
         self.transcript.push(line);
     }
 
@@ -677,3 +737,6 @@ impl Call<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

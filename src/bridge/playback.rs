@@ -59,9 +59,21 @@ struct PlayItem {
     content_index: u32,
     sent_bytes: u64,
     played_bytes: u64,
+    /// The agent's transcript of this item, held until we know how much of it was heard.
+    transcript: Option<String>,
 }
 
 impl PlayItem {
+    /// The held transcript, cut to the share of the audio heard so far.
+    fn release_transcript(&mut self) -> Option<(String, bool)> {
+        let text = self.transcript.take()?;
+        Some(cut_to_share(
+            text,
+            self.played_bytes / BYTES_PER_MS,
+            self.sent_bytes / BYTES_PER_MS,
+        ))
+    }
+
     fn is(&self, audio: &AudioRef<'_>) -> bool {
         self.content_index == audio.content_index
             && self.item_id == audio.item_id
@@ -132,6 +144,8 @@ pub struct Playback {
     active_response: Option<String>,
     discarded: Vec<String>,
     truncated: Vec<TruncatedItem>,
+    /// Agent lines whose fate is now known (heard in full, or cut by a barge-in).
+    released_lines: Vec<(String, bool)>,
 }
 
 impl Playback {
@@ -175,6 +189,7 @@ impl Playback {
                     content_index: audio.content_index,
                     sent_bytes: 0,
                     played_bytes: 0,
+                    transcript: None,
                 });
                 self.items.len() - 1
             }
@@ -206,7 +221,13 @@ impl Playback {
         let Some(MarkName(seq)) = MarkName::parse(name) else {
             return MarkEcho::Unknown;
         };
-        if !self.pending_marks.iter().any(|m| m.seq == seq) {
+        // Marks are numbered consecutively and leave only from the front (or all at once on a
+        // clear), so the pending ones are exactly the range front..=back.
+        let pending = match (self.pending_marks.front(), self.pending_marks.back()) {
+            (Some(first), Some(last)) => (first.seq..=last.seq).contains(&seq),
+            _ => false,
+        };
+        if !pending {
             return match self.cleared_through {
                 Some(through) if seq <= through => MarkEcho::Cleared,
                 _ => MarkEcho::Unknown,
@@ -222,7 +243,9 @@ impl Playback {
                     item.played_bytes = item.played_bytes.max(end_bytes);
                 }
                 (MarkKind::Done, Some(i)) => {
-                    self.items.remove(i);
+                    let mut item = self.items.remove(i);
+                    item.played_bytes = item.sent_bytes;
+                    self.released_lines.extend(item.release_transcript());
                     outcome = MarkEcho::Finished;
                 }
                 (_, None) => {}
@@ -240,22 +263,30 @@ impl Playback {
             return None;
         }
         let mut truncations = Vec::with_capacity(self.items.len());
-        for item in self.items.iter().filter(|item| item.sent_bytes > 0) {
+        for item in self.items.iter_mut().filter(|item| item.sent_bytes > 0) {
             let audio_end_ms = item.sent_bytes.min(item.played_bytes + SLACK_BYTES) / BYTES_PER_MS;
             truncations.push(Truncation {
                 item_id: item.item_id.clone(),
                 content_index: item.content_index,
                 audio_end_ms,
             });
-            remember_bounded(
-                &mut self.truncated,
-                TruncatedItem {
-                    item_id: item.item_id.clone(),
-                    played_ms: audio_end_ms,
-                    generated_bytes: item.sent_bytes,
-                },
-                MAX_TRUNCATED,
-            );
+            match item.transcript.take() {
+                Some(text) => {
+                    let generated_ms = item.sent_bytes / BYTES_PER_MS;
+                    let line = cut_to_share(text, audio_end_ms, generated_ms);
+                    self.released_lines.push(line);
+                }
+                // The transcript is still to come: remember how much was heard.
+                None => remember_bounded(
+                    &mut self.truncated,
+                    TruncatedItem {
+                        item_id: item.item_id.clone(),
+                        played_ms: audio_end_ms,
+                        generated_bytes: item.sent_bytes,
+                    },
+                    MAX_TRUNCATED,
+                ),
+            }
         }
         let active = self.active_response.take();
         let cancel = active.is_some() && !session_auto_interrupts;
@@ -280,15 +311,36 @@ impl Playback {
         })
     }
 
-    /// The agent's transcript for `item_id`, cut to the share of its audio the caller heard if
-    /// the item was interrupted. Returns the text and whether it was cut.
-    pub fn agent_transcript(&mut self, item_id: &str, transcript: String) -> (String, bool) {
-        let Some(index) = self.truncated.iter().position(|t| t.item_id == item_id) else {
-            return (transcript, false);
-        };
-        let truncated = self.truncated.remove(index);
-        let generated_ms = truncated.generated_bytes / BYTES_PER_MS;
-        cut_to_share(transcript, truncated.played_ms, generated_ms)
+    /// Takes the agent's transcript for `item_id`. If the item was interrupted, the line is cut
+    /// to the share of its audio the caller heard; if it is still playing, the line is held
+    /// until that is known. Released lines come out of `take_released_lines`.
+    pub fn agent_transcript(&mut self, item_id: &str, transcript: String) {
+        if let Some(index) = self.truncated.iter().position(|t| t.item_id == item_id) {
+            let truncated = self.truncated.remove(index);
+            let generated_ms = truncated.generated_bytes / BYTES_PER_MS;
+            let line = cut_to_share(transcript, truncated.played_ms, generated_ms);
+            self.released_lines.push(line);
+        } else if let Some(item) = self.items.iter_mut().find(|item| item.item_id == item_id) {
+            item.transcript = Some(transcript);
+        } else {
+            self.released_lines.push((transcript, false));
+        }
+    }
+
+    /// Agent lines ready to record, in the order their fate became known: `(text, was_cut)`.
+    pub fn take_released_lines(&mut self) -> Vec<(String, bool)> {
+        std::mem::take(&mut self.released_lines)
+    }
+
+    /// The call is over: every held line is released, cut to what had been heard by then.
+    pub fn release_all_lines(&mut self) -> Vec<(String, bool)> {
+        let held = self
+            .items
+            .iter_mut()
+            .filter_map(PlayItem::release_transcript);
+        let mut lines = std::mem::take(&mut self.released_lines);
+        lines.extend(held);
+        lines
     }
 }
 
@@ -549,11 +601,56 @@ mod tests {
         }
         p.interrupt(true).unwrap(); // heard 950 ms of 2000 ms generated so far
         p.on_delta(&a, 2000 * BYTES_PER_MS); // the rest arrives late and is dropped: 4000 ms in all
-        let (text, cut) = p.agent_transcript("item_1", "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen".into());
-        assert!(cut);
-        assert_eq!(text, "one two three four");
-        let (text, cut) = p.agent_transcript("item_9", "untouched".into());
-        assert_eq!((text.as_str(), cut), ("untouched", false));
+        p.agent_transcript("item_1", SIXTEEN_WORDS.into());
+        assert_eq!(
+            p.take_released_lines(),
+            [("one two three four".to_owned(), true)]
+        );
+        p.agent_transcript("item_9", "untouched".into());
+        assert_eq!(p.take_released_lines(), [("untouched".to_owned(), false)]);
+    }
+
+    const SIXTEEN_WORDS: &str = "one two three four five six seven eight nine ten eleven twelve \
+                                 thirteen fourteen fifteen sixteen";
+
+    #[test]
+    fn a_transcript_that_arrives_while_its_audio_plays_waits_for_its_fate() {
+        // Heard in full: released when the done mark echoes.
+        let mut p = Playback::default();
+        let a = audio("resp_1", "item_1");
+        let marks = send(&mut p, &a, 1000, 500);
+        let done = p.on_audio_done(&a).unwrap();
+        p.agent_transcript("item_1", "all of it".into());
+        assert_eq!(p.take_released_lines(), []);
+        p.on_mark(&marks[1].to_string());
+        assert_eq!(p.take_released_lines(), []);
+        p.on_mark(&done.to_string());
+        assert_eq!(p.take_released_lines(), [("all of it".to_owned(), false)]);
+
+        // Interrupted after 750 ms of 2000 ms (700 played + 50): cut at once.
+        let mut p = Playback::default();
+        let a = audio("resp_1", "item_1");
+        let marks = send(&mut p, &a, 2000, 100);
+        p.agent_transcript("item_1", SIXTEEN_WORDS.into());
+        p.on_mark(&marks[6].to_string());
+        p.interrupt(true).unwrap();
+        assert_eq!(
+            p.take_released_lines(),
+            [("one two three four five six seven".to_owned(), true)]
+        );
+
+        // The call ends mid-sentence: cut to what was heard by then.
+        let mut p = Playback::default();
+        let marks = send(&mut p, &a, 1600, 100);
+        p.agent_transcript("item_1", SIXTEEN_WORDS.into());
+        p.on_mark(&marks[7].to_string());
+        assert_eq!(
+            p.release_all_lines(),
+            [(
+                "one two three four five six seven eight nine ten".to_owned(),
+                true
+            )]
+        );
     }
 
     #[test]

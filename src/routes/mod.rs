@@ -1,5 +1,7 @@
 //! HTTP routes, one module per group; `configure` is the single place they are mounted.
 
+mod api;
+mod calls;
 mod health;
 mod metrics;
 mod stream;
@@ -13,5 +15,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(metrics::metrics))
         .route("/voice", web::post().to(voice::voice))
         .route("/voice/status", web::post().to(voice::status))
-        .route("/stream", web::get().to(stream::stream));
+        .route("/stream", web::get().to(stream::stream))
+        .route("/calls", web::get().to(calls::list_calls))
+        .route("/calls/{call_sid}", web::get().to(calls::get_call));
 }

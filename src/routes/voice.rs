@@ -6,8 +6,11 @@ use serde::Deserialize;
 use tokio::time::Instant;
 use tracing_actix_web::RootSpan;
 
+use crate::admission::STREAM_TOKEN_TTL;
 use crate::domain::phone::Masked;
 use crate::state::AppState;
+use crate::store::NewCall;
+use crate::store::models::StatusUpdate;
 use crate::twilio::twiml::{self, ConnectStream, SayHangup};
 use crate::twilio::webhook::SignedForm;
 
@@ -23,6 +26,12 @@ pub struct VoiceRequest {
     to: String,
     #[serde(default)]
     direction: String,
+    #[serde(default = "ringing")]
+    call_status: String,
+}
+
+fn ringing() -> String {
+    "ringing".to_owned()
 }
 
 pub async fn voice(
@@ -38,7 +47,7 @@ pub async fn voice(
             message: twiml::BUSY,
         });
     }
-    let token = match state.admission.issue(&call.call_sid, Instant::now()) {
+    let token = match state.admission.issue(Instant::now()) {
         Ok(token) => token,
         Err(refusal) => {
             state.metrics.calls_refused_busy.inc();
@@ -48,6 +57,34 @@ pub async fn voice(
             });
         }
     };
+    let now = state.clock.now_ms();
+    let ttl_ms = i64::try_from(STREAM_TOKEN_TTL.as_millis()).unwrap_or(i64::MAX);
+    if let Err(error) = state
+        .store
+        .insert_stream_token(&token, &call.call_sid, now + ttl_ms)
+        .await
+    {
+        state.admission.release(&token);
+        tracing::error!(
+            error = format!("{error:#}"),
+            "cannot store the stream token"
+        );
+        return twiml_response(&SayHangup {
+            message: twiml::APOLOGY,
+        });
+    }
+    let record = NewCall {
+        call_sid: &call.call_sid,
+        direction: &call.direction,
+        from: &call.from,
+        to: &call.to,
+        agent: None,
+        status: &call.call_status,
+        at_ms: now,
+    };
+    if let Err(error) = state.store.record_call(&record).await {
+        tracing::error!(error = format!("{error:#}"), "cannot record the call");
+    }
     tracing::info!(
         from = %Masked(&call.from),
         to = %Masked(&call.to),
@@ -76,17 +113,51 @@ pub struct StatusCallback {
     sequence_number: Option<String>,
     #[serde(default)]
     call_duration: Option<String>,
+    #[serde(default)]
+    direction: String,
+    #[serde(default)]
+    from: String,
+    #[serde(default)]
+    to: String,
 }
 
-pub async fn status(span: RootSpan, SignedForm(event): SignedForm<StatusCallback>) -> HttpResponse {
+/// Stores the status event; Twilio retries callbacks, and a retry (same `SequenceNumber`) is
+/// acknowledged without being stored twice. A 500 makes Twilio try again later.
+pub async fn status(
+    state: web::Data<AppState>,
+    span: RootSpan,
+    SignedForm(event): SignedForm<StatusCallback>,
+) -> HttpResponse {
     span.record("call_sid", event.call_sid.as_str());
-    tracing::info!(
-        call_status = %event.call_status,
-        sequence_number = event.sequence_number.as_deref().unwrap_or(""),
-        call_duration = event.call_duration.as_deref().unwrap_or(""),
-        "call status"
-    );
-    HttpResponse::NoContent().finish()
+    let update = StatusUpdate {
+        sequence_number: event
+            .sequence_number
+            .as_deref()
+            .and_then(|n| n.parse().ok()),
+        duration_secs: event.call_duration.as_deref().and_then(|d| d.parse().ok()),
+        call_sid: event.call_sid,
+        status: event.call_status,
+        direction: event.direction,
+        from: event.from,
+        to: event.to,
+        at_ms: state.clock.now_ms(),
+    };
+    match state.store.record_status(&update).await {
+        Ok(stored) => {
+            tracing::info!(
+                call_status = %update.status,
+                sequence_number = update.sequence_number,
+                call_duration = update.duration_secs,
+                duplicate = !stored,
+                "call status"
+            );
+            HttpResponse::NoContent().finish()
+        }
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "cannot store a call status");
+            HttpResponse::InternalServerError().finish()
+        }
+    }
 }
 
 fn twiml_response(document: &impl Template) -> HttpResponse {

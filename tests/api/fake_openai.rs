@@ -48,6 +48,8 @@ impl FakeOpenAi {
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
                     let mut path_and_query = String::new();
+                    // tungstenite's callback signature fixes the (large) error type.
+                    #[allow(clippy::result_large_err)]
                     let check = |request: &Request, response: Response| {
                         counter.fetch_add(1, Ordering::SeqCst);
                         path_and_query = request.uri().to_string();

@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::helpers::{ACCOUNT_SID, PUBLIC_BASE_URL, TestApp, twilio_signature};
+use crate::helpers::{ACCOUNT_SID, Client, PUBLIC_BASE_URL, twilio_signature};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -37,7 +37,7 @@ pub fn agent_audio(ms: usize, seed: u8) -> String {
 }
 
 impl FakeTwilio {
-    pub async fn connect(app: &TestApp) -> Self {
+    pub async fn connect(app: &Client) -> Self {
         let signature = twilio_signature(
             &format!("{}/stream", PUBLIC_BASE_URL.replacen("https", "wss", 1)),
             &[],
@@ -48,7 +48,7 @@ impl FakeTwilio {
     }
 
     pub async fn connect_signed(
-        app: &TestApp,
+        app: &Client,
         signature: Option<&str>,
     ) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
         let url = format!("{}/stream", app.address.replacen("http", "ws", 1));
@@ -68,7 +68,7 @@ impl FakeTwilio {
     }
 
     /// Answers `call_sid` through `/voice`, opens the stream and starts it with the token.
-    pub async fn start_call(app: &TestApp, call_sid: &str) -> Self {
+    pub async fn start_call(app: &Client, call_sid: &str) -> Self {
         let token = app.answer_call(call_sid).await;
         let mut twilio = Self::connect(app).await;
         twilio.start(call_sid, &token, ACCOUNT_SID).await;

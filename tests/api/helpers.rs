@@ -10,10 +10,33 @@ pub const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
 pub const AUTH_TOKEN: &str = "test-auth-token";
 pub const PUBLIC_BASE_URL: &str = "https://callbridge.test";
 
-pub struct TestApp {
+/// Talks to a running callbridge (in this process or a spawned binary) the way Twilio does.
+pub struct Client {
     pub address: String,
-    pub state: Arc<AppState>,
     pub http: reqwest::Client,
+}
+
+pub struct TestApp {
+    pub client: Client,
+    pub state: Arc<AppState>,
+    pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl std::ops::Deref for TestApp {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl Client {
+    pub fn new(address: String) -> Self {
+        Self {
+            address,
+            http: reqwest::Client::new(),
+        }
+    }
 }
 
 /// Environment for a test app: the required variables plus `overrides`.
@@ -28,10 +51,25 @@ pub fn test_config(overrides: &[(&str, &str)]) -> Config {
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
+    env.insert("DATABASE_URL".into(), sqlite_url(&temp_path("db")));
     for (k, v) in overrides {
         env.insert(k.to_string(), v.to_string());
     }
     Config::from_lookup(|k| env.get(k).cloned()).expect("test configuration is valid")
+}
+
+/// A fresh path under the system temp dir; each test gets its own database file.
+pub fn temp_path(extension: &str) -> std::path::PathBuf {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!(
+        "callbridge-test-{}-{n}.{extension}",
+        std::process::id()
+    ))
+}
+
+pub fn sqlite_url(path: &std::path::Path) -> String {
+    format!("sqlite://{}?mode=rwc", path.display())
 }
 
 pub async fn spawn_app(overrides: &[(&str, &str)]) -> TestApp {
@@ -43,11 +81,11 @@ pub async fn spawn_app_with(config: Config) -> TestApp {
     let app = Application::build(config).await.expect("app builds");
     let address = format!("http://127.0.0.1:{}", app.port());
     let state = app.state();
-    tokio::spawn(app.run_until_stopped());
+    let server = tokio::spawn(app.run_until_stopped());
     TestApp {
-        address,
+        client: Client::new(address),
         state,
-        http: reqwest::Client::new(),
+        server,
     }
 }
 
@@ -75,7 +113,7 @@ pub fn twilio_signature(url: &str, params: &[(String, String)]) -> String {
     signature::compute(AUTH_TOKEN.as_bytes(), url, SignedBody::Form(params))
 }
 
-impl TestApp {
+impl Client {
     /// POSTs a form to `path`, signed the way Twilio signs it (over the public URL).
     pub async fn post_signed(&self, path: &str, params: &[(String, String)]) -> reqwest::Response {
         let signature = twilio_signature(&format!("{PUBLIC_BASE_URL}{path}"), params);

@@ -1,8 +1,10 @@
 //! End-to-end tests: each spawns the real application on port 0 and talks to it as Twilio does.
 //! One test binary (zero2prod's layout) so the crate is linked once.
 
+mod calls;
 mod fake_openai;
 mod fake_twilio;
 mod helpers;
+mod store;
 mod stream;
 mod voice;

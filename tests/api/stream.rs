@@ -9,15 +9,15 @@ use crate::fake_openai::{FakeOpenAi, FakeSession};
 use crate::fake_twilio::{FakeTwilio, agent_audio, frame};
 use crate::helpers::*;
 
-async fn app_with(fake: &FakeOpenAi, extra: &[(&str, &str)]) -> TestApp {
+pub async fn app_with(fake: &FakeOpenAi, extra: &[(&str, &str)]) -> TestApp {
     let mut overrides = vec![("OPENAI_REALTIME_URL", fake.url.as_str())];
     overrides.extend_from_slice(extra);
     spawn_app(&overrides).await
 }
 
 /// Starts a call and returns both ends with the session.update already consumed.
-async fn connected_call(
-    app: &TestApp,
+pub async fn connected_call(
+    app: &Client,
     fake: &FakeOpenAi,
     call_sid: &str,
 ) -> (FakeTwilio, FakeSession) {
@@ -27,7 +27,7 @@ async fn connected_call(
     (twilio, session)
 }
 
-fn delta(response_id: &str, item_id: &str, audio: &str) -> Value {
+pub fn delta(response_id: &str, item_id: &str, audio: &str) -> Value {
     json!({"type":"response.output_audio.delta","event_id":"ev","response_id":response_id,"item_id":item_id,"output_index":0,"content_index":0,"delta":audio})
 }
 

@@ -1,0 +1,457 @@
+//! Durable records: calls, their events and transcripts, stream tokens and call permissions.
+//!
+//! One code path for both databases through sqlx's `Any` driver: SQLite embedded by default
+//! (one machine), Postgres when several machines share state. The schema is portable (TEXT and
+//! BIGINT only), so one migration folder serves both. Writes from the audio path go through
+//! `writer::RecordWriter`, never straight here.
+
+pub mod models;
+pub mod writer;
+
+use std::sync::Once;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Executor, Row};
+
+use crate::bridge::transcript::TranscriptLine;
+use models::{CallDetail, CallEvent, CallRecord, ListCursor, StatusUpdate, StoredLine};
+
+/// The columns `call_from_row` reads, as a literal so queries stay static SQL.
+macro_rules! call_columns {
+    () => {
+        "call_sid, stream_sid, direction, from_number, to_number, agent, status, created_at, \
+         answered_at, ended_at, duration_secs, end_reason, openai_session_id, input_tokens, \
+         output_tokens, total_tokens"
+    };
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A call answered by `/voice`, before its stream starts.
+#[derive(Debug, Clone)]
+pub struct NewCall<'a> {
+    pub call_sid: &'a str,
+    pub direction: &'a str,
+    pub from: &'a str,
+    pub to: &'a str,
+    pub agent: Option<&'a str>,
+    pub status: &'a str,
+    pub at_ms: i64,
+}
+
+/// Everything the bridge reports, in the order it happened; applied by the writer in batches.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    StreamStarted {
+        call_sid: String,
+        stream_sid: String,
+        at_ms: i64,
+    },
+    Transcript {
+        call_sid: String,
+        line: TranscriptLine,
+    },
+    Event {
+        call_sid: String,
+        kind: &'static str,
+        name: String,
+        detail: Option<String>,
+        at_ms: i64,
+    },
+    CallEnded {
+        call_sid: String,
+        end_reason: &'static str,
+        openai_session_id: Option<String>,
+        input_tokens: i64,
+        output_tokens: i64,
+        total_tokens: i64,
+        at_ms: i64,
+    },
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+/// Where a status stands in a call's life; a callback never moves a call to a lower rank.
+pub fn status_rank(status: &str) -> i64 {
+    match status {
+        "queued" | "initiated" => 0,
+        "ringing" => 1,
+        "in-progress" | "answered" => 2,
+        "completed" | "busy" | "failed" | "no-answer" | "canceled" => 3,
+        _ => 0,
+    }
+}
+
+fn random_id() -> String {
+    let mut bytes = [0u8; 12];
+    getrandom::fill(&mut bytes).expect("the operating system's random source is available");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Store {
+    /// Opens the database named by `DATABASE_URL` and brings its schema up to date. Safe to run
+    /// from several machines at once: sqlx serialises migrations with a database lock.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        static DRIVERS: Once = Once::new();
+        DRIVERS.call_once(sqlx::any::install_default_drivers);
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else {
+            Backend::Postgres
+        };
+        let options = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 4 } else { 10 })
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL lets readers (the API) run beside the writer, and a commit survives
+                        // the process being killed.
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA synchronous = NORMAL").await?;
+                    }
+                    Ok(())
+                })
+            });
+        let pool = options
+            .connect(url)
+            .await
+            .with_context(|| format!("cannot open the database ({})", redact_url(url)))?;
+        migrate(&pool).await?;
+        Ok(Self { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub async fn insert_stream_token(
+        &self,
+        token: &str,
+        call_sid: &str,
+        expires_at_ms: i64,
+    ) -> anyhow::Result<()> {
+        sqlx::query("INSERT INTO stream_tokens (token, call_sid, expires_at) VALUES ($1, $2, $3)")
+            .bind(token)
+            .bind(call_sid)
+            .bind(expires_at_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Removes the token and returns what it was bound to: `(call_sid, expires_at_ms)`. Atomic,
+    /// so a token can be redeemed once even when two machines race for it.
+    pub async fn take_stream_token(&self, token: &str) -> anyhow::Result<Option<(String, i64)>> {
+        let row = sqlx::query(
+            "DELETE FROM stream_tokens WHERE token = $1 RETURNING call_sid, expires_at",
+        )
+        .bind(token)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|row| (row.get::<String, _>(0), row.get::<i64, _>(1))))
+    }
+
+    pub async fn purge_expired_tokens(&self, now_ms: i64) -> anyhow::Result<u64> {
+        let done = sqlx::query("DELETE FROM stream_tokens WHERE expires_at <= $1")
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Creates the call's row when `/voice` answers it (or fills in what an earlier status
+    /// callback could not know).
+    pub async fn record_call(&self, call: &NewCall<'_>) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO calls (call_sid, direction, from_number, to_number, agent, status, status_rank, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (call_sid) DO UPDATE SET direction = $2, from_number = $3, to_number = $4, \
+             agent = COALESCE($5, calls.agent)",
+        )
+        .bind(call.call_sid)
+        .bind(call.direction)
+        .bind(call.from)
+        .bind(call.to)
+        .bind(call.agent)
+        .bind(call.status)
+        .bind(status_rank(call.status))
+        .bind(call.at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Applies a status callback. Returns `false` for a retry of one already stored (same
+    /// `SequenceNumber`). A late callback is stored as an event but never moves the call back.
+    pub async fn record_status(&self, update: &StatusUpdate) -> anyhow::Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO call_events (id, call_sid, kind, name, sequence_number, detail, at) \
+             VALUES ($1, $2, 'status', $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        )
+        .bind(random_id())
+        .bind(&update.call_sid)
+        .bind(&update.status)
+        .bind(update.sequence_number)
+        .bind(update.duration_secs.map(|d| format!("duration {d}s")))
+        .bind(update.at_ms)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !inserted {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        let rank = status_rank(&update.status);
+        let sequence = update.sequence_number.unwrap_or(0);
+        sqlx::query(
+            "INSERT INTO calls (call_sid, direction, from_number, to_number, status, status_rank, status_sequence, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (call_sid) DO NOTHING",
+        )
+        .bind(&update.call_sid)
+        .bind(&update.direction)
+        .bind(&update.from)
+        .bind(&update.to)
+        .bind(&update.status)
+        .bind(rank)
+        .bind(sequence)
+        .bind(update.at_ms)
+        .execute(&mut *tx)
+        .await?;
+        let final_status = rank == 3;
+        sqlx::query(
+            "UPDATE calls SET status = $1, status_rank = $2, status_sequence = $3, \
+             answered_at = CASE WHEN $2 = 2 AND answered_at IS NULL THEN $4 ELSE answered_at END, \
+             ended_at = CASE WHEN $5 = 1 THEN COALESCE(ended_at, $4) ELSE ended_at END, \
+             duration_secs = COALESCE($6, duration_secs) \
+             WHERE call_sid = $7 AND (status_rank < $2 OR (status_rank = $2 AND status_sequence < $3))",
+        )
+        .bind(&update.status)
+        .bind(rank)
+        .bind(sequence)
+        .bind(update.at_ms)
+        .bind(i64::from(final_status))
+        .bind(update.duration_secs)
+        .bind(&update.call_sid)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Applies the bridge's records in one transaction: one commit per batch keeps SQLite's
+    /// fsyncs to a few per second however many calls are live.
+    pub async fn apply(&self, records: &[Record]) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for record in records {
+            let query = match record {
+                Record::StreamStarted { call_sid, stream_sid, at_ms } => sqlx::query(
+                    "UPDATE calls SET stream_sid = $1, answered_at = COALESCE(answered_at, $2) WHERE call_sid = $3",
+                )
+                .bind(stream_sid)
+                .bind(*at_ms)
+                .bind(call_sid),
+                Record::Transcript { call_sid, line } => sqlx::query(
+                    "INSERT INTO transcript_lines (call_sid, sequence, speaker, text, offset_ms, truncated) \
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                )
+                .bind(call_sid)
+                .bind(i64::from(line.sequence))
+                .bind(line.speaker.as_str())
+                .bind(&line.text)
+                .bind(i64::try_from(line.offset_ms).unwrap_or(i64::MAX))
+                .bind(i64::from(line.truncated)),
+                Record::Event { call_sid, kind, name, detail, at_ms } => sqlx::query(
+                    "INSERT INTO call_events (id, call_sid, kind, name, detail, at) VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(random_id())
+                .bind(call_sid)
+                .bind(*kind)
+                .bind(name)
+                .bind(detail)
+                .bind(*at_ms),
+                Record::CallEnded {
+                    call_sid,
+                    end_reason,
+                    openai_session_id,
+                    input_tokens,
+                    output_tokens,
+                    total_tokens,
+                    at_ms,
+                } => sqlx::query(
+                    "UPDATE calls SET end_reason = $1, openai_session_id = COALESCE($2, openai_session_id), \
+                     input_tokens = $3, output_tokens = $4, total_tokens = $5, ended_at = COALESCE(ended_at, $6) \
+                     WHERE call_sid = $7",
+                )
+                .bind(*end_reason)
+                .bind(openai_session_id)
+                .bind(*input_tokens)
+                .bind(*output_tokens)
+                .bind(*total_tokens)
+                .bind(*at_ms)
+                .bind(call_sid),
+            };
+            query.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn call(&self, call_sid: &str) -> anyhow::Result<Option<CallDetail>> {
+        let Some(row) = sqlx::query(concat!(
+            "SELECT ",
+            call_columns!(),
+            " FROM calls WHERE call_sid = $1"
+        ))
+        .bind(call_sid)
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let call = call_from_row(&row)?;
+        let events = sqlx::query(
+            "SELECT kind, name, sequence_number, detail, at FROM call_events WHERE call_sid = $1 \
+             ORDER BY at, COALESCE(sequence_number, 0), id",
+        )
+        .bind(call_sid)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(CallEvent {
+                kind: row.try_get(0)?,
+                name: row.try_get(1)?,
+                sequence_number: row.try_get(2)?,
+                detail: row.try_get(3)?,
+                at_ms: row.try_get(4)?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let transcript = sqlx::query(
+            "SELECT sequence, speaker, text, offset_ms, truncated FROM transcript_lines \
+             WHERE call_sid = $1 ORDER BY sequence",
+        )
+        .bind(call_sid)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(StoredLine {
+                sequence: row.try_get(0)?,
+                speaker: row.try_get(1)?,
+                text: row.try_get(2)?,
+                offset_ms: row.try_get(3)?,
+                truncated: row.try_get::<i64, _>(4)? != 0,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(Some(CallDetail {
+            call,
+            events,
+            transcript,
+        }))
+    }
+
+    /// Newest first; `before` continues after the last call of the previous page.
+    pub async fn list_calls(
+        &self,
+        limit: i64,
+        before: Option<&ListCursor>,
+    ) -> anyhow::Result<Vec<CallRecord>> {
+        let rows = match before {
+            Some(cursor) => {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    call_columns!(),
+                    " FROM calls WHERE created_at < $1 OR (created_at = $1 AND call_sid < $2) \
+                     ORDER BY created_at DESC, call_sid DESC LIMIT $3"
+                ))
+                .bind(cursor.created_at_ms)
+                .bind(&cursor.call_sid)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    call_columns!(),
+                    " FROM calls ORDER BY created_at DESC, call_sid DESC LIMIT $1"
+                ))
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        Ok(rows.iter().map(call_from_row).collect::<Result<_, _>>()?)
+    }
+}
+
+fn call_from_row(row: &AnyRow) -> Result<CallRecord, sqlx::Error> {
+    Ok(CallRecord {
+        call_sid: row.try_get(0)?,
+        stream_sid: row.try_get(1)?,
+        direction: row.try_get(2)?,
+        from: row.try_get(3)?,
+        to: row.try_get(4)?,
+        agent: row.try_get(5)?,
+        status: row.try_get(6)?,
+        created_at_ms: row.try_get(7)?,
+        answered_at_ms: row.try_get(8)?,
+        ended_at_ms: row.try_get(9)?,
+        duration_secs: row.try_get(10)?,
+        end_reason: row.try_get(11)?,
+        openai_session_id: row.try_get(12)?,
+        input_tokens: row.try_get(13)?,
+        output_tokens: row.try_get(14)?,
+        total_tokens: row.try_get(15)?,
+    })
+}
+
+/// Postgres serialises concurrent migrators with an advisory lock; SQLite has no such lock, so
+/// a second process starting at the same moment may lose the race once. Its migration is rolled
+/// back, and on retry it finds the schema in place.
+async fn migrate(pool: &AnyPool) -> anyhow::Result<()> {
+    let mut attempt = 0;
+    loop {
+        match MIGRATOR.run(pool).await {
+            Ok(()) => return Ok(()),
+            Err(error) if attempt < 3 => {
+                attempt += 1;
+                tracing::debug!(%error, attempt, "migration raced another instance; retrying");
+                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+            }
+            Err(error) => return Err(error).context("cannot apply the database migrations"),
+        }
+    }
+}
+
+/// The URL without its password, for error messages.
+fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}

@@ -1,0 +1,110 @@
+//! What the store reads and writes, shaped for the JSON API.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::Serialize;
+
+/// A status callback from Twilio, as stored.
+#[derive(Debug, Clone)]
+pub struct StatusUpdate {
+    pub call_sid: String,
+    pub status: String,
+    pub sequence_number: Option<i64>,
+    pub duration_secs: Option<i64>,
+    pub direction: String,
+    pub from: String,
+    pub to: String,
+    pub at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CallRecord {
+    pub call_sid: String,
+    pub stream_sid: Option<String>,
+    pub direction: String,
+    pub from: String,
+    pub to: String,
+    pub agent: Option<String>,
+    pub status: String,
+    pub created_at_ms: i64,
+    pub answered_at_ms: Option<i64>,
+    pub ended_at_ms: Option<i64>,
+    pub duration_secs: Option<i64>,
+    pub end_reason: Option<String>,
+    pub openai_session_id: Option<String>,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub total_tokens: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CallEvent {
+    pub kind: String,
+    pub name: String,
+    pub sequence_number: Option<i64>,
+    pub detail: Option<String>,
+    pub at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoredLine {
+    pub sequence: i64,
+    pub speaker: String,
+    pub text: String,
+    pub offset_ms: i64,
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CallDetail {
+    pub call: CallRecord,
+    pub events: Vec<CallEvent>,
+    pub transcript: Vec<StoredLine>,
+}
+
+/// Position in the newest-first list; opaque to API clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListCursor {
+    pub created_at_ms: i64,
+    pub call_sid: String,
+}
+
+impl ListCursor {
+    pub fn after(call: &CallRecord) -> Self {
+        Self {
+            created_at_ms: call.created_at_ms,
+            call_sid: call.call_sid.clone(),
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        URL_SAFE_NO_PAD.encode(format!("{}:{}", self.created_at_ms, self.call_sid))
+    }
+
+    pub fn decode(raw: &str) -> Option<Self> {
+        let bytes = URL_SAFE_NO_PAD.decode(raw).ok()?;
+        let text = String::from_utf8(bytes).ok()?;
+        let (at, call_sid) = text.split_once(':')?;
+        Some(Self {
+            created_at_ms: at.parse().ok()?,
+            call_sid: call_sid.to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_garbage_is_rejected() {
+        let cursor = ListCursor {
+            created_at_ms: 1_700_000_000_123,
+            call_sid: "CA1".into(),
+        };
+        assert_eq!(ListCursor::decode(&cursor.encode()), Some(cursor));
+        assert_eq!(ListCursor::decode("!!"), None);
+        assert_eq!(ListCursor::decode(&URL_SAFE_NO_PAD.encode("x:CA1")), None);
+        assert_eq!(ListCursor::decode(&URL_SAFE_NO_PAD.encode("12")), None);
+    }
+}

@@ -1,0 +1,138 @@
+//! The one task that writes the bridge's records, so audio never waits on the database.
+//!
+//! Calls hand records over a bounded queue. Most records are dropped (and counted) if the queue
+//! is ever full; transcript lines are not: the call waits for room instead, which only happens
+//! if the database falls far behind, and is counted too. The writer commits each batch as soon
+//! as it has it, so a line is durable well within a second of being produced.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Record, Store};
+use crate::clock::Clock;
+use crate::metrics::Metrics;
+
+const QUEUE_CAPACITY: usize = 4096;
+const MAX_BATCH: usize = 512;
+const RETRY_DELAYS: [Duration; 3] = [
+    Duration::from_millis(50),
+    Duration::from_millis(200),
+    Duration::from_millis(800),
+];
+const TOKEN_PURGE_INTERVAL: Duration = Duration::from_secs(60);
+
+enum Command {
+    Write(Record),
+    Flush(oneshot::Sender<()>),
+}
+
+#[derive(Clone)]
+pub struct RecordWriter {
+    queue: mpsc::Sender<Command>,
+    metrics: Arc<Metrics>,
+}
+
+impl RecordWriter {
+    pub fn spawn(store: Store, metrics: Arc<Metrics>, clock: Arc<dyn Clock>) -> Self {
+        let (queue, commands) = mpsc::channel(QUEUE_CAPACITY);
+        tokio::spawn(write_loop(store, commands, Arc::clone(&metrics), clock));
+        Self { queue, metrics }
+    }
+
+    /// Never waits: if the writer is hopelessly behind, the record is dropped and counted.
+    pub fn record(&self, record: Record) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.queue.try_send(Command::Write(record))
+        {
+            self.metrics.store_records_dropped.inc();
+        }
+    }
+
+    /// Waits for room rather than lose a transcript line.
+    pub async fn record_transcript(&self, record: Record) {
+        match self.queue.try_send(Command::Write(record)) {
+            Err(mpsc::error::TrySendError::Full(command)) => {
+                self.metrics.store_transcript_waits.inc();
+                let _ = self.queue.send(command).await;
+            }
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Resolves once everything queued before it is committed (or has failed for good).
+    pub async fn flush(&self) {
+        let (done, flushed) = oneshot::channel();
+        if self.queue.send(Command::Flush(done)).await.is_ok() {
+            let _ = flushed.await;
+        }
+    }
+}
+
+async fn write_loop(
+    store: Store,
+    mut commands: mpsc::Receiver<Command>,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+) {
+    let mut purge = tokio::time::interval(TOKEN_PURGE_INTERVAL);
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut flushes = Vec::new();
+    loop {
+        tokio::select! {
+            command = commands.recv() => {
+                let Some(command) = command else { break };
+                let mut next = Some(command);
+                while let Some(command) = next.take() {
+                    match command {
+                        Command::Write(record) => batch.push(record),
+                        Command::Flush(done) => flushes.push(done),
+                    }
+                    if batch.len() < MAX_BATCH {
+                        next = commands.try_recv().ok();
+                    }
+                }
+                write_batch(&store, &batch, &metrics).await;
+                batch.clear();
+                for done in flushes.drain(..) {
+                    let _ = done.send(());
+                }
+            }
+            _ = purge.tick() => {
+                if let Err(error) = store.purge_expired_tokens(clock.now_ms()).await {
+                    tracing::warn!(error = format!("{error:#}"), "cannot purge expired stream tokens");
+                }
+            }
+        }
+    }
+}
+
+async fn write_batch(store: &Store, batch: &[Record], metrics: &Metrics) {
+    if batch.is_empty() {
+        return;
+    }
+    let mut delays = RETRY_DELAYS.iter();
+    loop {
+        match store.apply(batch).await {
+            Ok(()) => return,
+            Err(error) => match delays.next() {
+                Some(delay) => {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "database write failed; retrying"
+                    );
+                    tokio::time::sleep(*delay).await;
+                }
+                None => {
+                    metrics.store_write_failures.add(batch.len() as u64);
+                    tracing::error!(
+                        error = format!("{error:#}"),
+                        records = batch.len(),
+                        "database write failed; records lost"
+                    );
+                    return;
+                }
+            },
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! The store against every database a deployment can use: always SQLite, and Postgres when
+//! `CALLBRIDGE_TEST_POSTGRES_URL` names a server (`.ci/run` starts one).
+
+use callbridge::bridge::transcript::{Speaker, TranscriptLine};
+use callbridge::clock::{Clock, SystemClock};
+use callbridge::store::models::{ListCursor, StatusUpdate};
+use callbridge::store::{NewCall, Record, Store};
+
+fn now_ms() -> i64 {
+    SystemClock.now_ms()
+}
+
+use crate::helpers::{sqlite_url, temp_path};
+
+/// Fresh, empty databases: one SQLite file, and one Postgres database if a server is available.
+pub async fn fresh_databases() -> Vec<String> {
+    let mut urls = vec![sqlite_url(&temp_path("db"))];
+    match std::env::var("CALLBRIDGE_TEST_POSTGRES_URL") {
+        Ok(admin_url) => urls.push(fresh_postgres_database(&admin_url).await),
+        Err(_) => eprintln!(
+            "skipping the Postgres half of this test: CALLBRIDGE_TEST_POSTGRES_URL is not set"
+        ),
+    }
+    urls
+}
+
+async fn fresh_postgres_database(admin_url: &str) -> String {
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    let name = temp_path("pg")
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .replace(['-', '.'], "_");
+    let mut admin = sqlx::AnyConnection::connect(admin_url)
+        .await
+        .expect("Postgres reachable");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let mut url = url::Url::parse(admin_url).unwrap();
+    url.set_path(&name);
+    url.to_string()
+}
+
+/// A status callback for `call_sid` arriving at `at_ms`.
+fn status(call_sid: &str, status: &str, sequence: i64, at_ms: i64) -> StatusUpdate {
+    StatusUpdate {
+        call_sid: call_sid.into(),
+        status: status.into(),
+        sequence_number: Some(sequence),
+        duration_secs: (status == "completed").then_some(42),
+        direction: "inbound".into(),
+        from: "whatsapp:+5511999990000".into(),
+        to: "whatsapp:+558551234567".into(),
+        at_ms,
+    }
+}
+
+fn new_call(call_sid: &str, at_ms: i64) -> NewCall<'_> {
+    NewCall {
+        call_sid,
+        direction: "inbound",
+        from: "whatsapp:+5511999990000",
+        to: "whatsapp:+558551234567",
+        agent: None,
+        status: "ringing",
+        at_ms,
+    }
+}
+
+fn line(sequence: u32, speaker: Speaker, text: &str) -> TranscriptLine {
+    TranscriptLine {
+        sequence,
+        speaker,
+        text: text.into(),
+        offset_ms: u64::from(sequence) * 1000,
+        truncated: speaker == Speaker::Agent && sequence == 4,
+    }
+}
+
+#[tokio::test]
+async fn stream_tokens_are_single_use_and_expire() {
+    for url in fresh_databases().await {
+        let store = Store::connect(&url).await.unwrap();
+        store
+            .insert_stream_token("tok1", "CA1", 5_000)
+            .await
+            .unwrap();
+        store
+            .insert_stream_token("tok2", "CA2", 1_000)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.take_stream_token("tok1").await.unwrap(),
+            Some(("CA1".into(), 5_000))
+        );
+        assert_eq!(
+            store.take_stream_token("tok1").await.unwrap(),
+            None,
+            "{url}"
+        );
+        assert_eq!(store.purge_expired_tokens(2_000).await.unwrap(), 1);
+        assert_eq!(store.take_stream_token("tok2").await.unwrap(), None);
+    }
+}
+
+#[tokio::test]
+async fn status_callbacks_are_idempotent_and_never_move_a_call_backwards() {
+    for url in fresh_databases().await {
+        let store = Store::connect(&url).await.unwrap();
+        store.record_call(&new_call("CA1", now_ms())).await.unwrap();
+        assert!(
+            store
+                .record_status(&status("CA1", "ringing", 1, 10))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .record_status(&status("CA1", "ringing", 1, 20))
+                .await
+                .unwrap(),
+            "a retry is stored once"
+        );
+        assert!(
+            store
+                .record_status(&status("CA1", "completed", 3, 30))
+                .await
+                .unwrap()
+        );
+        // The in-progress callback arrives late: stored in the history, status stays completed.
+        assert!(
+            store
+                .record_status(&status("CA1", "in-progress", 2, 40))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .record_status(&status("CA1", "completed", 3, 50))
+                .await
+                .unwrap()
+        );
+
+        let detail = store.call("CA1").await.unwrap().unwrap();
+        assert_eq!(detail.call.status, "completed", "{url}");
+        assert_eq!(detail.call.duration_secs, Some(42));
+        assert!(detail.call.ended_at_ms.is_some());
+        let statuses: Vec<_> = detail
+            .events
+            .iter()
+            .map(|e| (e.name.as_str(), e.sequence_number))
+            .collect();
+        assert_eq!(
+            statuses,
+            [
+                ("ringing", Some(1)),
+                ("completed", Some(3)),
+                ("in-progress", Some(2))
+            ]
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_status_callback_before_the_voice_webhook_creates_the_call() {
+    for url in fresh_databases().await {
+        let store = Store::connect(&url).await.unwrap();
+        store
+            .record_status(&status("CA2", "initiated", 0, now_ms()))
+            .await
+            .unwrap();
+        store.record_call(&new_call("CA2", now_ms())).await.unwrap();
+        let call = store.call("CA2").await.unwrap().unwrap().call;
+        assert_eq!(
+            (call.status.as_str(), call.to.as_str()),
+            ("initiated", "whatsapp:+558551234567")
+        );
+    }
+}
+
+#[tokio::test]
+async fn bridge_records_make_up_the_call_history() {
+    for url in fresh_databases().await {
+        let store = Store::connect(&url).await.unwrap();
+        store.record_call(&new_call("CA3", now_ms())).await.unwrap();
+        let mut records = vec![Record::StreamStarted {
+            call_sid: "CA3".into(),
+            stream_sid: "MZ3".into(),
+            at_ms: now_ms(),
+        }];
+        let lines = [
+            line(1, Speaker::Agent, "Hello, how can I help?"),
+            line(2, Speaker::Caller, "I'd like to book a table."),
+            line(3, Speaker::Agent, "For how many people?"),
+            line(4, Speaker::Agent, "Sorry, go"),
+        ];
+        records.extend(lines.iter().rev().map(|l| Record::Transcript {
+            call_sid: "CA3".into(),
+            line: l.clone(),
+        }));
+        records.push(Record::Event {
+            call_sid: "CA3".into(),
+            kind: "openai_error",
+            name: "invalid_value".into(),
+            detail: Some("Audio content… 'quoted'".into()),
+            at_ms: now_ms() + 1,
+        });
+        records.push(Record::CallEnded {
+            call_sid: "CA3".into(),
+            end_reason: "caller_hung_up",
+            openai_session_id: Some("sess_1".into()),
+            input_tokens: 10,
+            output_tokens: 20,
+            total_tokens: 30,
+            at_ms: now_ms(),
+        });
+        store.apply(&records).await.unwrap();
+        store.apply(&records[1..2]).await.unwrap();
+
+        let detail = store.call("CA3").await.unwrap().unwrap();
+        assert_eq!(detail.call.stream_sid.as_deref(), Some("MZ3"));
+        assert_eq!(detail.call.end_reason.as_deref(), Some("caller_hung_up"));
+        assert_eq!(detail.call.openai_session_id.as_deref(), Some("sess_1"));
+        assert_eq!(
+            (
+                detail.call.input_tokens,
+                detail.call.output_tokens,
+                detail.call.total_tokens
+            ),
+            (10, 20, 30)
+        );
+        let transcript: Vec<_> = detail
+            .transcript
+            .iter()
+            .map(|l| (l.sequence, l.speaker.as_str(), l.text.as_str(), l.truncated))
+            .collect();
+        assert_eq!(
+            transcript,
+            [
+                (1, "agent", "Hello, how can I help?", false),
+                (2, "caller", "I'd like to book a table.", false),
+                (3, "agent", "For how many people?", false),
+                (4, "agent", "Sorry, go", true),
+            ],
+            "{url}"
+        );
+        assert_eq!(
+            detail.events[0].detail.as_deref(),
+            Some("Audio content… 'quoted'")
+        );
+        assert!(store.call("CA404").await.unwrap().is_none());
+    }
+}
+
+#[tokio::test]
+async fn calls_are_listed_newest_first_with_cursor_paging() {
+    for url in fresh_databases().await {
+        let store = Store::connect(&url).await.unwrap();
+        for i in 0..7 {
+            // Two calls share a timestamp, so the cursor must break ties by CallSid.
+            let at = 1_000 + (i / 2) * 10;
+            let sid = format!("CA{i}");
+            store.record_call(&new_call(&sid, at)).await.unwrap();
+        }
+        let first = store.list_calls(3, None).await.unwrap();
+        let sids = |calls: &[callbridge::store::models::CallRecord]| {
+            calls.iter().map(|c| c.call_sid.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(sids(&first), ["CA6", "CA5", "CA4"]);
+        let second = store
+            .list_calls(3, Some(&ListCursor::after(&first[2])))
+            .await
+            .unwrap();
+        assert_eq!(sids(&second), ["CA3", "CA2", "CA1"]);
+        let third = store
+            .list_calls(3, Some(&ListCursor::after(&second[2])))
+            .await
+            .unwrap();
+        assert_eq!(sids(&third), ["CA0"], "{url}");
+    }
+}
+
+#[tokio::test]
+async fn several_instances_can_start_against_one_database() {
+    for url in fresh_databases().await {
+        let (a, b, c) = tokio::join!(
+            Store::connect(&url),
+            Store::connect(&url),
+            Store::connect(&url)
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        c.unwrap();
+        a.insert_stream_token("shared", "CA1", i64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(
+            b.take_stream_token("shared").await.unwrap(),
+            Some(("CA1".into(), i64::MAX))
+        );
+        // A restart against the migrated database is a no-op.
+        Store::connect(&url).await.unwrap();
+    }
+}
