@@ -33,12 +33,6 @@ fn main() -> ExitCode {
         }
     };
     callbridge::telemetry::init(config.log_format);
-    if rustls::crypto::ring::default_provider()
-        .install_default()
-        .is_err()
-    {
-        tracing::debug!("a rustls crypto provider was already installed");
-    }
     match actix_web::rt::System::new().block_on(serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -10,6 +10,7 @@ use anyhow::Context;
 use tokio::time::Instant;
 use tracing_actix_web::TracingLogger;
 
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::routes;
 use crate::state::AppState;
@@ -27,10 +28,15 @@ pub struct Application {
 impl Application {
     /// Binds `0.0.0.0:{PORT}` (port 0 picks a free port, as tests do) and prepares the server.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        Self::build_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// As `build`, measuring consent windows and call limits by `clock` (tests move it by days).
+    pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(("0.0.0.0", config.port))
             .with_context(|| format!("cannot listen on port {}", config.port))?;
         let port = listener.local_addr()?.port();
-        let state = AppState::build(config).await?;
+        let state = AppState::build_with_clock(config, clock).await?;
         let data = web::Data::from(Arc::clone(&state));
         let server = HttpServer::new(move || {
             App::new()

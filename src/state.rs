@@ -13,6 +13,7 @@ use crate::metrics::Metrics;
 use crate::openai::client::RealtimeDialer;
 use crate::store::Store;
 use crate::store::writer::RecordWriter;
+use crate::twilio::rest::TwilioRest;
 
 pub struct AppState {
     pub config: Config,
@@ -23,6 +24,7 @@ pub struct AppState {
     pub store: Store,
     pub records: RecordWriter,
     pub clock: Arc<dyn Clock>,
+    pub twilio: TwilioRest,
 }
 
 impl AppState {
@@ -36,6 +38,7 @@ impl AppState {
         config: Config,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Arc<Self>> {
+        crate::tls::install_crypto_provider();
         let store = Store::connect(&config.database_url)
             .await
             .context("DATABASE_URL")?;
@@ -46,7 +49,13 @@ impl AppState {
             &config.openai_realtime_model,
             config.openai_api_key.clone(),
         );
+        let twilio = TwilioRest::new(
+            &config.twilio_api_base_url,
+            &config.twilio_account_sid,
+            config.twilio_auth_token.clone(),
+        )?;
         Ok(Arc::new(Self {
+            twilio,
             admission: Admission::new(config.max_concurrent_calls),
             config,
             lifecycle: Lifecycle::default(),

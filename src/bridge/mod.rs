@@ -97,6 +97,23 @@ struct Call<'a> {
     usage: Usage,
     transcript: Vec<TranscriptLine>,
     malformed: u32,
+    /// What `POST /calls` told the agent about this outbound call.
+    outbound_brief: Option<String>,
+}
+
+/// The system message that briefs the agent on an outbound call it is placing.
+pub fn outbound_brief(agent: Option<&str>, context: Option<&str>) -> String {
+    let mut brief = String::from(
+        "This is an outbound call: you are calling the user on behalf of the business.",
+    );
+    if let Some(agent) = agent {
+        brief.push_str(&format!(" Act as the agent \"{agent}\"."));
+    }
+    if let Some(context) = context {
+        brief.push_str("\nContext for this call:\n");
+        brief.push_str(context);
+    }
+    brief
 }
 
 /// Runs one call to its end. `twilio_tx`/`twilio_rx` are the Media Stream socket's halves.
@@ -130,6 +147,7 @@ where
         usage: Usage::default(),
         transcript: Vec::new(),
         malformed: 0,
+        outbound_brief: None,
     };
 
     // The transport is prepared right away, in parallel with waiting for Twilio's `start`; the
@@ -331,22 +349,20 @@ async fn finish<TS, AS>(
         let _ = tokio::time::timeout(call.settings.close_timeout, close).await;
     }
     let code = match reason {
-        EndReason::CallerHungUp => None,
-        EndReason::Unauthorized => Some(CloseCode::Policy),
-        EndReason::ProtocolError => Some(CloseCode::Protocol),
-        EndReason::FrameTooLarge => Some(CloseCode::Size),
-        EndReason::Shutdown => Some(CloseCode::Restart),
+        EndReason::CallerHungUp => CloseCode::Normal,
+        EndReason::Unauthorized => CloseCode::Policy,
+        EndReason::ProtocolError => CloseCode::Protocol,
+        EndReason::FrameTooLarge => CloseCode::Size,
+        EndReason::Shutdown => CloseCode::Restart,
         EndReason::AgentFailed | EndReason::AgentUnreachable | EndReason::Timeout => {
-            Some(CloseCode::Error)
+            CloseCode::Error
         }
     };
-    if let Some(code) = code {
-        let reason = CloseReason {
-            code,
-            description: None,
-        };
-        let _ = twilio.send(TwilioMessage::Close(Some(reason))).await;
-    }
+    let reason = CloseReason {
+        code,
+        description: None,
+    };
+    let _ = twilio.send(TwilioMessage::Close(Some(reason))).await;
     let _ = twilio.close().await;
     call.slot.take();
 }
@@ -457,6 +473,18 @@ impl Call<'_> {
             direction = parameter("direction"),
             "media stream started"
         );
+        match self.state.store.outbound_brief(&start.call_sid).await {
+            Ok(Some((agent, context))) => {
+                self.outbound_brief = Some(outbound_brief(agent.as_deref(), context.as_deref()));
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    "cannot read the outbound call's context"
+                );
+            }
+        }
         self.state.metrics.calls_started.inc();
         self.state.records.record(Record::StreamStarted {
             call_sid: start.call_sid.clone(),
@@ -495,6 +523,10 @@ impl Call<'_> {
             voice: &config.openai_voice,
         });
         let mut opening = vec![update];
+        // Context goes in before anything can make the agent speak.
+        if let Some(brief) = &self.outbound_brief {
+            opening.push(events::system_message(brief));
+        }
         if let Some(greeting) = &config.agent_greeting {
             opening.push(events::system_message(greeting));
             opening.push(events::response_create());

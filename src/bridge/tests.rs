@@ -171,7 +171,7 @@ struct Harness {
     agent_in: UnboundedSender<Result<AgentMessage, WsError>>,
     agent_out: UnboundedReceiver<AgentMessage>,
     bridge: Bridge,
-    database: PathBuf,
+    database_dir: PathBuf,
     time_paused: bool,
 }
 
@@ -181,19 +181,19 @@ impl Drop for Harness {
         if self.time_paused && !std::thread::panicking() {
             tokio::time::resume();
         }
-        for suffix in ["", "-wal", "-shm"] {
-            let mut path = self.database.clone().into_os_string();
-            path.push(suffix);
-            let _ = std::fs::remove_file(path);
-        }
+        // The record writer may still be connecting; with its directory gone it cannot leave a
+        // fresh empty database file behind.
+        let _ = std::fs::remove_dir_all(&self.database_dir);
     }
 }
 
-/// A database file of its own for each harness.
-fn temp_database() -> PathBuf {
+/// A directory of its own for each harness's database.
+fn temp_database_dir() -> PathBuf {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    std::env::temp_dir().join(format!("callbridge-bridge-{}-{n}.db", std::process::id()))
+    let dir = std::env::temp_dir().join(format!("callbridge-bridge-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("the temp dir is writable");
+    dir
 }
 
 impl Harness {
@@ -204,8 +204,11 @@ impl Harness {
     /// Builds the state on real time (it opens a database), issues the stream token `/voice`
     /// would have issued, and pauses time.
     async fn with(options: Options) -> Self {
-        let database = temp_database();
-        let database_url = format!("sqlite://{}?mode=rwc", database.display());
+        let database_dir = temp_database_dir();
+        let database_url = format!(
+            "sqlite://{}?mode=rwc",
+            database_dir.join("callbridge.db").display()
+        );
         let mut env = vec![
             ("TWILIO_ACCOUNT_SID", ACCOUNT_SID),
             ("TWILIO_AUTH_TOKEN", "test-auth-token"),
@@ -275,7 +278,7 @@ impl Harness {
                 running: Some(running),
                 summary: None,
             },
-            database,
+            database_dir,
             time_paused: false,
         }
         .paused()

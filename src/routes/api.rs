@@ -3,13 +3,21 @@
 
 use std::future::{Ready, ready};
 
+use actix_web::error::JsonPayloadError;
 use actix_web::http::StatusCode;
+use actix_web::http::header::{HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
 use actix_web::{FromRequest, HttpRequest, HttpResponse, ResponseError, web};
 use secrecy::ExposeSecret;
+use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::error::json_error;
+use crate::clock::rfc3339;
+use crate::error::json_error_with;
 use crate::state::AppState;
+use crate::twilio::rest::RestError;
+
+/// Largest API body accepted: a 4 KB call context plus room for the JSON around it.
+pub const MAX_JSON_BODY: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -21,8 +29,65 @@ pub enum ApiError {
     CallNotFound,
     #[error("{0}")]
     InvalidParameter(String),
+    #[error("{0}")]
+    InvalidJson(String),
+    #[error(
+        "{0:?} is not an E.164 number: use '+' followed by 8 to 15 digits, e.g. +5511999990000"
+    )]
+    InvalidPhoneNumber(String),
+    #[error("context is {0} bytes; at most 4096 are allowed")]
+    ContextTooLong(usize),
+    #[error("agent must be 1 to 64 characters")]
+    InvalidAgent,
+    #[error("outbound calling is not configured: set {0} (see .env.example)")]
+    OutboundDisabled(&'static str),
+    #[error("Meta allows 1 call-permission request per 24 h and 2 per 7 days, and none for 24 h after a rejection: the next request for this user is allowed at {}", rfc3339(*until_ms))]
+    PermissionRequestLimited { until_ms: i64, now_ms: i64 },
+    #[error("{0}")]
+    NoCallPermission(String),
+    #[error(
+        "this user has had {0} connected calls in the last 24 hours, the most allowed (OUTBOUND_CALLS_PER_DAY)"
+    )]
+    CallLimitReached(u32),
+    #[error("Twilio refused the request: error {code}: {message}")]
+    Twilio { code: i64, message: String },
+    #[error("Twilio cannot be reached: {0}")]
+    TwilioUnreachable(String),
+    #[error("Twilio did not answer in time; the request may or may not have taken effect")]
+    TwilioTimeout,
     #[error("an internal error occurred; it has been logged")]
     Internal(#[source] anyhow::Error),
+}
+
+impl From<RestError> for ApiError {
+    fn from(error: RestError) -> Self {
+        match error {
+            RestError::Api { code, message, .. } => Self::Twilio { code, message },
+            RestError::Timeout(_) => Self::TwilioTimeout,
+            RestError::Network(detail) => Self::TwilioUnreachable(detail),
+            RestError::Unexpected { status } => {
+                Self::TwilioUnreachable(format!("unexpected HTTP {status}"))
+            }
+        }
+    }
+}
+
+/// Turns actix's JSON extractor errors into messages that say what to fix.
+pub fn json_error_handler(error: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
+    let message = match &error {
+        JsonPayloadError::ContentType => {
+            "send the body as JSON with 'Content-Type: application/json'".to_owned()
+        }
+        JsonPayloadError::Deserialize(e) => {
+            format!("the body is not the JSON this route expects: {e}")
+        }
+        JsonPayloadError::Overflow { limit }
+        | JsonPayloadError::OverflowKnownLength { limit, .. } => {
+            format!("the body is larger than {limit} bytes")
+        }
+        other => format!("the body cannot be read: {other}"),
+    };
+    ApiError::InvalidJson(message).into()
 }
 
 impl ApiError {
@@ -32,6 +97,17 @@ impl ApiError {
             Self::Unauthorized => "unauthorized",
             Self::CallNotFound => "call_not_found",
             Self::InvalidParameter(_) => "invalid_parameter",
+            Self::InvalidJson(_) => "invalid_json",
+            Self::InvalidPhoneNumber(_) => "invalid_phone_number",
+            Self::ContextTooLong(_) => "context_too_long",
+            Self::InvalidAgent => "invalid_agent",
+            Self::OutboundDisabled(_) => "outbound_disabled",
+            Self::PermissionRequestLimited { .. } => "permission_request_limited",
+            Self::NoCallPermission(_) => "no_call_permission",
+            Self::CallLimitReached(_) => "call_limit_reached",
+            Self::Twilio { .. } => "twilio_error",
+            Self::TwilioUnreachable(_) => "twilio_unreachable",
+            Self::TwilioTimeout => "twilio_timeout",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -46,10 +122,19 @@ impl From<anyhow::Error> for ApiError {
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            Self::Disabled => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Disabled | Self::OutboundDisabled(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::CallNotFound => StatusCode::NOT_FOUND,
-            Self::InvalidParameter(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidParameter(_) | Self::InvalidJson(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidPhoneNumber(_) | Self::ContextTooLong(_) | Self::InvalidAgent => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Self::PermissionRequestLimited { .. } | Self::CallLimitReached(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Self::NoCallPermission(_) => StatusCode::CONFLICT,
+            Self::Twilio { .. } | Self::TwilioUnreachable(_) => StatusCode::BAD_GATEWAY,
+            Self::TwilioTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -58,12 +143,28 @@ impl ResponseError for ApiError {
         if let Self::Internal(cause) = self {
             tracing::error!(error = format!("{cause:#}"), "API request failed");
         }
-        let mut response = json_error(self.status_code(), self.code(), &self.to_string());
-        if matches!(self, Self::Unauthorized) {
-            response.headers_mut().insert(
-                actix_web::http::header::WWW_AUTHENTICATE,
-                actix_web::http::header::HeaderValue::from_static("Bearer"),
-            );
+        let mut details = Map::new();
+        match self {
+            Self::Twilio { code, .. } => {
+                details.insert("twilio_code".into(), json!(code));
+            }
+            Self::PermissionRequestLimited { until_ms, .. } => {
+                details.insert("retry_at".into(), Value::String(rfc3339(*until_ms)));
+            }
+            _ => {}
+        }
+        let mut response =
+            json_error_with(self.status_code(), self.code(), &self.to_string(), details);
+        let headers = response.headers_mut();
+        match self {
+            Self::Unauthorized => {
+                headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Self::PermissionRequestLimited { until_ms, now_ms } => {
+                let seconds = ((until_ms - now_ms + 999) / 1000).max(1);
+                headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
+            }
+            _ => {}
         }
         response
     }

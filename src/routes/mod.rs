@@ -3,19 +3,35 @@
 mod api;
 mod calls;
 mod health;
+mod messaging;
 mod metrics;
+mod outbound;
 mod stream;
 mod voice;
 
 use actix_web::web;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(health::healthz))
+    let json = web::JsonConfig::default()
+        .limit(api::MAX_JSON_BODY)
+        .error_handler(api::json_error_handler);
+    cfg.app_data(json)
+        .route("/healthz", web::get().to(health::healthz))
         .route("/readyz", web::get().to(health::readyz))
         .route("/metrics", web::get().to(metrics::metrics))
         .route("/voice", web::post().to(voice::voice))
         .route("/voice/status", web::post().to(voice::status))
         .route("/stream", web::get().to(stream::stream))
+        .route("/messaging", web::post().to(messaging::messaging))
+        .route(
+            "/call-permissions",
+            web::post().to(outbound::request_permission),
+        )
         .route("/calls", web::get().to(calls::list_calls))
-        .route("/calls/{call_sid}", web::get().to(calls::get_call));
+        .route("/calls", web::post().to(outbound::place_call))
+        .route("/calls/{call_sid}", web::get().to(calls::get_call))
+        .route(
+            "/calls/{call_sid}/hangup",
+            web::post().to(outbound::hang_up),
+        );
 }

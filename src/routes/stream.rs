@@ -2,10 +2,13 @@
 //! ws/wss URL with no parameters) before any socket exists; the call's token is checked later,
 //! on Twilio's `start`, by the bridge.
 
+use std::time::Duration;
+
 use actix_web::{HttpRequest, HttpResponse, web};
 use tracing::Instrument;
 
-use crate::bridge::{self, BridgeSettings, MAX_TWILIO_FRAME};
+use crate::bridge::{self, BridgeSettings, CallSummary, MAX_TWILIO_FRAME};
+use crate::metrics::EndReason;
 use crate::state::AppState;
 use crate::twilio::signature::SignedBody;
 use crate::twilio::webhook;
@@ -47,8 +50,31 @@ pub async fn stream(
                 total_tokens = summary.usage.total_tokens,
                 "call ended"
             );
+            make_sure_the_call_ends(&state, &summary).await;
         }
         .instrument(span),
     );
     Ok(response)
+}
+
+/// Long enough for the apology after `</Connect>` to be heard.
+const APOLOGY_GRACE: Duration = Duration::from_secs(10);
+
+/// Closing the stream hands the call back to the TwiML, which apologises and hangs up; if that
+/// TwiML was changed or Twilio keeps the line open, the REST hang-up ends the call for sure. A
+/// drain ends calls at once: the apology is for failures, not for deploys.
+async fn make_sure_the_call_ends(state: &AppState, summary: &CallSummary) {
+    let Some(call_sid) = &summary.call_sid else {
+        return;
+    };
+    match summary.end_reason {
+        EndReason::Shutdown => {}
+        EndReason::AgentFailed | EndReason::AgentUnreachable | EndReason::Timeout => {
+            tokio::time::sleep(APOLOGY_GRACE).await;
+        }
+        _ => return,
+    }
+    if let Err(error) = state.twilio.hang_up(call_sid).await {
+        tracing::warn!(%error, "cannot hang the call up through Twilio's REST API");
+    }
 }

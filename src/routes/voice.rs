@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use tracing_actix_web::RootSpan;
 
 use crate::admission::STREAM_TOKEN_TTL;
-use crate::domain::phone::Masked;
+use crate::domain::phone::{CallParty, Masked};
 use crate::state::AppState;
 use crate::store::NewCall;
 use crate::store::models::StatusUpdate;
@@ -144,6 +144,12 @@ pub async fn status(
     };
     match state.store.record_status(&update).await {
         Ok(stored) => {
+            if stored && let Err(error) = count_outbound_outcome(&state, &update).await {
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    "cannot count the call's outcome"
+                );
+            }
             tracing::info!(
                 call_status = %update.status,
                 sequence_number = update.sequence_number,
@@ -158,6 +164,24 @@ pub async fn status(
             HttpResponse::InternalServerError().finish()
         }
     }
+}
+
+/// Meta revokes a user's permission after four unanswered calls in a row; an answered call
+/// starts the count again.
+async fn count_outbound_outcome(state: &AppState, update: &StatusUpdate) -> anyhow::Result<()> {
+    if update.direction != "outbound-api" {
+        return Ok(());
+    }
+    let answered = match update.status.as_str() {
+        "completed" => true,
+        "no-answer" | "busy" => false,
+        _ => return Ok(()),
+    };
+    let user = CallParty::parse(&update.to)?;
+    state
+        .store
+        .record_outbound_outcome(user.number.as_str(), answered, update.at_ms)
+        .await
 }
 
 fn twiml_response(document: &impl Template) -> HttpResponse {

@@ -6,6 +6,7 @@
 //! `writer::RecordWriter`, never straight here.
 
 pub mod models;
+pub mod permissions;
 pub mod writer;
 
 use std::sync::Once;

@@ -2,6 +2,7 @@
 //! extractor used by every route Twilio calls.
 
 pub mod media;
+pub mod rest;
 pub mod signature;
 pub mod twiml;
 pub mod webhook;

@@ -5,6 +5,7 @@ mod calls;
 mod fake_openai;
 mod fake_twilio;
 mod helpers;
+mod outbound;
 mod store;
 mod stream;
 mod voice;

@@ -304,3 +304,199 @@ async fn several_instances_can_start_against_one_database() {
         Store::connect(&url).await.unwrap();
     }
 }
+
+mod permissions {
+    use super::*;
+    use callbridge::consent::PermissionState;
+    use callbridge::store::permissions::{OutboundCall, Reply};
+
+    const USER: &str = "+5511999990000";
+    const T0: i64 = 1_800_000_000_000;
+    const DAY: i64 = 86_400_000;
+
+    #[tokio::test]
+    async fn one_request_claim_per_day_even_when_racing() {
+        for url in fresh_databases().await {
+            let store = Store::connect(&url).await.unwrap();
+            let (a, b) = tokio::join!(
+                store.claim_permission_request(USER, T0),
+                store.claim_permission_request(USER, T0)
+            );
+            assert_eq!(
+                [a.unwrap(), b.unwrap()].iter().filter(|won| **won).count(),
+                1,
+                "{url}"
+            );
+            assert!(
+                !store
+                    .claim_permission_request(USER, T0 + DAY - 1)
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                store
+                    .claim_permission_request(USER, T0 + DAY)
+                    .await
+                    .unwrap()
+            );
+            // The send failed: the claim is given back and the day's slot reopens.
+            store
+                .release_permission_request(USER, T0 + DAY, Some(T0))
+                .await
+                .unwrap();
+            assert_eq!(store.last_permission_request(USER).await.unwrap(), Some(T0));
+
+            store
+                .claim_permission_request("+14155550100", T0)
+                .await
+                .unwrap();
+            store
+                .release_permission_request("+14155550100", T0, None)
+                .await
+                .unwrap();
+            assert_eq!(
+                store.permission("+14155550100").await.unwrap(),
+                None,
+                "no trace of a request never sent"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_and_replies_make_up_the_permission() {
+        for url in fresh_databases().await {
+            let store = Store::connect(&url).await.unwrap();
+            assert!(store.claim_permission_request(USER, T0).await.unwrap());
+            store
+                .record_permission_request(USER, "SM1", T0)
+                .await
+                .unwrap();
+            assert_eq!(
+                store.permission_requests_since(USER, T0 - 1).await.unwrap(),
+                [T0]
+            );
+            assert_eq!(
+                store.permission(USER).await.unwrap().unwrap().state,
+                PermissionState::Pending
+            );
+
+            assert!(
+                store
+                    .record_permission_reply(USER, "SM2", Reply::Accepted, T0 + 10)
+                    .await
+                    .unwrap()
+            );
+            let granted = store.permission(USER).await.unwrap().unwrap();
+            assert_eq!(granted.state, PermissionState::Granted);
+            assert_eq!(granted.expires_at_ms, Some(T0 + 10 + 7 * DAY), "{url}");
+
+            // A new request keeps a valid grant; a retried reply changes nothing.
+            store
+                .claim_permission_request(USER, T0 + DAY)
+                .await
+                .unwrap();
+            store
+                .record_permission_request(USER, "SM3", T0 + DAY)
+                .await
+                .unwrap();
+            assert_eq!(
+                store.permission(USER).await.unwrap().unwrap().state,
+                PermissionState::Granted
+            );
+            assert!(
+                store
+                    .record_permission_reply(USER, "SM4", Reply::Rejected, T0 + DAY + 5)
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                !store
+                    .record_permission_reply(USER, "SM2", Reply::Accepted, T0 + DAY + 9)
+                    .await
+                    .unwrap()
+            );
+            let rejected = store.permission(USER).await.unwrap().unwrap();
+            assert_eq!(
+                (rejected.state, rejected.answered_at_ms),
+                (PermissionState::Rejected, Some(T0 + DAY + 5))
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn outbound_calls_count_connections_and_unanswered_runs() {
+        for url in fresh_databases().await {
+            let store = Store::connect(&url).await.unwrap();
+            store
+                .record_permission_reply(USER, "SM1", Reply::Accepted, T0)
+                .await
+                .unwrap();
+            let to = format!("whatsapp:{USER}");
+            for (n, answered) in [(1, true), (2, false), (3, true)] {
+                let call_sid = format!("CA{n}");
+                store
+                    .record_outbound_call(&OutboundCall {
+                        call_sid: &call_sid,
+                        from: "whatsapp:+558551234567",
+                        to: &to,
+                        agent: Some("sales"),
+                        context: Some("context"),
+                        status: "queued",
+                        at_ms: T0 + n,
+                    })
+                    .await
+                    .unwrap();
+                if answered {
+                    let mut update = status(&call_sid, "in-progress", 1, T0 + 100 * n);
+                    update.direction = "outbound-api".into();
+                    update.to = to.clone();
+                    store.record_status(&update).await.unwrap();
+                }
+            }
+            assert_eq!(
+                store.connected_outbound_calls_since(&to, T0).await.unwrap(),
+                2,
+                "{url}"
+            );
+            assert_eq!(
+                store
+                    .connected_outbound_calls_since(&to, T0 + 150)
+                    .await
+                    .unwrap(),
+                1
+            );
+            assert_eq!(
+                store.outbound_brief("CA1").await.unwrap(),
+                Some((Some("sales".into()), Some("context".into())))
+            );
+            assert_eq!(store.outbound_brief("CA404").await.unwrap(), None);
+
+            for _ in 0..3 {
+                store
+                    .record_outbound_outcome(USER, false, T0)
+                    .await
+                    .unwrap();
+            }
+            store.record_outbound_outcome(USER, true, T0).await.unwrap();
+            for _ in 0..3 {
+                store
+                    .record_outbound_outcome(USER, false, T0)
+                    .await
+                    .unwrap();
+            }
+            assert_eq!(
+                store.permission(USER).await.unwrap().unwrap().state,
+                PermissionState::Granted
+            );
+            store
+                .record_outbound_outcome(USER, false, T0)
+                .await
+                .unwrap();
+            let revoked = store.permission(USER).await.unwrap().unwrap();
+            assert_eq!(
+                (revoked.state, revoked.consecutive_unanswered),
+                (PermissionState::Revoked, 4)
+            );
+        }
+    }
+}

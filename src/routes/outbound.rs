@@ -1,0 +1,220 @@
+//! Calling WhatsApp users: ask for their permission, place calls only while it is granted and
+//! within Meta's limits, and hang calls up.
+
+use actix_web::{HttpResponse, web};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::api::{ApiCaller, ApiError};
+use crate::clock::MS_PER_DAY;
+use crate::consent::{self, REQUEST_WINDOW_MS};
+use crate::domain::phone::{E164, Masked};
+use crate::state::AppState;
+use crate::store::permissions::OutboundCall;
+use crate::twilio::rest::ERROR_NO_CALL_PERMISSION;
+
+const MAX_CONTEXT_BYTES: usize = 4096;
+const MAX_AGENT_CHARS: usize = 64;
+/// How long a WhatsApp user's phone rings before the call counts as unanswered.
+const RING_TIMEOUT_SECS: &str = "30";
+
+/// What outbound calling needs from the configuration.
+struct Outbound<'a> {
+    business: &'a E164,
+    content_sid: &'a str,
+}
+
+fn outbound(state: &AppState) -> Result<Outbound<'_>, ApiError> {
+    let config = &state.config;
+    match (
+        &config.twilio_whatsapp_number,
+        &config.twilio_call_permission_content_sid,
+    ) {
+        (Some(business), Some(content_sid)) => Ok(Outbound {
+            business,
+            content_sid,
+        }),
+        (None, None) => Err(ApiError::OutboundDisabled(
+            "TWILIO_WHATSAPP_NUMBER and TWILIO_CALL_PERMISSION_CONTENT_SID",
+        )),
+        (None, Some(_)) => Err(ApiError::OutboundDisabled("TWILIO_WHATSAPP_NUMBER")),
+        (Some(_), None) => Err(ApiError::OutboundDisabled(
+            "TWILIO_CALL_PERMISSION_CONTENT_SID",
+        )),
+    }
+}
+
+fn user_number(raw: &str) -> Result<E164, ApiError> {
+    E164::parse(raw).map_err(|_| ApiError::InvalidPhoneNumber(raw.to_owned()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PermissionRequest {
+    to: String,
+}
+
+/// `POST /call-permissions`: sends the call-permission template, within Meta's request limits.
+pub async fn request_permission(
+    _caller: ApiCaller,
+    state: web::Data<AppState>,
+    body: web::Json<PermissionRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let outbound = outbound(&state)?;
+    let user = user_number(&body.to)?;
+    let now = state.clock.now_ms();
+    let permission = state.store.permission(user.as_str()).await?;
+    let recent = state
+        .store
+        .permission_requests_since(user.as_str(), now - REQUEST_WINDOW_MS)
+        .await?;
+    let limited = |until_ms| ApiError::PermissionRequestLimited {
+        until_ms,
+        now_ms: now,
+    };
+    if let Some(until_ms) = consent::request_blocked_until(&recent, permission.as_ref(), now) {
+        return Err(limited(until_ms));
+    }
+    let previous = state.store.last_permission_request(user.as_str()).await?;
+    if !state
+        .store
+        .claim_permission_request(user.as_str(), now)
+        .await?
+    {
+        // Another request for this user got in first, just now.
+        return Err(limited(now + consent::REQUEST_SPACING_MS));
+    }
+    let sent = state
+        .twilio
+        .send_message(&[
+            ("ContentSid", outbound.content_sid),
+            ("From", &outbound.business.whatsapp_address()),
+            ("To", &user.whatsapp_address()),
+        ])
+        .await;
+    let message = match sent {
+        Ok(message) => message,
+        Err(error) => {
+            state
+                .store
+                .release_permission_request(user.as_str(), now, previous)
+                .await?;
+            return Err(error.into());
+        }
+    };
+    state
+        .store
+        .record_permission_request(user.as_str(), &message.sid, now)
+        .await?;
+    tracing::info!(to = %Masked(user.as_str()), message_sid = %message.sid, "call permission requested");
+    Ok(HttpResponse::Created().json(json!({
+        "to": user.as_str(),
+        "message_sid": message.sid,
+        "state": "pending",
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlaceCall {
+    to: String,
+    #[serde(default)]
+    agent: Option<String>,
+    #[serde(default)]
+    context: Option<String>,
+}
+
+/// `POST /calls`: places a WhatsApp call to a user who granted permission.
+pub async fn place_call(
+    _caller: ApiCaller,
+    state: web::Data<AppState>,
+    body: web::Json<PlaceCall>,
+) -> Result<HttpResponse, ApiError> {
+    let outbound = outbound(&state)?;
+    let user = user_number(&body.to)?;
+    if let Some(context) = &body.context
+        && context.len() > MAX_CONTEXT_BYTES
+    {
+        return Err(ApiError::ContextTooLong(context.len()));
+    }
+    if let Some(agent) = &body.agent
+        && (agent.trim().is_empty() || agent.chars().count() > MAX_AGENT_CHARS)
+    {
+        return Err(ApiError::InvalidAgent);
+    }
+    let now = state.clock.now_ms();
+    let permission = state.store.permission(user.as_str()).await?;
+    consent::check_call(permission.as_ref(), now)
+        .map_err(|refusal| ApiError::NoCallPermission(refusal.message()))?;
+    let to = user.whatsapp_address();
+    let limit = state.config.outbound_calls_per_day;
+    let connected = state
+        .store
+        .connected_outbound_calls_since(&to, now - MS_PER_DAY)
+        .await?;
+    if connected >= i64::from(limit) {
+        return Err(ApiError::CallLimitReached(limit));
+    }
+
+    let from = outbound.business.whatsapp_address();
+    let base = &state.config.public_base_url;
+    let (voice_url, status_url) = (base.join("/voice"), base.join("/voice/status"));
+    let created = state
+        .twilio
+        .create_call(&[
+            ("From", &from),
+            ("To", &to),
+            ("Url", &voice_url),
+            ("Method", "POST"),
+            ("StatusCallback", &status_url),
+            ("StatusCallbackMethod", "POST"),
+            ("StatusCallbackEvent", "initiated"),
+            ("StatusCallbackEvent", "ringing"),
+            ("StatusCallbackEvent", "answered"),
+            ("StatusCallbackEvent", "completed"),
+            ("Timeout", RING_TIMEOUT_SECS),
+        ])
+        .await;
+    let call = match created {
+        Ok(call) => call,
+        Err(error) if error.code() == Some(ERROR_NO_CALL_PERMISSION) => {
+            // WhatsApp says the user has not granted permission: our record is stale.
+            state.store.revoke_permission(user.as_str(), now).await?;
+            tracing::warn!(to = %Masked(user.as_str()), "WhatsApp refused the call: permission revoked");
+            return Err(ApiError::NoCallPermission(format!(
+                "WhatsApp reports that the user has not granted call permission ({error}); \
+                 request it again with POST /call-permissions"
+            )));
+        }
+        Err(error) => return Err(error.into()),
+    };
+    state
+        .store
+        .record_outbound_call(&OutboundCall {
+            call_sid: &call.sid,
+            from: &from,
+            to: &to,
+            agent: body.agent.as_deref(),
+            context: body.context.as_deref(),
+            status: &call.status,
+            at_ms: now,
+        })
+        .await?;
+    tracing::info!(call_sid = %call.sid, to = %Masked(&to), "outbound call placed");
+    Ok(HttpResponse::Created().json(json!({"call_sid": call.sid, "status": call.status})))
+}
+
+/// `POST /calls/{call_sid}/hangup`: ends the call; one that has already ended is fine too.
+pub async fn hang_up(
+    _caller: ApiCaller,
+    state: web::Data<AppState>,
+    call_sid: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    if !(call_sid.starts_with("CA") && call_sid.len() == 34) {
+        return Err(ApiError::InvalidParameter(
+            "call_sid must be a Twilio CallSid: CA followed by 32 characters".into(),
+        ));
+    }
+    state.twilio.hang_up(&call_sid).await?;
+    Ok(HttpResponse::Ok().json(json!({"call_sid": call_sid.as_str(), "status": "completed"})))
+}

@@ -1,0 +1,281 @@
+//! Call permissions and outbound calls: the compliance record Meta's rules are checked against.
+
+use sqlx::Row;
+
+use super::Store;
+use crate::consent::{
+    GRANT_VALIDITY_MS, Permission, PermissionState, REQUEST_SPACING_MS,
+    UNANSWERED_CALLS_BEFORE_REVOCATION,
+};
+
+/// The user's answer to a permission request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reply {
+    Accepted,
+    Rejected,
+}
+
+/// An outbound call as `POST /calls` placed it.
+#[derive(Debug, Clone)]
+pub struct OutboundCall<'a> {
+    pub call_sid: &'a str,
+    pub from: &'a str,
+    pub to: &'a str,
+    pub agent: Option<&'a str>,
+    pub context: Option<&'a str>,
+    pub status: &'a str,
+    pub at_ms: i64,
+}
+
+impl Store {
+    pub async fn permission(&self, user: &str) -> anyhow::Result<Option<Permission>> {
+        let row = sqlx::query(
+            "SELECT state, answered_at, expires_at, consecutive_unanswered FROM call_permissions \
+             WHERE user_number = $1",
+        )
+        .bind(user)
+        .fetch_optional(self.pool())
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let state: String = row.try_get(0)?;
+        Ok(Some(Permission {
+            state: PermissionState::parse(&state)
+                .ok_or_else(|| anyhow::anyhow!("unknown permission state {state:?}"))?,
+            answered_at_ms: row.try_get(1)?,
+            expires_at_ms: row.try_get(2)?,
+            consecutive_unanswered: row.try_get(3)?,
+        }))
+    }
+
+    pub async fn permission_requests_since(
+        &self,
+        user: &str,
+        since_ms: i64,
+    ) -> anyhow::Result<Vec<i64>> {
+        let rows = sqlx::query(
+            "SELECT requested_at FROM permission_requests WHERE user_number = $1 AND requested_at > $2",
+        )
+        .bind(user)
+        .bind(since_ms)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Takes this user's one request of the day, atomically: of two requests racing (even on
+    /// two machines) only one gets `true`. Call `release_permission_request` if sending fails.
+    pub async fn claim_permission_request(&self, user: &str, at_ms: i64) -> anyhow::Result<bool> {
+        let claimed = sqlx::query(
+            "INSERT INTO call_permissions (user_number, state, requested_at, updated_at) \
+             VALUES ($1, 'pending', $2, $2) \
+             ON CONFLICT (user_number) DO UPDATE SET requested_at = $2, updated_at = $2 \
+             WHERE call_permissions.requested_at IS NULL OR call_permissions.requested_at <= $3",
+        )
+        .bind(user)
+        .bind(at_ms)
+        .bind(at_ms - REQUEST_SPACING_MS)
+        .execute(self.pool())
+        .await?
+        .rows_affected();
+        Ok(claimed == 1)
+    }
+
+    /// Gives back a claim whose message could not be sent, so it does not count.
+    pub async fn release_permission_request(
+        &self,
+        user: &str,
+        claimed_at_ms: i64,
+        previous_request_ms: Option<i64>,
+    ) -> anyhow::Result<()> {
+        let query = match previous_request_ms {
+            Some(previous) => sqlx::query(
+                "UPDATE call_permissions SET requested_at = $3 WHERE user_number = $1 AND requested_at = $2",
+            )
+            .bind(user)
+            .bind(claimed_at_ms)
+            .bind(previous),
+            // The claim created the row: remove it, unless the user has answered since.
+            None => sqlx::query(
+                "DELETE FROM call_permissions WHERE user_number = $1 AND requested_at = $2 AND answered_at IS NULL",
+            )
+            .bind(user)
+            .bind(claimed_at_ms),
+        };
+        query.execute(self.pool()).await?;
+        Ok(())
+    }
+
+    /// The claimed request was sent. A user with a valid grant keeps it until they answer again.
+    pub async fn record_permission_request(
+        &self,
+        user: &str,
+        message_sid: &str,
+        at_ms: i64,
+    ) -> anyhow::Result<()> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("INSERT INTO permission_requests (message_sid, user_number, requested_at) VALUES ($1, $2, $3)")
+            .bind(message_sid)
+            .bind(user)
+            .bind(at_ms)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE call_permissions SET request_message_sid = $2, updated_at = $3, \
+             state = CASE WHEN state = 'granted' AND expires_at > $3 THEN state ELSE 'pending' END \
+             WHERE user_number = $1",
+        )
+        .bind(user)
+        .bind(message_sid)
+        .bind(at_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// When this user's last request was sent, if ever.
+    pub async fn last_permission_request(&self, user: &str) -> anyhow::Result<Option<i64>> {
+        let row = sqlx::query("SELECT requested_at FROM call_permissions WHERE user_number = $1")
+            .bind(user)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(row.and_then(|row| row.get(0)))
+    }
+
+    /// Records the user's button press. Returns `false` for a retry of a reply already stored
+    /// (same `MessageSid`).
+    pub async fn record_permission_reply(
+        &self,
+        user: &str,
+        message_sid: &str,
+        reply: Reply,
+        at_ms: i64,
+    ) -> anyhow::Result<bool> {
+        let mut tx = self.pool().begin().await?;
+        let payload = match reply {
+            Reply::Accepted => "ACCEPTED",
+            Reply::Rejected => "REJECTED",
+        };
+        let new = sqlx::query(
+            "INSERT INTO permission_replies (message_sid, user_number, payload, received_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(message_sid)
+        .bind(user)
+        .bind(payload)
+        .bind(at_ms)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !new {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        let (state, expires_at) = match reply {
+            Reply::Accepted => (PermissionState::Granted, Some(at_ms + GRANT_VALIDITY_MS)),
+            Reply::Rejected => (PermissionState::Rejected, None),
+        };
+        sqlx::query(
+            "INSERT INTO call_permissions (user_number, state, answered_at, expires_at, reply_message_sid, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $3) \
+             ON CONFLICT (user_number) DO UPDATE SET state = $2, answered_at = $3, expires_at = $4, \
+             reply_message_sid = $5, consecutive_unanswered = 0, updated_at = $3",
+        )
+        .bind(user)
+        .bind(state.as_str())
+        .bind(at_ms)
+        .bind(expires_at)
+        .bind(message_sid)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn revoke_permission(&self, user: &str, at_ms: i64) -> anyhow::Result<()> {
+        sqlx::query(
+            "UPDATE call_permissions SET state = 'revoked', updated_at = $1 WHERE user_number = $2",
+        )
+        .bind(at_ms)
+        .bind(user)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Counts an outbound call's outcome: an answered call resets the run of unanswered ones;
+    /// the fourth unanswered call in a row revokes the permission (Meta's rule).
+    pub async fn record_outbound_outcome(
+        &self,
+        user: &str,
+        answered: bool,
+        at_ms: i64,
+    ) -> anyhow::Result<()> {
+        let query = if answered {
+            "UPDATE call_permissions SET consecutive_unanswered = 0, updated_at = $1 WHERE user_number = $2"
+        } else {
+            "UPDATE call_permissions SET consecutive_unanswered = consecutive_unanswered + 1, updated_at = $1, \
+             state = CASE WHEN consecutive_unanswered + 1 >= $3 THEN 'revoked' ELSE state END \
+             WHERE user_number = $2"
+        };
+        let mut statement = sqlx::query(query).bind(at_ms).bind(user);
+        if !answered {
+            statement = statement.bind(UNANSWERED_CALLS_BEFORE_REVOCATION);
+        }
+        statement.execute(self.pool()).await?;
+        Ok(())
+    }
+
+    /// Outbound calls to `to` that connected (were answered) since `since_ms`.
+    pub async fn connected_outbound_calls_since(
+        &self,
+        to: &str,
+        since_ms: i64,
+    ) -> anyhow::Result<i64> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) FROM calls WHERE to_number = $1 AND direction = 'outbound-api' AND answered_at > $2",
+        )
+        .bind(to)
+        .bind(since_ms)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    pub async fn record_outbound_call(&self, call: &OutboundCall<'_>) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO calls (call_sid, direction, from_number, to_number, agent, context, status, status_rank, created_at) \
+             VALUES ($1, 'outbound-api', $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (call_sid) DO UPDATE SET agent = $4, context = $5, from_number = $2, to_number = $3",
+        )
+        .bind(call.call_sid)
+        .bind(call.from)
+        .bind(call.to)
+        .bind(call.agent)
+        .bind(call.context)
+        .bind(call.status)
+        .bind(super::status_rank(call.status))
+        .bind(call.at_ms)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// `(agent, context)` that `POST /calls` gave this call, if it placed it.
+    pub async fn outbound_brief(
+        &self,
+        call_sid: &str,
+    ) -> anyhow::Result<Option<(Option<String>, Option<String>)>> {
+        let row = sqlx::query(
+            "SELECT agent, context FROM calls WHERE call_sid = $1 AND direction = 'outbound-api'",
+        )
+        .bind(call_sid)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.map(|row| (row.get(0), row.get(1))))
+    }
+}
