@@ -280,7 +280,7 @@ impl Metrics {
         histogram(
             &mut out,
             "callbridge_openai_connect_seconds",
-            "Time to open the OpenAI Realtime WebSocket.",
+            "Time from the Twilio stream being accepted to the OpenAI session being open (it includes waiting for start).",
             &self.openai_connect,
         );
         histogram(

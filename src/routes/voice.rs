@@ -78,7 +78,6 @@ pub async fn voice(
         direction: &call.direction,
         from: &call.from,
         to: &call.to,
-        agent: None,
         status: &call.call_status,
         at_ms: now,
     };

@@ -43,7 +43,6 @@ pub struct NewCall<'a> {
     pub direction: &'a str,
     pub from: &'a str,
     pub to: &'a str,
-    pub agent: Option<&'a str>,
     pub status: &'a str,
     pub at_ms: i64,
 }
@@ -81,7 +80,6 @@ pub enum Record {
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
-    backend: Backend,
 }
 
 /// Where a status stands in a call's life; a callback never moves a call to a lower rank.
@@ -131,11 +129,7 @@ impl Store {
             .await
             .with_context(|| format!("cannot open the database ({})", redact_url(url)))?;
         migrate(&pool).await?;
-        Ok(Self { pool, backend })
-    }
-
-    pub fn backend(&self) -> Backend {
-        self.backend
+        Ok(Self { pool })
     }
 
     pub fn pool(&self) -> &AnyPool {
@@ -181,16 +175,14 @@ impl Store {
     /// callback could not know).
     pub async fn record_call(&self, call: &NewCall<'_>) -> anyhow::Result<()> {
         sqlx::query(
-            "INSERT INTO calls (call_sid, direction, from_number, to_number, agent, status, status_rank, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-             ON CONFLICT (call_sid) DO UPDATE SET direction = $2, from_number = $3, to_number = $4, \
-             agent = COALESCE($5, calls.agent)",
+            "INSERT INTO calls (call_sid, direction, from_number, to_number, status, status_rank, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (call_sid) DO UPDATE SET direction = $2, from_number = $3, to_number = $4",
         )
         .bind(call.call_sid)
         .bind(call.direction)
         .bind(call.from)
         .bind(call.to)
-        .bind(call.agent)
         .bind(call.status)
         .bind(status_rank(call.status))
         .bind(call.at_ms)

@@ -221,6 +221,17 @@ async fn error_code(response: reqwest::Response) -> (u16, Value) {
     (status, body["error"].clone())
 }
 
+/// Asserts the API answered `status` with error `code`, and returns the error object.
+async fn expect_error(response: reqwest::Response, status: u16, code: &str) -> Value {
+    let (actual, error) = error_code(response).await;
+    assert_eq!(
+        (actual, error["code"].as_str()),
+        (status, Some(code)),
+        "{error}"
+    );
+    error
+}
+
 #[tokio::test]
 async fn a_permission_request_sends_the_template_within_metas_limits() {
     let o = outbound_app(&[]).await;
@@ -271,12 +282,12 @@ async fn a_permission_request_sends_the_template_within_metas_limits() {
         "a day later, the second of the week"
     );
     o.clock.advance(DAY + Duration::from_secs(1));
-    let (status, error) = error_code(o.request_permission().await).await;
-    assert_eq!(
-        (status, error["code"].as_str()),
-        (429, Some("permission_request_limited")),
-        "a third within 7 days"
-    );
+    expect_error(
+        o.request_permission().await,
+        429,
+        "permission_request_limited",
+    )
+    .await; // a third within 7 days
     o.clock.advance(6 * DAY);
     o.twilio.verify().await;
 }
@@ -285,11 +296,12 @@ async fn a_permission_request_sends_the_template_within_metas_limits() {
 async fn no_call_is_placed_without_a_valid_grant() {
     let o = outbound_app(&[]).await;
     o.messages_succeed().await;
-    let (status, error) = error_code(o.place_call(json!({"to": USER})).await).await;
-    assert_eq!(
-        (status, error["code"].as_str()),
-        (409, Some("no_call_permission"))
-    );
+    let error = expect_error(
+        o.place_call(json!({"to": USER})).await,
+        409,
+        "no_call_permission",
+    )
+    .await;
     assert!(
         error["message"]
             .as_str()
@@ -298,12 +310,12 @@ async fn no_call_is_placed_without_a_valid_grant() {
     );
 
     assert_eq!(o.request_permission().await.status(), 201);
-    let (status, error) = error_code(o.place_call(json!({"to": USER})).await).await;
-    assert_eq!(
-        (status, error["code"].as_str()),
-        (409, Some("no_call_permission")),
-        "pending is not granted"
-    );
+    expect_error(
+        o.place_call(json!({"to": USER})).await,
+        409,
+        "no_call_permission",
+    )
+    .await; // pending is not granted
     assert_eq!(
         o.calls_json_requests().await,
         0,
@@ -341,12 +353,12 @@ async fn no_call_is_placed_without_a_valid_grant() {
     o.twilio.verify().await;
 
     o.clock.advance(7 * DAY);
-    let (status, error) = error_code(o.place_call(json!({"to": USER})).await).await;
-    assert_eq!(
-        (status, error["code"].as_str()),
-        (409, Some("no_call_permission")),
-        "the grant expired"
-    );
+    let error = expect_error(
+        o.place_call(json!({"to": USER})).await,
+        409,
+        "no_call_permission",
+    )
+    .await; // the grant expired
     assert!(error["message"].as_str().unwrap().contains("expired"));
 }
 
@@ -359,11 +371,12 @@ async fn a_rejection_blocks_calls_and_retried_replies_count_once() {
     assert_eq!(o.reply("SM_b", "REJECTED").await.status(), 204);
     // Twilio retries the earlier ACCEPTED webhook: it must not grant again.
     assert_eq!(o.reply("SM_a", "ACCEPTED").await.status(), 204);
-    let (status, error) = error_code(o.place_call(json!({"to": USER})).await).await;
-    assert_eq!(
-        (status, error["code"].as_str()),
-        (409, Some("no_call_permission"))
-    );
+    let error = expect_error(
+        o.place_call(json!({"to": USER})).await,
+        409,
+        "no_call_permission",
+    )
+    .await;
     assert!(error["message"].as_str().unwrap().contains("declined"));
     // Ordinary chat messages are acknowledged and ignored.
     let chat = form(&[
@@ -394,11 +407,12 @@ async fn the_sixth_connected_call_in_a_day_is_refused() {
         o.status(&call_sid(n), "completed", 3).await;
         o.clock.advance(Duration::from_secs(600));
     }
-    let (status, error) = error_code(o.place_call(json!({"to": USER})).await).await;
-    assert_eq!(
-        (status, error["code"].as_str()),
-        (429, Some("call_limit_reached"))
-    );
+    expect_error(
+        o.place_call(json!({"to": USER})).await,
+        429,
+        "call_limit_reached",
+    )
+    .await;
     assert_eq!(o.calls_json_requests().await, 5);
     o.clock.advance(DAY);
     assert_eq!(
@@ -435,11 +449,12 @@ async fn four_unanswered_calls_in_a_row_revoke_the_permission() {
     );
     o.status(&call_sid(6), "no-answer", 3).await;
     o.status(&call_sid(6), "no-answer", 3).await; // a retried callback counts once
-    let (status, error) = error_code(o.place_call(json!({"to": USER})).await).await;
-    assert_eq!(
-        (status, error["code"].as_str()),
-        (409, Some("no_call_permission"))
-    );
+    let error = expect_error(
+        o.place_call(json!({"to": USER})).await,
+        409,
+        "no_call_permission",
+    )
+    .await;
     assert!(error["message"].as_str().unwrap().contains("revoked"));
 }
 
@@ -475,17 +490,18 @@ async fn twilio_errors_map_to_documented_outcomes() {
         .up_to_n_times(1)
         .mount(&o.twilio)
         .await;
-    let (status, error) = error_code(o.place_call(json!({"to": USER})).await).await;
-    assert_eq!(
-        (status, error["code"].as_str()),
-        (409, Some("no_call_permission"))
-    );
-    let (status, error) = error_code(o.place_call(json!({"to": USER})).await).await;
-    assert_eq!(
-        (status, error["code"].as_str()),
-        (409, Some("no_call_permission")),
-        "the grant is now revoked"
-    );
+    expect_error(
+        o.place_call(json!({"to": USER})).await,
+        409,
+        "no_call_permission",
+    )
+    .await;
+    let error = expect_error(
+        o.place_call(json!({"to": USER})).await,
+        409,
+        "no_call_permission",
+    )
+    .await; // the grant is now revoked
     assert!(error["message"].as_str().unwrap().contains("revoked"));
     assert_eq!(
         o.calls_json_requests().await,
@@ -525,11 +541,12 @@ async fn a_twilio_timeout_is_a_504() {
         )
         .mount(&o.twilio)
         .await;
-    let (status, error) = error_code(o.place_call(json!({"to": USER})).await).await;
-    assert_eq!(
-        (status, error["code"].as_str()),
-        (504, Some("twilio_timeout"))
-    );
+    let error = expect_error(
+        o.place_call(json!({"to": USER})).await,
+        504,
+        "twilio_timeout",
+    )
+    .await;
     assert!(
         error["message"]
             .as_str()
@@ -541,31 +558,32 @@ async fn a_twilio_timeout_is_a_504() {
 #[tokio::test]
 async fn bad_input_gets_a_clear_error() {
     let o = outbound_app(&[]).await;
-    let (status, error) = error_code(o.place_call(json!({"to": "5511999990000"})).await).await;
-    assert_eq!(
-        (status, error["code"].as_str()),
-        (422, Some("invalid_phone_number"))
-    );
-    assert!(error["message"].as_str().unwrap().contains("E.164"));
-    let (status, error) = error_code(o.request_permission_to("+12").await).await;
-    assert_eq!(
-        (status, error["code"].as_str()),
-        (422, Some("invalid_phone_number"))
-    );
-    let (status, error) = error_code(
-        o.place_call(json!({"to": USER, "context": "x".repeat(4097)}))
-            .await,
+    let error = expect_error(
+        o.place_call(json!({"to": "5511999990000"})).await,
+        422,
+        "invalid_phone_number",
     )
     .await;
-    assert_eq!(
-        (status, error["code"].as_str()),
-        (422, Some("context_too_long"))
-    );
-    let (status, error) = error_code(o.place_call(json!({"to": USER, "agent": ""})).await).await;
-    assert_eq!(
-        (status, error["code"].as_str()),
-        (422, Some("invalid_agent"))
-    );
+    assert!(error["message"].as_str().unwrap().contains("E.164"));
+    expect_error(
+        o.request_permission_to("+12").await,
+        422,
+        "invalid_phone_number",
+    )
+    .await;
+    expect_error(
+        o.place_call(json!({"to": USER, "context": "x".repeat(4097)}))
+            .await,
+        422,
+        "context_too_long",
+    )
+    .await;
+    expect_error(
+        o.place_call(json!({"to": USER, "agent": ""})).await,
+        422,
+        "invalid_agent",
+    )
+    .await;
 
     let raw = |body: &'static str, content_type: &'static str| {
         o.app
@@ -576,39 +594,36 @@ async fn bad_input_gets_a_clear_error() {
             .body(body)
             .send()
     };
-    let (status, error) = error_code(raw("{\"to\": ", "application/json").await.unwrap()).await;
-    assert_eq!(
-        (status, error["code"].as_str()),
-        (400, Some("invalid_json"))
-    );
+    let error = expect_error(
+        raw("{\"to\": ", "application/json").await.unwrap(),
+        400,
+        "invalid_json",
+    )
+    .await;
     assert!(
         error["message"].as_str().unwrap().contains("EOF"),
         "{error}"
     );
-    let (status, error) = error_code(
+    let error = expect_error(
         raw("{\"too\": \"+5511999990000\"}", "application/json")
             .await
             .unwrap(),
+        400,
+        "invalid_json",
     )
     .await;
-    assert_eq!(
-        (status, error["code"].as_str()),
-        (400, Some("invalid_json"))
-    );
     assert!(
         error["message"].as_str().unwrap().contains("too"),
         "names the unknown field: {error}"
     );
-    let (status, error) = error_code(
+    let error = expect_error(
         raw("to=+5511999990000", "application/x-www-form-urlencoded")
             .await
             .unwrap(),
+        400,
+        "invalid_json",
     )
     .await;
-    assert_eq!(
-        (status, error["code"].as_str()),
-        (400, Some("invalid_json"))
-    );
     assert!(error["message"].as_str().unwrap().contains("Content-Type"));
 
     let anonymous = o
@@ -631,11 +646,7 @@ async fn bad_input_gets_a_clear_error() {
         .send()
         .await
         .unwrap();
-    let (status, error) = error_code(response).await;
-    assert_eq!(
-        (status, error["code"].as_str()),
-        (503, Some("outbound_disabled"))
-    );
+    let error = expect_error(response, 503, "outbound_disabled").await;
     assert!(
         error["message"]
             .as_str()

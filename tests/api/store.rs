@@ -64,7 +64,6 @@ fn new_call(call_sid: &str, at_ms: i64) -> NewCall<'_> {
         direction: "inbound",
         from: "whatsapp:+5511999990000",
         to: "whatsapp:+558551234567",
-        agent: None,
         status: "ringing",
         at_ms,
     }

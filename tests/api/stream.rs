@@ -199,6 +199,9 @@ async fn speech_while_the_agent_is_silent_does_nothing() {
         .to_owned();
     twilio.echo_mark(&audio_mark).await;
     twilio.echo_mark(&done_mark).await;
+    // The echoes are handled before the caller speaks (the two sockets race otherwise).
+    twilio.media(0, &frame(0, 0)).await;
+    assert_eq!(session.recv().await["type"], "input_audio_buffer.append");
 
     session.send(
         json!({"type":"input_audio_buffer.speech_started","audio_start_ms":0,"item_id":"u1"}),

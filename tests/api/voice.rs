@@ -1,3 +1,6 @@
+use askama::Template;
+use callbridge::twilio::twiml::{ConnectStream, SayHangup};
+
 use crate::helpers::*;
 
 #[tokio::test]
@@ -201,4 +204,40 @@ async fn metrics_are_exposed_in_prometheus_text_format() {
         "{text}"
     );
     assert!(text.contains("# TYPE callbridge_live_calls gauge"));
+}
+
+#[test]
+fn hostile_values_are_escaped_and_parse_back_unchanged() {
+    let hostile = r#"<&"'>"/><Hangup/>"#;
+    let xml = ConnectStream {
+        stream_url: "wss://x.example/stream?a=1&b=2",
+        parameters: &[("from", hostile), (hostile, "v")],
+        apology: hostile,
+    }
+    .render()
+    .unwrap();
+    assert!(!xml.contains(hostile));
+    let twiml = parse_twiml(&xml);
+    assert_eq!(
+        twiml.elements,
+        [
+            "Response",
+            "Connect",
+            "Stream",
+            "Parameter",
+            "Parameter",
+            "Say",
+            "Hangup"
+        ]
+    );
+    assert_eq!(
+        twiml.stream_url.as_deref(),
+        Some("wss://x.example/stream?a=1&b=2")
+    );
+    assert_eq!(twiml.parameters["from"], hostile);
+    assert_eq!(twiml.parameters[hostile], "v");
+    assert_eq!(twiml.say, [hostile]);
+
+    let busy = parse_twiml(&SayHangup { message: hostile }.render().unwrap());
+    assert_eq!(busy.say, [hostile]);
 }
