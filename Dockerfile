@@ -10,11 +10,13 @@ WORKDIR /src
 # Dependencies first, in their own layer: build them against a placeholder crate so that
 # changing our sources does not rebuild every dependency.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src \
+# Cargo.toml names a bench target, so its file must exist for the manifest to load.
+RUN mkdir src benches \
     && echo 'fn main() {}' > src/main.rs \
+    && echo 'fn main() {}' > benches/hot_path.rs \
     && touch src/lib.rs \
     && cargo build --release --locked --bin callbridge \
-    && rm -rf src
+    && rm -rf src benches
 
 # The real sources (src/, templates/, migrations/ if present; see .dockerignore). `touch` makes
 # sure cargo rebuilds our crate instead of trusting the placeholder's newer timestamps.
