@@ -68,6 +68,12 @@ pub struct CallSlot {
     admission: Arc<Admission>,
 }
 
+impl std::fmt::Debug for CallSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CallSlot")
+    }
+}
+
 impl Drop for CallSlot {
     fn drop(&mut self) {
         self.admission

@@ -10,6 +10,8 @@
 use crate::clock::{MS_PER_DAY, rfc3339};
 
 pub const GRANT_VALIDITY_MS: i64 = 7 * MS_PER_DAY;
+/// An unanswered request expires after 7 days; a later answer to it grants nothing.
+pub const REQUEST_VALIDITY_MS: i64 = 7 * MS_PER_DAY;
 pub const REQUEST_SPACING_MS: i64 = MS_PER_DAY;
 pub const REQUEST_WINDOW_MS: i64 = 7 * MS_PER_DAY;
 pub const REQUESTS_PER_WINDOW: usize = 2;

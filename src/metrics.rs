@@ -280,7 +280,7 @@ impl Metrics {
         histogram(
             &mut out,
             "callbridge_openai_connect_seconds",
-            "Time from the Twilio stream being accepted to the OpenAI session being open (it includes waiting for start).",
+            "Time from Twilio's start (token accepted) to the OpenAI session being open: the wait the pre-connect could not hide.",
             &self.openai_connect,
         );
         histogram(

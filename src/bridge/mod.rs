@@ -34,6 +34,9 @@ type TwilioMessage = actix_ws::Message;
 /// Twilio sends a frame every 20 ms; anything near this size is not Twilio.
 pub const MAX_TWILIO_FRAME: usize = 64 * 1024;
 
+/// How long a drain waits for Twilio to confirm each hang-up before closing the stream anyway.
+const SHUTDOWN_HANG_UP_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Log the first few malformed messages of a call in full; after that only count them, so a
 /// misbehaving peer cannot flood the logs.
 const MALFORMED_LOG_LIMIT: u32 = 5;
@@ -71,6 +74,9 @@ pub struct CallSummary {
     pub usage: Usage,
     pub transcript: Vec<TranscriptLine>,
     pub duration: Duration,
+    /// The call's capacity slot, held until whoever ran the call is done with it (a last REST
+    /// hang-up): a drain waits for every slot, so nothing is cut off halfway.
+    pub slot: Option<CallSlot>,
 }
 
 enum Step {
@@ -222,7 +228,8 @@ where
                 connecting = false;
                 match result {
                     Ok((mut tx, rx)) => {
-                        state.metrics.openai_connect.observe(accepted_at.elapsed());
+                        let waited_since = call.started_at.unwrap_or(accepted_at);
+                        state.metrics.openai_connect.observe(waited_since.elapsed());
                         agent_seen = Instant::now();
                         if let Err(error) = call.on_agent_ready(&mut tx).await {
                             tracing::warn!(%error, "the OpenAI session closed while being configured");
@@ -320,6 +327,7 @@ where
         usage: call.usage,
         transcript: call.transcript,
         duration: call.started_at.map_or(Duration::ZERO, |at| at.elapsed()),
+        slot: call.slot,
     }
 }
 
@@ -348,6 +356,16 @@ async fn finish<TS, AS>(
         };
         let _ = tokio::time::timeout(call.settings.close_timeout, close).await;
     }
+    // A deploy is no failure: end the call through Twilio first, so that closing the stream
+    // does not start the apology after `</Connect>`.
+    if let (EndReason::Shutdown, Some(start)) = (reason, &call.started) {
+        let hang_up = call.state.twilio.hang_up(&start.call_sid);
+        match tokio::time::timeout(SHUTDOWN_HANG_UP_TIMEOUT, hang_up).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "cannot hang the call up for the drain"),
+            Err(_) => tracing::warn!("Twilio did not confirm the drain's hang-up in time"),
+        }
+    }
     let code = match reason {
         EndReason::CallerHungUp => CloseCode::Normal,
         EndReason::Unauthorized => CloseCode::Policy,
@@ -364,7 +382,6 @@ async fn finish<TS, AS>(
     };
     let _ = twilio.send(TwilioMessage::Close(Some(reason))).await;
     let _ = twilio.close().await;
-    call.slot.take();
 }
 
 impl Call<'_> {
@@ -725,7 +742,7 @@ impl Call<'_> {
             offset_ms: self.offset_ms(),
             truncated,
         };
-        tracing::info!(
+        tracing::debug!(
             speaker = line.speaker.as_str(),
             offset_ms = line.offset_ms,
             truncated = line.truncated,

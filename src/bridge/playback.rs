@@ -259,7 +259,11 @@ impl Playback {
 
     /// The caller started speaking. `None` when the agent is silent: nothing to interrupt.
     pub fn interrupt(&mut self, session_auto_interrupts: bool) -> Option<Interruption> {
-        if self.items.is_empty() && self.active_response.is_none() {
+        let unplayed = self
+            .items
+            .iter()
+            .any(|item| item.played_bytes < item.sent_bytes);
+        if !unplayed && self.active_response.is_none() {
             return None;
         }
         let mut truncations = Vec::with_capacity(self.items.len());
@@ -298,14 +302,13 @@ impl Playback {
                 remember_bounded(&mut self.discarded, response_id, MAX_DISCARDED);
             }
         }
-        let had_audio = !self.items.is_empty();
         self.items.clear();
         self.pending_marks.clear();
         if self.next_seq > 0 {
             self.cleared_through = Some(self.next_seq);
         }
         Some(Interruption {
-            clear: had_audio,
+            clear: unplayed,
             cancel,
             truncations,
         })
@@ -505,6 +508,19 @@ mod tests {
         assert!(interruption.clear);
         assert!(!interruption.cancel, "no response is active any more");
         assert_eq!(interruption.truncations[0].audio_end_ms, 250);
+    }
+
+    #[test]
+    fn audio_that_all_played_is_not_interrupted_even_without_a_done_mark() {
+        // The response failed before output_audio.done, but Twilio played all that was sent.
+        let mut p = Playback::default();
+        p.response_created("resp_1");
+        let marks = send(&mut p, &audio("resp_1", "item_1"), 400, 200);
+        p.response_done("resp_1");
+        for mark in &marks {
+            p.on_mark(&mark.to_string());
+        }
+        assert!(p.interrupt(true).is_none());
     }
 
     #[test]

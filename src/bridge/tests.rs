@@ -1106,6 +1106,12 @@ async fn twilio_stop_closes_the_openai_session() {
     let summary = h.ended().await;
     assert_eq!(summary.end_reason, EndReason::CallerHungUp);
     assert_eq!(h.metrics().calls_ended(EndReason::CallerHungUp), 1);
+    assert_eq!(
+        h.state.admission.occupancy().live,
+        1,
+        "the summary holds the slot"
+    );
+    drop(summary);
     assert_eq!(h.state.admission.occupancy().live, 0, "the slot is back");
 }
 

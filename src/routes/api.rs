@@ -49,6 +49,8 @@ pub enum ApiError {
         "this user has had {0} connected calls in the last 24 hours, the most allowed (OUTBOUND_CALLS_PER_DAY)"
     )]
     CallLimitReached(u32),
+    #[error("this server cannot take another call now ({0}); retry in a moment")]
+    Unavailable(&'static str),
     #[error("Twilio refused the request: error {code}: {message}")]
     Twilio { code: i64, message: String },
     #[error("Twilio cannot be reached: {0}")]
@@ -105,6 +107,7 @@ impl ApiError {
             Self::PermissionRequestLimited { .. } => "permission_request_limited",
             Self::NoCallPermission(_) => "no_call_permission",
             Self::CallLimitReached(_) => "call_limit_reached",
+            Self::Unavailable(_) => "unavailable",
             Self::Twilio { .. } => "twilio_error",
             Self::TwilioUnreachable(_) => "twilio_unreachable",
             Self::TwilioTimeout => "twilio_timeout",
@@ -122,7 +125,9 @@ impl From<anyhow::Error> for ApiError {
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            Self::Disabled | Self::OutboundDisabled(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Disabled | Self::OutboundDisabled(_) | Self::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::CallNotFound => StatusCode::NOT_FOUND,
             Self::InvalidParameter(_) | Self::InvalidJson(_) => StatusCode::BAD_REQUEST,

@@ -142,6 +142,15 @@ pub async fn place_call(
     {
         return Err(ApiError::InvalidAgent);
     }
+    // The call would reach /voice only to hear the busy message, and still count against the
+    // user's daily limit.
+    if state.lifecycle.is_draining() {
+        return Err(ApiError::Unavailable("it is shutting down"));
+    }
+    let occupancy = state.admission.occupancy();
+    if occupancy.live + occupancy.pending >= state.config.max_concurrent_calls {
+        return Err(ApiError::Unavailable("all call slots are taken"));
+    }
     let now = state.clock.now_ms();
     let permission = state.store.permission(user.as_str()).await?;
     consent::check_call(permission.as_ref(), now)

@@ -61,14 +61,13 @@ pub async fn stream(
 const APOLOGY_GRACE: Duration = Duration::from_secs(10);
 
 /// Closing the stream hands the call back to the TwiML, which apologises and hangs up; if that
-/// TwiML was changed or Twilio keeps the line open, the REST hang-up ends the call for sure. A
-/// drain ends calls at once: the apology is for failures, not for deploys.
+/// TwiML was changed or Twilio keeps the line open, the REST hang-up ends the call for sure.
+/// (A drain hangs up before closing the stream: see `bridge::finish`.)
 async fn make_sure_the_call_ends(state: &AppState, summary: &CallSummary) {
     let Some(call_sid) = &summary.call_sid else {
         return;
     };
     match summary.end_reason {
-        EndReason::Shutdown => {}
         EndReason::AgentFailed | EndReason::AgentUnreachable | EndReason::Timeout => {
             tokio::time::sleep(APOLOGY_GRACE).await;
         }

@@ -11,6 +11,7 @@ use crate::domain::phone::{CallParty, Masked};
 use crate::state::AppState;
 use crate::store::NewCall;
 use crate::store::models::StatusUpdate;
+use crate::twilio::rest::ERROR_NO_CALL_PERMISSION;
 use crate::twilio::twiml::{self, ConnectStream, SayHangup};
 use crate::twilio::webhook::SignedForm;
 
@@ -118,6 +119,9 @@ pub struct StatusCallback {
     from: String,
     #[serde(default)]
     to: String,
+    /// Set on `failed` calls; 37000 means WhatsApp refused for lack of call permission.
+    #[serde(default)]
+    error_code: Option<String>,
 }
 
 /// Stores the status event; Twilio retries callbacks, and a retry (same `SequenceNumber`) is
@@ -128,6 +132,8 @@ pub async fn status(
     SignedForm(event): SignedForm<StatusCallback>,
 ) -> HttpResponse {
     span.record("call_sid", event.call_sid.as_str());
+    let refused_for_permission = event.call_status == "failed"
+        && event.error_code.as_deref() == Some(ERROR_NO_CALL_PERMISSION.to_string().as_str());
     let update = StatusUpdate {
         sequence_number: event
             .sequence_number
@@ -148,6 +154,9 @@ pub async fn status(
                     error = format!("{error:#}"),
                     "cannot count the call's outcome"
                 );
+            }
+            if stored && refused_for_permission {
+                revoke_refused_permission(&state, &update).await;
             }
             tracing::info!(
                 call_status = %update.status,
@@ -181,6 +190,22 @@ async fn count_outbound_outcome(state: &AppState, update: &StatusUpdate) -> anyh
         .store
         .record_outbound_outcome(user.number.as_str(), answered, update.at_ms)
         .await
+}
+
+/// WhatsApp may report a missing permission only after the call was created (Twilio error
+/// 37000 on the `failed` callback): the stored grant is stale, so it is revoked.
+async fn revoke_refused_permission(state: &AppState, update: &StatusUpdate) {
+    let Ok(user) = CallParty::parse(&update.to) else {
+        return;
+    };
+    tracing::warn!(to = %Masked(&update.to), "WhatsApp refused the call for lack of permission: revoking it");
+    if let Err(error) = state
+        .store
+        .revoke_permission(user.number.as_str(), update.at_ms)
+        .await
+    {
+        tracing::error!(error = format!("{error:#}"), "cannot revoke the permission");
+    }
 }
 
 fn twiml_response(document: &impl Template) -> HttpResponse {

@@ -177,7 +177,9 @@ impl Store {
         sqlx::query(
             "INSERT INTO calls (call_sid, direction, from_number, to_number, status, status_rank, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7) \
-             ON CONFLICT (call_sid) DO UPDATE SET direction = $2, from_number = $3, to_number = $4",
+             ON CONFLICT (call_sid) DO UPDATE SET direction = $2, \
+             from_number = CASE WHEN calls.from_number = '' THEN $3 ELSE calls.from_number END, \
+             to_number = CASE WHEN calls.to_number = '' THEN $4 ELSE calls.to_number END",
         )
         .bind(call.call_sid)
         .bind(call.direction)
@@ -235,7 +237,7 @@ impl Store {
              answered_at = CASE WHEN $2 = 2 AND answered_at IS NULL THEN $4 ELSE answered_at END, \
              ended_at = CASE WHEN $5 = 1 THEN COALESCE(ended_at, $4) ELSE ended_at END, \
              duration_secs = COALESCE($6, duration_secs) \
-             WHERE call_sid = $7 AND (status_rank < $2 OR (status_rank = $2 AND status_sequence < $3))",
+             WHERE call_sid = $7 AND (status_rank < $2 OR (status_rank = $2 AND status_sequence <= $3))",
         )
         .bind(&update.status)
         .bind(rank)
@@ -269,7 +271,7 @@ impl Store {
                 .bind(call_sid)
                 .bind(i64::from(line.sequence))
                 .bind(line.speaker.as_str())
-                .bind(&line.text)
+                .bind(storable(&line.text).into_owned())
                 .bind(i64::try_from(line.offset_ms).unwrap_or(i64::MAX))
                 .bind(i64::from(line.truncated)),
                 Record::Event { call_sid, kind, name, detail, at_ms } => sqlx::query(
@@ -278,8 +280,8 @@ impl Store {
                 .bind(random_id())
                 .bind(call_sid)
                 .bind(*kind)
-                .bind(name)
-                .bind(detail)
+                .bind(storable(name).into_owned())
+                .bind(detail.as_deref().map(|d| storable(d).into_owned()))
                 .bind(*at_ms),
                 Record::CallEnded {
                     call_sid,
@@ -321,7 +323,7 @@ impl Store {
             return Ok(None);
         };
         let call = call_from_row(&row)?;
-        let events = sqlx::query(
+        let mut events = sqlx::query(
             "SELECT kind, name, sequence_number, detail, at FROM call_events WHERE call_sid = $1 \
              ORDER BY at, COALESCE(sequence_number, 0), id",
         )
@@ -339,6 +341,7 @@ impl Store {
             })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        order_status_events(&mut events);
         let transcript = sqlx::query(
             "SELECT sequence, speaker, text, offset_ms, truncated FROM transcript_lines \
              WHERE call_sid = $1 ORDER BY sequence",
@@ -418,6 +421,31 @@ fn call_from_row(row: &AnyRow) -> Result<CallRecord, sqlx::Error> {
         output_tokens: row.try_get(14)?,
         total_tokens: row.try_get(15)?,
     })
+}
+
+/// Status callbacks can arrive out of order; Twilio's `SequenceNumber` is their true order. They
+/// keep the places they arrived in among the other events and are re-ordered among themselves.
+fn order_status_events(events: &mut [CallEvent]) {
+    let mut statuses: Vec<CallEvent> = events
+        .iter()
+        .filter(|e| e.kind == "status")
+        .cloned()
+        .collect();
+    statuses.sort_by_key(|e| e.sequence_number);
+    let slots = events.iter_mut().filter(|e| e.kind == "status");
+    for (slot, status) in slots.zip(statuses) {
+        *slot = status;
+    }
+}
+
+/// Postgres refuses NUL in TEXT (SQLite stores it), and one such line would fail a whole batch;
+/// the character carries no meaning in a transcript, so it is dropped.
+fn storable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', ""))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
 }
 
 /// Postgres serialises concurrent migrators with an advisory lock; SQLite has no such lock, so

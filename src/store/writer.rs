@@ -124,12 +124,21 @@ async fn write_batch(store: &Store, batch: &[Record], metrics: &Metrics) {
                     tokio::time::sleep(*delay).await;
                 }
                 None => {
-                    metrics.store_write_failures.add(batch.len() as u64);
                     tracing::error!(
                         error = format!("{error:#}"),
                         records = batch.len(),
-                        "database write failed; records lost"
+                        "database write failed; trying the records one by one"
                     );
+                    // One bad record must not take the rest of the batch with it.
+                    for record in batch {
+                        if let Err(error) = store.apply(std::slice::from_ref(record)).await {
+                            metrics.store_write_failures.inc();
+                            tracing::error!(
+                                error = format!("{error:#}"),
+                                "a record could not be stored"
+                            );
+                        }
+                    }
                     return;
                 }
             },

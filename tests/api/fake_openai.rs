@@ -116,30 +116,23 @@ impl FakeOpenAi {
 impl FakeSession {
     /// The next client event (text frames only; pings are skipped).
     pub async fn recv(&mut self) -> Value {
-        loop {
-            let message = tokio::time::timeout(Duration::from_secs(10), self.received.recv())
-                .await
-                .expect("an event from the bridge")
-                .expect("the socket is open");
-            match message {
-                Message::Text(text) => return serde_json::from_str(text.as_str()).unwrap(),
-                Message::Close(_) => panic!("the bridge closed the session"),
-                _ => continue,
-            }
-        }
+        serde_json::from_str(&self.recv_text().await).unwrap()
     }
 
     /// The next client event's raw text, to compare byte for byte.
     pub async fn recv_text(&mut self) -> String {
-        loop {
-            let message = tokio::time::timeout(Duration::from_secs(10), self.received.recv())
-                .await
-                .expect("an event from the bridge")
-                .expect("the socket is open");
-            if let Message::Text(text) = message {
-                return text.as_str().to_owned();
+        let next_text = async {
+            loop {
+                match self.received.recv().await.expect("the socket is open") {
+                    Message::Text(text) => return text.as_str().to_owned(),
+                    Message::Close(_) => panic!("the bridge closed the session"),
+                    _ => continue,
+                }
             }
-        }
+        };
+        tokio::time::timeout(Duration::from_secs(10), next_text)
+            .await
+            .expect("an event from the bridge within 10 s")
     }
 
     pub fn send(&self, event: Value) {

@@ -132,18 +132,24 @@ impl FakeTwilio {
 
     /// The next JSON message from the bridge; pings are answered as Twilio's stack would.
     pub async fn recv(&mut self) -> Value {
-        loop {
-            let message = tokio::time::timeout(Duration::from_secs(10), self.stream.next())
-                .await
-                .expect("a message from the bridge")
-                .expect("the socket is open")
-                .expect("a valid frame");
-            match message {
-                Message::Text(text) => return serde_json::from_str(text.as_str()).unwrap(),
-                Message::Close(frame) => panic!("the bridge closed the stream: {frame:?}"),
-                _ => continue,
+        let next_text = async {
+            loop {
+                let message = self
+                    .stream
+                    .next()
+                    .await
+                    .expect("the socket is open")
+                    .expect("a valid frame");
+                match message {
+                    Message::Text(text) => return serde_json::from_str(text.as_str()).unwrap(),
+                    Message::Close(frame) => panic!("the bridge closed the stream: {frame:?}"),
+                    _ => continue,
+                }
             }
-        }
+        };
+        tokio::time::timeout(Duration::from_secs(10), next_text)
+            .await
+            .expect("a message from the bridge within 10 s")
     }
 
     /// Waits for the bridge to close the stream; returns the close code if one was sent.

@@ -146,13 +146,14 @@ impl Outbound {
         self.app.post_signed("/messaging", &params).await
     }
 
+    /// The user is asked and accepts: the way every grant comes about.
     async fn grant(&self) {
-        assert_eq!(
-            self.reply(&format!("SM{}", self.clock.now_ms()), "ACCEPTED")
-                .await
-                .status(),
-            204
-        );
+        self.messages_succeed().await;
+        assert_eq!(self.request_permission().await.status(), 201);
+        let reply = self
+            .reply(&format!("SM{}", self.clock.now_ms()), "ACCEPTED")
+            .await;
+        assert_eq!(reply.status(), 204);
     }
 
     /// Twilio accepts message sends.
@@ -345,7 +346,7 @@ async fn no_call_is_placed_without_a_valid_grant() {
         .expect(1)
         .mount(&o.twilio)
         .await;
-    o.grant().await;
+    assert_eq!(o.reply("SM_accept", "ACCEPTED").await.status(), 204);
     let placed = o.place_call(json!({"to": USER})).await;
     assert_eq!(placed.status(), 201);
     let body: Value = placed.json().await.unwrap();
@@ -366,6 +367,8 @@ async fn no_call_is_placed_without_a_valid_grant() {
 async fn a_rejection_blocks_calls_and_retried_replies_count_once() {
     let o = outbound_app(&[]).await;
     o.calls_succeed(1..=1).await;
+    o.messages_succeed().await;
+    assert_eq!(o.request_permission().await.status(), 201);
     assert_eq!(o.reply("SM_a", "ACCEPTED").await.status(), 204);
     o.clock.advance(Duration::from_secs(60));
     assert_eq!(o.reply("SM_b", "REJECTED").await.status(), 204);
@@ -747,4 +750,94 @@ async fn a_failed_send_does_not_use_up_the_days_request() {
     );
     o.messages_succeed().await;
     assert_eq!(o.request_permission().await.status(), 201);
+}
+
+#[tokio::test]
+async fn only_an_answer_to_our_open_request_grants_permission() {
+    let o = outbound_app(&[]).await;
+    o.calls_succeed(1..=1).await;
+    // No request was ever sent: an ACCEPTED payload grants nothing.
+    assert_eq!(o.reply("SM_x", "ACCEPTED").await.status(), 204);
+    expect_error(
+        o.place_call(json!({"to": USER})).await,
+        409,
+        "no_call_permission",
+    )
+    .await;
+
+    o.messages_succeed().await;
+    assert_eq!(o.request_permission().await.status(), 201);
+    // A quick reply from another template that happens to say ACCEPTED grants nothing either.
+    let other_template = form(&[
+        ("MessageSid", "SM_y"),
+        ("From", &format!("whatsapp:{USER}")),
+        ("Body", "Yes, book it"),
+        ("ButtonText", "Yes, book it"),
+        ("ButtonPayload", "ACCEPTED"),
+    ]);
+    assert_eq!(
+        o.app
+            .post_signed("/messaging", &other_template)
+            .await
+            .status(),
+        204
+    );
+    expect_error(
+        o.place_call(json!({"to": USER})).await,
+        409,
+        "no_call_permission",
+    )
+    .await;
+
+    // The request expires after 7 days unanswered.
+    o.clock.advance(7 * DAY);
+    assert_eq!(o.reply("SM_z", "ACCEPTED").await.status(), 204);
+    expect_error(
+        o.place_call(json!({"to": USER})).await,
+        409,
+        "no_call_permission",
+    )
+    .await;
+    assert_eq!(o.calls_json_requests().await, 0);
+}
+
+#[tokio::test]
+async fn no_call_is_placed_while_draining() {
+    let o = outbound_app(&[]).await;
+    o.calls_succeed(1..=1).await;
+    o.grant().await;
+    // An answered call keeps the draining server up long enough to ask it.
+    o.app.answer_call("CA_pending").await;
+    o.app.state.lifecycle.begin_drain();
+    expect_error(o.place_call(json!({"to": USER})).await, 503, "unavailable").await;
+    assert_eq!(o.calls_json_requests().await, 0);
+}
+
+#[tokio::test]
+async fn a_37000_reported_in_the_status_callback_revokes_the_permission() {
+    let o = outbound_app(&[]).await;
+    o.calls_succeed(1..=2).await;
+    o.grant().await;
+    assert_eq!(o.place_call(json!({"to": USER})).await.status(), 201);
+    let params = form(&[
+        ("CallSid", &call_sid(1)),
+        ("AccountSid", ACCOUNT_SID),
+        ("CallStatus", "failed"),
+        ("SequenceNumber", "1"),
+        ("ErrorCode", "37000"),
+        ("Direction", "outbound-api"),
+        ("From", &format!("whatsapp:{BUSINESS}")),
+        ("To", &format!("whatsapp:{USER}")),
+    ]);
+    assert_eq!(
+        o.app.post_signed("/voice/status", &params).await.status(),
+        204
+    );
+    let error = expect_error(
+        o.place_call(json!({"to": USER})).await,
+        409,
+        "no_call_permission",
+    )
+    .await;
+    assert!(error["message"].as_str().unwrap().contains("revoked"));
 }

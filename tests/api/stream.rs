@@ -140,38 +140,49 @@ async fn barge_in_clears_twilio_truncates_at_played_plus_50_and_drops_late_delta
         json!({"type":"conversation.item.truncate","item_id":"item_1","content_index":0,"audio_end_ms":1250})
     );
 
-    // Twilio echoes the cleared marks; then late deltas of the interrupted response arrive.
-    for name in &mark_names[12..] {
-        twilio.echo_mark(name).await;
-    }
+    // Late deltas of the interrupted response arrive, then the next response starts.
     for _ in 0..5 {
         session.send(delta("resp_1", "item_1", &agent_audio(100, 0x11)));
     }
     session.send(json!({"type":"response.done","response":{"id":"resp_1","status":"cancelled"}}));
-    // The next response plays normally, and its audio is the first thing Twilio gets.
     session
         .send(json!({"type":"response.created","response":{"id":"resp_2","status":"in_progress"}}));
     session.send(delta("resp_2", "item_2", &agent_audio(100, 0x22)));
+    session.send(delta("resp_2", "item_2", &agent_audio(100, 0x33)));
     let next = twilio.recv().await;
     assert_eq!(
         next["media"]["payload"],
         agent_audio(100, 0x22),
         "late deltas of resp_1 never reach Twilio"
     );
-    let next_mark = twilio.recv().await["mark"]["name"]
+    let first_mark = twilio.recv().await["mark"]["name"]
         .as_str()
         .unwrap()
         .to_owned();
-    twilio.echo_mark(&next_mark).await;
+    assert_eq!(
+        twilio.recv().await["media"]["payload"],
+        agent_audio(100, 0x33)
+    );
+    twilio.recv().await;
+
+    // Twilio's echoes of the cleared marks arrive interleaved with the new response's echo;
+    // only the latter counts as played.
+    for name in &mark_names[12..20] {
+        twilio.echo_mark(name).await;
+    }
+    twilio.echo_mark(&first_mark).await;
+    for name in &mark_names[20..] {
+        twilio.echo_mark(name).await;
+    }
     twilio.media(1, &frame(0, 1)).await;
     assert_eq!(session.recv().await["type"], "input_audio_buffer.append");
 
-    // The cleared echoes did not count as played: a second barge-in truncates item_2 only.
+    // A second barge-in truncates item_2 at what played (100 ms) + 50 ms, of 200 ms sent.
     session.send(json!({"type":"input_audio_buffer.speech_started","audio_start_ms":5000,"item_id":"item_user2"}));
     assert_eq!(twilio.recv().await["event"], "clear");
     assert_eq!(
         session.recv().await,
-        json!({"type":"conversation.item.truncate","item_id":"item_2","content_index":0,"audio_end_ms":100})
+        json!({"type":"conversation.item.truncate","item_id":"item_2","content_index":0,"audio_end_ms":150})
     );
     assert_eq!(app.state.metrics.barge_ins.get(), 2);
     assert_eq!(app.state.metrics.dropped_interrupted_deltas.get(), 5);
