@@ -11,6 +11,7 @@ pub mod config;
 pub mod consent;
 pub mod domain;
 pub mod error;
+pub mod json;
 pub mod lifecycle;
 pub mod metrics;
 pub mod openai;

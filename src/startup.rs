@@ -44,6 +44,8 @@ impl Application {
                 .app_data(data.clone())
                 .configure(routes::configure)
         })
+        // Media frames are small and latency-bound: never hold one back to coalesce it.
+        .tcp_nodelay(true)
         .disable_signals()
         .shutdown_timeout(CLOSE_GRACE.as_secs())
         .listen(listener)?

@@ -17,6 +17,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+
 /// Connecting longer than this means the caller is already listening to silence.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -96,7 +98,12 @@ impl AgentDialer for RealtimeDialer {
                 )
             })?;
         request.headers_mut().insert("authorization", bearer);
-        let config = WebSocketConfig::default().max_message_size(Some(16 << 20));
+        // tungstenite zero-fills its whole read buffer before every read; the 128 KiB default
+        // was most of a call's memory and its largest CPU cost (profiled in the benchmark).
+        // Realtime events are a few KiB, and larger ones still arrive over several reads.
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(16 << 20))
+            .read_buffer_size(READ_BUFFER_BYTES);
         let handshake =
             tokio_tungstenite::client_async_with_config(request, transport, Some(config));
         let (socket, _response) = tokio::time::timeout(CONNECT_TIMEOUT, handshake)

@@ -8,6 +8,8 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
+use crate::json;
+
 /// A server event, classified; only what the bridge acts on has its own variant.
 #[derive(Debug, PartialEq)]
 pub enum ServerEvent<'a> {
@@ -348,16 +350,11 @@ pub fn session_update(settings: &SessionSettings<'_>) -> String {
 
 /// `input_audio_buffer.append` carrying the caller's base64 µ-law exactly as Twilio sent it.
 pub fn append_audio(audio: &str) -> String {
-    #[derive(Serialize)]
-    struct Append<'a> {
-        #[serde(rename = "type")]
-        kind: &'static str,
-        audio: &'a str,
-    }
-    to_json(&Append {
-        kind: "input_audio_buffer.append",
-        audio,
-    })
+    let mut out = String::with_capacity(48 + audio.len());
+    out.push_str(r#"{"type":"input_audio_buffer.append","audio":""#);
+    json::push_str_content(&mut out, audio);
+    out.push_str(r#""}"#);
+    out
 }
 
 pub fn truncate(item_id: &str, content_index: u32, audio_end_ms: u64) -> String {

@@ -9,7 +9,9 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+
+use crate::json;
 
 /// A message from Twilio, already classified.
 #[derive(Debug, PartialEq)]
@@ -101,68 +103,33 @@ pub fn parse(text: &str) -> Result<Inbound<'_>, InboundError> {
     })
 }
 
-#[derive(Serialize)]
-struct Outbound<'a, B: Serialize> {
-    event: &'static str,
-    #[serde(rename = "streamSid")]
-    stream_sid: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    media: Option<B>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    mark: Option<B>,
-}
-
-#[derive(Serialize)]
-struct PayloadBody<'a> {
-    payload: &'a str,
-}
-
-#[derive(Serialize)]
-struct NameBody<N: Serialize> {
-    name: N,
-}
-
-/// Serialises any `Display` value as a JSON string without an intermediate `String`.
-struct AsJsonString<D>(D);
-
-impl<D: fmt::Display> Serialize for AsJsonString<D> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(&self.0)
-    }
-}
-
 /// `{"event":"media","streamSid":…,"media":{"payload":…}}` with the payload copied unchanged.
 pub fn media(stream_sid: &str, payload: &str) -> String {
-    to_json(&Outbound {
-        event: "media",
-        stream_sid,
-        media: Some(PayloadBody { payload }),
-        mark: None,
-    })
+    let mut out = String::with_capacity(64 + stream_sid.len() + payload.len());
+    out.push_str(r#"{"event":"media","streamSid":""#);
+    json::push_str_content(&mut out, stream_sid);
+    out.push_str(r#"","media":{"payload":""#);
+    json::push_str_content(&mut out, payload);
+    out.push_str(r#""}}"#);
+    out
 }
 
 pub fn mark(stream_sid: &str, name: impl fmt::Display) -> String {
-    to_json(&Outbound {
-        event: "mark",
-        stream_sid,
-        media: None,
-        mark: Some(NameBody {
-            name: AsJsonString(name),
-        }),
-    })
+    let mut out = String::with_capacity(64 + stream_sid.len());
+    out.push_str(r#"{"event":"mark","streamSid":""#);
+    json::push_str_content(&mut out, stream_sid);
+    out.push_str(r#"","mark":{"name":""#);
+    json::push_display_content(&mut out, name);
+    out.push_str(r#""}}"#);
+    out
 }
 
 pub fn clear(stream_sid: &str) -> String {
-    to_json(&Outbound::<PayloadBody<'_>> {
-        event: "clear",
-        stream_sid,
-        media: None,
-        mark: None,
-    })
-}
-
-fn to_json(value: &impl Serialize) -> String {
-    serde_json::to_string(value).expect("plain structs of strings always serialise")
+    let mut out = String::with_capacity(40 + stream_sid.len());
+    out.push_str(r#"{"event":"clear","streamSid":""#);
+    json::push_str_content(&mut out, stream_sid);
+    out.push_str(r#""}"#);
+    out
 }
 
 #[cfg(test)]
@@ -255,6 +222,12 @@ mod tests {
             r#"{"event":"mark","streamSid":"MZ1","mark":{"name":"m1"}}"#
         );
         assert_eq!(clear("MZ1"), r#"{"event":"clear","streamSid":"MZ1"}"#);
+        // Whatever a peer sent, the output is valid JSON carrying it unchanged.
+        let odd: serde_json::Value = serde_json::from_str(&media("MZ\"1", "a\\b")).unwrap();
+        assert_eq!(
+            (odd["streamSid"].as_str(), odd["media"]["payload"].as_str()),
+            (Some("MZ\"1"), Some("a\\b"))
+        );
     }
 
     proptest! {
