@@ -49,6 +49,8 @@ pub enum ApiError {
         "this user has had {0} connected calls in the last 24 hours, the most allowed (OUTBOUND_CALLS_PER_DAY)"
     )]
     CallLimitReached(u32),
+    #[error("another call to this user is being placed right now; retry in a few seconds")]
+    CallBeingPlaced,
     #[error("this server cannot take another call now ({0}); retry in a moment")]
     Unavailable(&'static str),
     #[error("Twilio refused the request: error {code}: {message}")]
@@ -108,6 +110,7 @@ impl ApiError {
             Self::NoCallPermission(_) => "no_call_permission",
             Self::CallLimitReached(_) => "call_limit_reached",
             Self::Unavailable(_) => "unavailable",
+            Self::CallBeingPlaced => "call_in_progress",
             Self::Twilio { .. } => "twilio_error",
             Self::TwilioUnreachable(_) => "twilio_unreachable",
             Self::TwilioTimeout => "twilio_timeout",
@@ -137,7 +140,7 @@ impl ResponseError for ApiError {
             Self::PermissionRequestLimited { .. } | Self::CallLimitReached(_) => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            Self::NoCallPermission(_) => StatusCode::CONFLICT,
+            Self::NoCallPermission(_) | Self::CallBeingPlaced => StatusCode::CONFLICT,
             Self::Twilio { .. } | Self::TwilioUnreachable(_) => StatusCode::BAD_GATEWAY,
             Self::TwilioTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -17,6 +17,9 @@ const MAX_CONTEXT_BYTES: usize = 4096;
 const MAX_AGENT_CHARS: usize = 64;
 /// How long a WhatsApp user's phone rings before the call counts as unanswered.
 const RING_TIMEOUT_SECS: &str = "30";
+/// Longer than placing a call takes (Twilio's REST timeout is 10 s), so a crashed request
+/// cannot block a user for long.
+const PLACING_LEASE_MS: i64 = 30_000;
 
 /// What outbound calling needs from the configuration.
 struct Outbound<'a> {
@@ -155,13 +158,38 @@ pub async fn place_call(
     let permission = state.store.permission(user.as_str()).await?;
     consent::check_call(permission.as_ref(), now)
         .map_err(|refusal| ApiError::NoCallPermission(refusal.message()))?;
+    // Checking the daily limit and creating the call happen under a short per-user lease, so
+    // two requests (even on two machines) cannot both pass the check.
+    let lease_until = now + PLACING_LEASE_MS;
+    if !state
+        .store
+        .claim_call_placing(user.as_str(), now, lease_until)
+        .await?
+    {
+        return Err(ApiError::CallBeingPlaced);
+    }
+    let placed = place_under_lease(&state, &outbound, &user, &body, now).await;
+    state
+        .store
+        .release_call_placing(user.as_str(), lease_until)
+        .await?;
+    placed
+}
+
+async fn place_under_lease(
+    state: &AppState,
+    outbound: &Outbound<'_>,
+    user: &E164,
+    body: &PlaceCall,
+    now: i64,
+) -> Result<HttpResponse, ApiError> {
     let to = user.whatsapp_address();
     let limit = state.config.outbound_calls_per_day;
-    let connected = state
+    let counted = state
         .store
-        .connected_outbound_calls_since(&to, now - MS_PER_DAY)
+        .outbound_calls_counted_since(&to, now - MS_PER_DAY)
         .await?;
-    if connected >= i64::from(limit) {
+    if counted >= i64::from(limit) {
         return Err(ApiError::CallLimitReached(limit));
     }
 

@@ -230,20 +230,51 @@ impl Store {
         Ok(())
     }
 
-    /// Outbound calls to `to` that connected (were answered) since `since_ms`.
-    pub async fn connected_outbound_calls_since(
+    /// Outbound calls to `to` since `since_ms` that connected, or may still connect (placed and
+    /// not yet ended): a call still ringing counts, or quick successive calls would all pass.
+    pub async fn outbound_calls_counted_since(
         &self,
         to: &str,
         since_ms: i64,
     ) -> anyhow::Result<i64> {
         let row = sqlx::query(
-            "SELECT COUNT(*) FROM calls WHERE to_number = $1 AND direction = 'outbound-api' AND answered_at > $2",
+            "SELECT COUNT(*) FROM calls WHERE to_number = $1 AND direction = 'outbound-api' \
+             AND (answered_at > $2 OR (answered_at IS NULL AND status_rank < 3 AND created_at > $2))",
         )
         .bind(to)
         .bind(since_ms)
         .fetch_one(self.pool())
         .await?;
         Ok(row.try_get(0)?)
+    }
+
+    /// Takes the user's placing lease until `until_ms`; `false` if another request holds it.
+    pub async fn claim_call_placing(
+        &self,
+        user: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> anyhow::Result<bool> {
+        let claimed = sqlx::query(
+            "UPDATE call_permissions SET placing_until = $2 \
+             WHERE user_number = $1 AND (placing_until IS NULL OR placing_until <= $3)",
+        )
+        .bind(user)
+        .bind(until_ms)
+        .bind(now_ms)
+        .execute(self.pool())
+        .await?
+        .rows_affected();
+        Ok(claimed == 1)
+    }
+
+    pub async fn release_call_placing(&self, user: &str, until_ms: i64) -> anyhow::Result<()> {
+        sqlx::query("UPDATE call_permissions SET placing_until = NULL WHERE user_number = $1 AND placing_until = $2")
+            .bind(user)
+            .bind(until_ms)
+            .execute(self.pool())
+            .await?;
+        Ok(())
     }
 
     pub async fn record_outbound_call(&self, call: &OutboundCall<'_>) -> anyhow::Result<()> {

@@ -841,3 +841,49 @@ async fn a_37000_reported_in_the_status_callback_revokes_the_permission() {
     .await;
     assert!(error["message"].as_str().unwrap().contains("revoked"));
 }
+
+#[tokio::test]
+async fn calls_still_ringing_count_toward_the_daily_limit() {
+    let o = outbound_app(&[]).await;
+    o.calls_succeed(1..=6).await;
+    o.grant().await;
+    for n in 1..=5 {
+        assert_eq!(
+            o.place_call(json!({"to": USER})).await.status(),
+            201,
+            "call {n}"
+        );
+        o.status(&call_sid(n), "ringing", 1).await;
+    }
+    expect_error(
+        o.place_call(json!({"to": USER})).await,
+        429,
+        "call_limit_reached",
+    )
+    .await;
+    assert_eq!(o.calls_json_requests().await, 5);
+}
+
+#[tokio::test]
+async fn two_simultaneous_calls_to_one_user_place_one() {
+    let o = outbound_app(&[]).await;
+    o.grant().await;
+    Mock::given(method("POST"))
+        .and(path(account_path("Calls.json")))
+        .respond_with(
+            ResponseTemplate::new(201)
+                .set_body_json(json!({"sid": call_sid(1), "status": "queued"}))
+                .set_delay(Duration::from_millis(300)),
+        )
+        .expect(1)
+        .mount(&o.twilio)
+        .await;
+    let (a, b) = tokio::join!(
+        o.place_call(json!({"to": USER})),
+        o.place_call(json!({"to": USER}))
+    );
+    let mut statuses = [a.status().as_u16(), b.status().as_u16()];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [201, 409]);
+    o.twilio.verify().await;
+}

@@ -454,13 +454,13 @@ mod permissions {
                 }
             }
             assert_eq!(
-                store.connected_outbound_calls_since(&to, T0).await.unwrap(),
-                2,
-                "{url}"
+                store.outbound_calls_counted_since(&to, T0).await.unwrap(),
+                3,
+                "two answered, one still ringing: {url}"
             );
             assert_eq!(
                 store
-                    .connected_outbound_calls_since(&to, T0 + 150)
+                    .outbound_calls_counted_since(&to, T0 + 150)
                     .await
                     .unwrap(),
                 1
