@@ -205,7 +205,7 @@ mod tests {
     ) -> String {
         let token = admission.issue(Instant::now()).unwrap();
         store
-            .insert_stream_token(&token, call_sid, now_ms() + ttl_ms)
+            .issue_stream_token(&token, call_sid, 0, now_ms() + ttl_ms)
             .await
             .unwrap();
         token

@@ -233,7 +233,7 @@ impl Harness {
         let ttl_ms = i64::try_from(STREAM_TOKEN_TTL.as_millis()).unwrap();
         state
             .store
-            .insert_stream_token(&token, CALL_SID, SystemClock.now_ms() + ttl_ms)
+            .issue_stream_token(&token, CALL_SID, 0, SystemClock.now_ms() + ttl_ms)
             .await
             .expect("the stream token is stored");
 

@@ -48,7 +48,24 @@ pub async fn voice(
             message: twiml::BUSY,
         });
     }
-    let token = match state.admission.issue(Instant::now()) {
+    // Signatures carry no nonce, so a captured /voice request can be replayed: a call whose
+    // stream has started (or that has ended) never gets another one.
+    match state.store.stream_started_or_ended(&call.call_sid).await {
+        Ok(false) => {}
+        Ok(true) => {
+            tracing::warn!("refused /voice for a call whose stream already started or that ended");
+            return twiml_response(&SayHangup {
+                message: twiml::APOLOGY,
+            });
+        }
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "cannot read the call");
+            return twiml_response(&SayHangup {
+                message: twiml::APOLOGY,
+            });
+        }
+    }
+    let candidate = match state.admission.issue(Instant::now()) {
         Ok(token) => token,
         Err(refusal) => {
             state.metrics.calls_refused_busy.inc();
@@ -60,19 +77,26 @@ pub async fn voice(
     };
     let now = state.clock.now_ms();
     let ttl_ms = i64::try_from(STREAM_TOKEN_TTL.as_millis()).unwrap_or(i64::MAX);
-    if let Err(error) = state
+    let token = match state
         .store
-        .insert_stream_token(&token, &call.call_sid, now + ttl_ms)
+        .issue_stream_token(&candidate, &call.call_sid, now, now + ttl_ms)
         .await
     {
-        state.admission.release(&token);
-        tracing::error!(
-            error = format!("{error:#}"),
-            "cannot store the stream token"
-        );
-        return twiml_response(&SayHangup {
-            message: twiml::APOLOGY,
-        });
+        Ok(token) => token,
+        Err(error) => {
+            state.admission.release(&candidate);
+            tracing::error!(
+                error = format!("{error:#}"),
+                "cannot store the stream token"
+            );
+            return twiml_response(&SayHangup {
+                message: twiml::APOLOGY,
+            });
+        }
+    };
+    if token != candidate {
+        // A retry of this call's webhook: it keeps its first token (and that one's slot).
+        state.admission.release(&candidate);
     }
     let record = NewCall {
         call_sid: &call.call_sid,

@@ -136,19 +136,44 @@ impl Store {
         &self.pool
     }
 
-    pub async fn insert_stream_token(
+    /// Binds `candidate` to the call unless the call already has an unexpired token, and
+    /// returns the call's token either way: Twilio retrying `/voice` (or anyone replaying it)
+    /// gets the same single-use token, never a second one.
+    pub async fn issue_stream_token(
         &self,
-        token: &str,
+        candidate: &str,
         call_sid: &str,
+        now_ms: i64,
         expires_at_ms: i64,
-    ) -> anyhow::Result<()> {
-        sqlx::query("INSERT INTO stream_tokens (token, call_sid, expires_at) VALUES ($1, $2, $3)")
-            .bind(token)
+    ) -> anyhow::Result<String> {
+        sqlx::query(
+            "INSERT INTO stream_tokens (token, call_sid, expires_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (call_sid) DO UPDATE SET token = excluded.token, expires_at = excluded.expires_at \
+             WHERE stream_tokens.expires_at <= $4",
+        )
+        .bind(candidate)
+        .bind(call_sid)
+        .bind(expires_at_ms)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        let row = sqlx::query("SELECT token FROM stream_tokens WHERE call_sid = $1")
             .bind(call_sid)
-            .bind(expires_at_ms)
-            .execute(&self.pool)
+            .fetch_one(&self.pool)
             .await?;
-        Ok(())
+        Ok(row.try_get(0)?)
+    }
+
+    /// Whether the call's media stream has already started, or the call has ended: either way
+    /// no new stream may be opened for it.
+    pub async fn stream_started_or_ended(&self, call_sid: &str) -> anyhow::Result<bool> {
+        let row = sqlx::query(
+            "SELECT 1 FROM calls WHERE call_sid = $1 AND (stream_sid IS NOT NULL OR status_rank = 3)",
+        )
+        .bind(call_sid)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
     }
 
     /// Removes the token and returns what it was bound to: `(call_sid, expires_at_ms)`. Atomic,

@@ -84,11 +84,11 @@ async fn stream_tokens_are_single_use_and_expire() {
     for url in fresh_databases().await {
         let store = Store::connect(&url).await.unwrap();
         store
-            .insert_stream_token("tok1", "CA1", 5_000)
+            .issue_stream_token("tok1", "CA1", 0, 5_000)
             .await
             .unwrap();
         store
-            .insert_stream_token("tok2", "CA2", 1_000)
+            .issue_stream_token("tok2", "CA2", 0, 1_000)
             .await
             .unwrap();
         assert_eq!(
@@ -101,6 +101,26 @@ async fn stream_tokens_are_single_use_and_expire() {
             "{url}"
         );
         assert_eq!(store.purge_expired_tokens(2_000).await.unwrap(), 1);
+        // One token per call: a second issue returns the first, until it has expired.
+        let first = store
+            .issue_stream_token("tok3", "CA3", 0, 100)
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .issue_stream_token("tok4", "CA3", 50, 150)
+                .await
+                .unwrap(),
+            first
+        );
+        assert_eq!(
+            store
+                .issue_stream_token("tok5", "CA3", 100, 200)
+                .await
+                .unwrap(),
+            "tok5",
+            "{url}"
+        );
         assert_eq!(store.take_stream_token("tok2").await.unwrap(), None);
     }
 }
@@ -293,7 +313,7 @@ async fn several_instances_can_start_against_one_database() {
         );
         let (a, b) = (a.unwrap(), b.unwrap());
         c.unwrap();
-        a.insert_stream_token("shared", "CA1", i64::MAX)
+        a.issue_stream_token("shared", "CA1", 0, i64::MAX)
             .await
             .unwrap();
         assert_eq!(

@@ -43,7 +43,7 @@ async fn signed_voice_webhook_gets_twiml_that_connects_the_stream() {
 }
 
 #[tokio::test]
-async fn plain_phone_numbers_are_accepted_and_http_base_urls_give_ws() {
+async fn plain_phone_number_calls_are_answered_and_http_base_urls_give_ws() {
     let app = spawn_app(&[("PUBLIC_BASE_URL", "http://localhost:8080")]).await;
     let params = form(&[
         ("CallSid", "CA0002"),
@@ -240,4 +240,31 @@ fn hostile_values_are_escaped_and_parse_back_unchanged() {
 
     let busy = parse_twiml(&SayHangup { message: hostile }.render().unwrap());
     assert_eq!(busy.say, [hostile]);
+}
+
+#[tokio::test]
+async fn a_replayed_voice_webhook_gets_the_same_token_and_none_after_the_stream_started() {
+    let app = spawn_app(&[]).await;
+    let first = app.answer_call("CA0041").await;
+    let retry = app.answer_call("CA0041").await;
+    assert_eq!(
+        first, retry,
+        "one token per call, however often /voice is requested"
+    );
+    assert_eq!(app.state.admission.occupancy().pending, 1);
+
+    let started = callbridge::store::Record::StreamStarted {
+        call_sid: "CA0041".into(),
+        stream_sid: "MZ0041".into(),
+        at_ms: 1,
+    };
+    app.state.records.record(started);
+    app.state.records.flush().await;
+    let replay = app.post_signed("/voice", &voice_form("CA0041")).await;
+    let twiml = parse_twiml(&replay.text().await.unwrap());
+    assert_eq!(
+        twiml.elements,
+        ["Response", "Say", "Hangup"],
+        "no new stream for a started call"
+    );
 }
