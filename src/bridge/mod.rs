@@ -26,7 +26,7 @@ use crate::openai::events::{self, ErrorSeverity, ServerEvent, SessionSettings, U
 use crate::state::AppState;
 use crate::store::Record;
 use crate::twilio::media::{self, Inbound, Start};
-use playback::{BYTES_PER_MS, Playback, base64_decoded_len};
+use playback::{BYTES_PER_MS, LineCorrection, Playback, base64_decoded_len};
 use transcript::{Speaker, TranscriptLine};
 
 type TwilioMessage = actix_ws::Message;
@@ -302,8 +302,8 @@ where
 
     finish(&mut call, reason, &mut twilio_tx, agent_tx.as_mut()).await;
     state.metrics.call_ended(reason);
-    let unheard_yet = call.playback.release_all_lines();
-    call.record_agent_lines(unheard_yet).await;
+    let cut_off = call.playback.finish();
+    call.apply_corrections(cut_off).await;
     if let Some(start) = &call.started {
         call.record_event("stream", "ended", Some(reason.label().to_owned()));
         let usage = call.usage;
@@ -427,8 +427,6 @@ impl Call<'_> {
             Inbound::Mark { name } => {
                 let echo = self.playback.on_mark(&name);
                 tracing::trace!(mark = %name, ?echo, "mark echoed");
-                let lines = self.playback.take_released_lines();
-                self.record_agent_lines(lines).await;
                 Step::Continue
             }
             Inbound::Start(start) => self.on_start(start).await,
@@ -624,9 +622,14 @@ impl Call<'_> {
                 item_id,
                 transcript,
             } => {
-                self.playback.agent_transcript(&item_id, transcript);
-                let lines = self.playback.take_released_lines();
-                self.record_agent_lines(lines).await;
+                let transcript = transcript.trim().to_owned();
+                if !transcript.is_empty() {
+                    let sequence = self.next_line_sequence();
+                    let (text, truncated) = self
+                        .playback
+                        .agent_transcript(&item_id, transcript, sequence);
+                    self.record_line(Speaker::Agent, text, truncated).await;
+                }
                 true
             }
             ServerEvent::CallerTranscriptDone { transcript } => {
@@ -682,8 +685,8 @@ impl Call<'_> {
         };
         self.state.metrics.barge_ins.inc();
         tracing::debug!(?interruption, "caller barged in");
-        let lines = self.playback.take_released_lines();
-        self.record_agent_lines(lines).await;
+        let corrections = self.playback.take_corrections();
+        self.apply_corrections(corrections).await;
         // Silence first: stopping playback is what the caller notices.
         if interruption.clear {
             let clear = media::clear(self.stream_sid());
@@ -724,9 +727,28 @@ impl Call<'_> {
         }
     }
 
-    async fn record_agent_lines(&mut self, lines: Vec<(String, bool)>) {
-        for (text, truncated) in lines {
-            self.record_line(Speaker::Agent, text, truncated).await;
+    fn next_line_sequence(&self) -> u32 {
+        u32::try_from(self.transcript.len() + 1).unwrap_or(u32::MAX)
+    }
+
+    /// Replaces recorded agent lines with what the caller actually heard of them.
+    async fn apply_corrections(&mut self, corrections: Vec<LineCorrection>) {
+        for correction in corrections {
+            let index = correction.sequence as usize - 1;
+            let Some(line) = self.transcript.get_mut(index) else {
+                continue;
+            };
+            line.text.clone_from(&correction.text);
+            line.truncated = correction.truncated;
+            if let Some(start) = &self.started {
+                let record = Record::TranscriptCorrection {
+                    call_sid: start.call_sid.clone(),
+                    sequence: correction.sequence,
+                    text: correction.text,
+                    truncated: correction.truncated,
+                };
+                self.state.records.record_transcript(record).await;
+            }
         }
     }
 
@@ -736,7 +758,7 @@ impl Call<'_> {
             return;
         }
         let line = TranscriptLine {
-            sequence: self.transcript.len() as u32 + 1,
+            sequence: self.next_line_sequence(),
             speaker,
             text,
             offset_ms: self.offset_ms(),

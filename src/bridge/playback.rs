@@ -59,19 +59,21 @@ struct PlayItem {
     content_index: u32,
     sent_bytes: u64,
     played_bytes: u64,
-    /// The agent's transcript of this item, held until we know how much of it was heard.
-    transcript: Option<String>,
+    /// The agent's line for this item, already recorded in full, kept until we know how much
+    /// of it was heard: `(line sequence, text)`.
+    transcript: Option<(u32, String)>,
 }
 
 impl PlayItem {
-    /// The held transcript, cut to the share of the audio heard so far.
-    fn release_transcript(&mut self) -> Option<(String, bool)> {
-        let text = self.transcript.take()?;
-        Some(cut_to_share(
+    /// A correction for the held line, if the caller heard less than all of it by `heard_ms`.
+    fn correct_transcript(&mut self, heard_ms: u64) -> Option<LineCorrection> {
+        let (sequence, text) = self.transcript.take()?;
+        let (text, truncated) = cut_to_share(text, heard_ms, self.sent_bytes / BYTES_PER_MS);
+        truncated.then_some(LineCorrection {
+            sequence,
             text,
-            self.played_bytes / BYTES_PER_MS,
-            self.sent_bytes / BYTES_PER_MS,
-        ))
+            truncated,
+        })
     }
 
     fn is(&self, audio: &AudioRef<'_>) -> bool {
@@ -144,8 +146,16 @@ pub struct Playback {
     active_response: Option<String>,
     discarded: Vec<String>,
     truncated: Vec<TruncatedItem>,
-    /// Agent lines whose fate is now known (heard in full, or cut by a barge-in).
-    released_lines: Vec<(String, bool)>,
+    /// Recorded agent lines that turned out to be cut short.
+    corrections: Vec<LineCorrection>,
+}
+
+/// A recorded agent line replaced by what the caller actually heard of it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct LineCorrection {
+    pub sequence: u32,
+    pub text: String,
+    pub truncated: bool,
 }
 
 impl Playback {
@@ -243,9 +253,8 @@ impl Playback {
                     item.played_bytes = item.played_bytes.max(end_bytes);
                 }
                 (MarkKind::Done, Some(i)) => {
-                    let mut item = self.items.remove(i);
-                    item.played_bytes = item.sent_bytes;
-                    self.released_lines.extend(item.release_transcript());
+                    // Heard to the end: the line as recorded stands.
+                    self.items.remove(i);
                     outcome = MarkEcho::Finished;
                 }
                 (_, None) => {}
@@ -274,14 +283,12 @@ impl Playback {
                 content_index: item.content_index,
                 audio_end_ms,
             });
-            match item.transcript.take() {
-                Some(text) => {
-                    let generated_ms = item.sent_bytes / BYTES_PER_MS;
-                    let line = cut_to_share(text, audio_end_ms, generated_ms);
-                    self.released_lines.push(line);
-                }
+            match item.transcript.is_some() {
+                true => self
+                    .corrections
+                    .extend(item.correct_transcript(audio_end_ms)),
                 // The transcript is still to come: remember how much was heard.
-                None => remember_bounded(
+                false => remember_bounded(
                     &mut self.truncated,
                     TruncatedItem {
                         item_id: item.item_id.clone(),
@@ -314,36 +321,40 @@ impl Playback {
         })
     }
 
-    /// Takes the agent's transcript for `item_id`. If the item was interrupted, the line is cut
-    /// to the share of its audio the caller heard; if it is still playing, the line is held
-    /// until that is known. Released lines come out of `take_released_lines`.
-    pub fn agent_transcript(&mut self, item_id: &str, transcript: String) {
+    /// The agent's transcript for `item_id`, to be recorded now as line `sequence`: cut to
+    /// what was heard if the item was already interrupted. If its audio is still playing, the
+    /// line is recorded in full and remembered, and a `LineCorrection` follows if the caller
+    /// ends up hearing less (recording at once is what makes the line durable).
+    pub fn agent_transcript(
+        &mut self,
+        item_id: &str,
+        transcript: String,
+        sequence: u32,
+    ) -> (String, bool) {
         if let Some(index) = self.truncated.iter().position(|t| t.item_id == item_id) {
             let truncated = self.truncated.remove(index);
             let generated_ms = truncated.generated_bytes / BYTES_PER_MS;
-            let line = cut_to_share(transcript, truncated.played_ms, generated_ms);
-            self.released_lines.push(line);
-        } else if let Some(item) = self.items.iter_mut().find(|item| item.item_id == item_id) {
-            item.transcript = Some(transcript);
-        } else {
-            self.released_lines.push((transcript, false));
+            return cut_to_share(transcript, truncated.played_ms, generated_ms);
         }
+        if let Some(item) = self.items.iter_mut().find(|item| item.item_id == item_id) {
+            item.transcript = Some((sequence, transcript.clone()));
+        }
+        (transcript, false)
     }
 
-    /// Agent lines ready to record, in the order their fate became known: `(text, was_cut)`.
-    pub fn take_released_lines(&mut self) -> Vec<(String, bool)> {
-        std::mem::take(&mut self.released_lines)
+    /// Corrections to recorded agent lines, in the order they became known.
+    pub fn take_corrections(&mut self) -> Vec<LineCorrection> {
+        std::mem::take(&mut self.corrections)
     }
 
-    /// The call is over: every held line is released, cut to what had been heard by then.
-    pub fn release_all_lines(&mut self) -> Vec<(String, bool)> {
-        let held = self
-            .items
-            .iter_mut()
-            .filter_map(PlayItem::release_transcript);
-        let mut lines = std::mem::take(&mut self.released_lines);
-        lines.extend(held);
-        lines
+    /// The call is over: lines whose audio was still playing are cut to what had been heard.
+    pub fn finish(&mut self) -> Vec<LineCorrection> {
+        let mut corrections = std::mem::take(&mut self.corrections);
+        for item in &mut self.items {
+            let heard_ms = item.played_bytes / BYTES_PER_MS;
+            corrections.extend(item.correct_transcript(heard_ms));
+        }
+        corrections
     }
 }
 
@@ -617,54 +628,64 @@ mod tests {
         }
         p.interrupt(true).unwrap(); // heard 950 ms of 2000 ms generated so far
         p.on_delta(&a, 2000 * BYTES_PER_MS); // the rest arrives late and is dropped: 4000 ms in all
-        p.agent_transcript("item_1", SIXTEEN_WORDS.into());
-        assert_eq!(
-            p.take_released_lines(),
-            [("one two three four".to_owned(), true)]
-        );
-        p.agent_transcript("item_9", "untouched".into());
-        assert_eq!(p.take_released_lines(), [("untouched".to_owned(), false)]);
+        let cut = p.agent_transcript("item_1", SIXTEEN_WORDS.into(), 1);
+        assert_eq!(cut, ("one two three four".to_owned(), true));
+        let untouched = p.agent_transcript("item_9", "untouched".into(), 2);
+        assert_eq!(untouched, ("untouched".to_owned(), false));
+        assert_eq!(p.take_corrections(), []);
     }
 
     const SIXTEEN_WORDS: &str = "one two three four five six seven eight nine ten eleven twelve \
                                  thirteen fourteen fifteen sixteen";
 
+    fn correction(sequence: u32, text: &str) -> LineCorrection {
+        LineCorrection {
+            sequence,
+            text: text.to_owned(),
+            truncated: true,
+        }
+    }
+
     #[test]
-    fn a_transcript_that_arrives_while_its_audio_plays_waits_for_its_fate() {
-        // Heard in full: released when the done mark echoes.
+    fn a_line_recorded_while_its_audio_plays_is_corrected_if_cut_short() {
+        // Heard in full: recorded in full at once, and never corrected.
         let mut p = Playback::default();
         let a = audio("resp_1", "item_1");
         let marks = send(&mut p, &a, 1000, 500);
         let done = p.on_audio_done(&a).unwrap();
-        p.agent_transcript("item_1", "all of it".into());
-        assert_eq!(p.take_released_lines(), []);
+        assert_eq!(
+            p.agent_transcript("item_1", "all of it".into(), 1),
+            ("all of it".to_owned(), false)
+        );
         p.on_mark(&marks[1].to_string());
-        assert_eq!(p.take_released_lines(), []);
         p.on_mark(&done.to_string());
-        assert_eq!(p.take_released_lines(), [("all of it".to_owned(), false)]);
+        assert_eq!(p.take_corrections(), []);
+        assert_eq!(p.finish(), []);
 
-        // Interrupted after 750 ms of 2000 ms (700 played + 50): cut at once.
+        // Interrupted after 750 ms of 2000 ms (700 played + 50): corrected at once.
         let mut p = Playback::default();
-        let a = audio("resp_1", "item_1");
         let marks = send(&mut p, &a, 2000, 100);
-        p.agent_transcript("item_1", SIXTEEN_WORDS.into());
+        assert_eq!(
+            p.agent_transcript("item_1", SIXTEEN_WORDS.into(), 3).1,
+            false
+        );
         p.on_mark(&marks[6].to_string());
         p.interrupt(true).unwrap();
         assert_eq!(
-            p.take_released_lines(),
-            [("one two three four five six seven".to_owned(), true)]
+            p.take_corrections(),
+            [correction(3, "one two three four five six seven")]
         );
 
         // The call ends mid-sentence: cut to what was heard by then.
         let mut p = Playback::default();
         let marks = send(&mut p, &a, 1600, 100);
-        p.agent_transcript("item_1", SIXTEEN_WORDS.into());
+        p.agent_transcript("item_1", SIXTEEN_WORDS.into(), 5);
         p.on_mark(&marks[7].to_string());
         assert_eq!(
-            p.release_all_lines(),
-            [(
-                "one two three four five six seven eight nine ten".to_owned(),
-                true
+            p.finish(),
+            [correction(
+                5,
+                "one two three four five six seven eight nine ten"
             )]
         );
     }

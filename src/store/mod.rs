@@ -59,6 +59,13 @@ pub enum Record {
         call_sid: String,
         line: TranscriptLine,
     },
+    /// The agent was cut off: the recorded line becomes what the caller heard.
+    TranscriptCorrection {
+        call_sid: String,
+        sequence: u32,
+        text: String,
+        truncated: bool,
+    },
     Event {
         call_sid: String,
         kind: &'static str,
@@ -299,6 +306,18 @@ impl Store {
                 .bind(storable(&line.text).into_owned())
                 .bind(i64::try_from(line.offset_ms).unwrap_or(i64::MAX))
                 .bind(i64::from(line.truncated)),
+                Record::TranscriptCorrection {
+                    call_sid,
+                    sequence,
+                    text,
+                    truncated,
+                } => sqlx::query(
+                    "UPDATE transcript_lines SET text = $1, truncated = $2 WHERE call_sid = $3 AND sequence = $4",
+                )
+                .bind(storable(text).into_owned())
+                .bind(i64::from(*truncated))
+                .bind(call_sid)
+                .bind(i64::from(*sequence)),
                 Record::Event { call_sid, kind, name, detail, at_ms } => sqlx::query(
                     "INSERT INTO call_events (id, call_sid, kind, name, detail, at) VALUES ($1, $2, $3, $4, $5, $6)",
                 )

@@ -298,6 +298,16 @@ async fn sigkill_mid_call_loses_at_most_the_last_second_of_transcript() {
         let text = format!("line number {n}");
         session.send(caller_said(&text));
         produced.push((Instant::now(), text));
+        // An agent answer whose audio is still playing (no mark echoed) is durable too.
+        let item = format!("item_{n}");
+        session.send(crate::stream::delta(
+            "resp",
+            &item,
+            &crate::fake_twilio::agent_audio(500, 1),
+        ));
+        let answer = format!("answer number {n}");
+        session.send(agent_said(&item, &answer));
+        produced.push((Instant::now(), answer));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     server.kill().unwrap();

@@ -237,6 +237,12 @@ async fn bridge_records_make_up_the_call_history() {
             total_tokens: 30,
             at_ms: now_ms(),
         });
+        records.push(Record::TranscriptCorrection {
+            call_sid: "CA3".into(),
+            sequence: 3,
+            text: "For how".into(),
+            truncated: true,
+        });
         store.apply(&records).await.unwrap();
         store.apply(&records[1..2]).await.unwrap();
 
@@ -262,7 +268,7 @@ async fn bridge_records_make_up_the_call_history() {
             [
                 (1, "agent", "Hello, how can I help?", false),
                 (2, "caller", "I'd like to book a table.", false),
-                (3, "agent", "For how many people?", false),
+                (3, "agent", "For how", true),
                 (4, "agent", "Sorry, go", true),
             ],
             "{url}"
