@@ -665,10 +665,8 @@ mod tests {
         // Interrupted after 750 ms of 2000 ms (700 played + 50): corrected at once.
         let mut p = Playback::default();
         let marks = send(&mut p, &a, 2000, 100);
-        assert_eq!(
-            p.agent_transcript("item_1", SIXTEEN_WORDS.into(), 3).1,
-            false
-        );
+        let (_, cut) = p.agent_transcript("item_1", SIXTEEN_WORDS.into(), 3);
+        assert!(!cut, "recorded in full while it plays");
         p.on_mark(&marks[6].to_string());
         p.interrupt(true).unwrap();
         assert_eq!(
