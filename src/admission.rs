@@ -8,6 +8,7 @@
 //! bookkeeping is per machine.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -60,6 +61,20 @@ pub struct Admission {
     max_calls: usize,
     pending: Mutex<HashMap<String, PendingStream>>,
     occupancy: watch::Sender<Occupancy>,
+    /// Open stream sockets. The upgrade signature is the same for every call and can be
+    /// replayed, so sockets are capped too, not only calls that passed `start`.
+    open_streams: AtomicUsize,
+}
+
+/// An open stream socket, counted until dropped.
+pub struct OpenStream {
+    admission: Arc<Admission>,
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.admission.open_streams.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Proof that a call holds a slot; dropping it (when the bridge task ends, however it ends)
@@ -88,6 +103,22 @@ impl Admission {
             max_calls,
             pending: Mutex::new(HashMap::new()),
             occupancy: watch::Sender::new(Occupancy::default()),
+            open_streams: AtomicUsize::new(0),
+        })
+    }
+
+    /// Admits one more stream socket, unless as many are open as there are call slots: Twilio
+    /// opens one per answered call, so more means replayed upgrades. (A socket that never
+    /// sends `start` is closed after a few seconds by the bridge.)
+    pub fn open_stream(self: &Arc<Self>) -> Option<OpenStream> {
+        let admitted = self
+            .open_streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_calls).then_some(n + 1)
+            })
+            .is_ok();
+        admitted.then(|| OpenStream {
+            admission: Arc::clone(self),
         })
     }
 
@@ -282,6 +313,16 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(stream_machine.occupancy().live, 1);
+    }
+
+    #[test]
+    fn open_stream_sockets_are_capped_at_the_call_slots() {
+        let admission = Admission::new(2);
+        let first = admission.open_stream().expect("room");
+        let _second = admission.open_stream().expect("room");
+        assert!(admission.open_stream().is_none());
+        drop(first);
+        assert!(admission.open_stream().is_some());
     }
 
     #[test]

@@ -20,6 +20,10 @@ pub async fn stream(
 ) -> actix_web::Result<HttpResponse> {
     let url = state.config.public_base_url.websocket_url(req.path());
     webhook::verify(&req, &state, &url, SignedBody::Form(&[]))?;
+    let Some(open_stream) = state.admission.open_stream() else {
+        tracing::warn!("refused a stream upgrade: as many stream sockets are open as call slots");
+        return Ok(HttpResponse::ServiceUnavailable().finish());
+    };
     let (response, session, messages) = actix_ws::handle(&req, body)?;
     let messages = messages
         .max_frame_size(MAX_TWILIO_FRAME)
@@ -51,6 +55,7 @@ pub async fn stream(
                 "call ended"
             );
             make_sure_the_call_ends(&state, &summary).await;
+            drop(open_stream);
         }
         .instrument(span),
     );

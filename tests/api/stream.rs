@@ -496,3 +496,31 @@ async fn draining_waits_for_live_calls_then_closes_them() {
     );
     assert!(session.closed_within(Duration::from_secs(2)).await);
 }
+
+#[tokio::test]
+async fn replayed_upgrades_cannot_hold_more_sockets_than_call_slots() {
+    let fake = FakeOpenAi::start().await;
+    let app = app_with(&fake, &[("MAX_CONCURRENT_CALLS", "2")]).await;
+    let _first = FakeTwilio::connect(&app).await;
+    let _second = FakeTwilio::connect(&app).await;
+    let signature = twilio_signature("wss://callbridge.test/stream", &[]);
+    assert!(
+        FakeTwilio::connect_signed(&app, Some(&signature))
+            .await
+            .is_err(),
+        "a third socket is refused"
+    );
+    drop(_first);
+    // The bridge notices the closed socket and frees its place.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while FakeTwilio::connect_signed(&app, Some(&signature))
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the place was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
