@@ -181,6 +181,17 @@ impl Outbound {
         }
     }
 
+    /// Places one call per sid in `sids`, each answered by Twilio's callbacks `statuses`.
+    async fn place_calls(&self, sids: std::ops::RangeInclusive<u64>, statuses: &[&str]) {
+        for n in sids {
+            let placed = self.place_call(json!({"to": USER})).await;
+            assert_eq!(placed.status(), 201, "call {n}");
+            for (sequence, status) in (1..).zip(statuses) {
+                self.status(&call_sid(n), status, sequence).await;
+            }
+        }
+    }
+
     async fn calls_json_requests(&self) -> usize {
         self.twilio
             .received_requests()
@@ -401,13 +412,7 @@ async fn the_sixth_connected_call_in_a_day_is_refused() {
     o.calls_succeed(1..=6).await;
     o.grant().await;
     for n in 1..=5 {
-        assert_eq!(
-            o.place_call(json!({"to": USER})).await.status(),
-            201,
-            "call {n}"
-        );
-        o.status(&call_sid(n), "in-progress", 2).await;
-        o.status(&call_sid(n), "completed", 3).await;
+        o.place_calls(n..=n, &["in-progress", "completed"]).await;
         o.clock.advance(Duration::from_secs(600));
     }
     expect_error(
@@ -847,14 +852,7 @@ async fn calls_still_ringing_count_toward_the_daily_limit() {
     let o = outbound_app(&[]).await;
     o.calls_succeed(1..=6).await;
     o.grant().await;
-    for n in 1..=5 {
-        assert_eq!(
-            o.place_call(json!({"to": USER})).await.status(),
-            201,
-            "call {n}"
-        );
-        o.status(&call_sid(n), "ringing", 1).await;
-    }
+    o.place_calls(1..=5, &["ringing"]).await;
     expect_error(
         o.place_call(json!({"to": USER})).await,
         429,
