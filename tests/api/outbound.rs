@@ -192,6 +192,16 @@ impl Outbound {
         }
     }
 
+    /// The next call is refused because the user's permission was revoked.
+    async fn expect_revoked(&self) {
+        let refused = self.place_call(json!({"to": USER})).await;
+        let error = expect_error(refused, 409, "no_call_permission").await;
+        assert!(
+            error["message"].as_str().unwrap().contains("revoked"),
+            "{error}"
+        );
+    }
+
     async fn calls_json_requests(&self) -> usize {
         self.twilio
             .received_requests()
@@ -457,13 +467,7 @@ async fn four_unanswered_calls_in_a_row_revoke_the_permission() {
     );
     o.status(&call_sid(6), "no-answer", 3).await;
     o.status(&call_sid(6), "no-answer", 3).await; // a retried callback counts once
-    let error = expect_error(
-        o.place_call(json!({"to": USER})).await,
-        409,
-        "no_call_permission",
-    )
-    .await;
-    assert!(error["message"].as_str().unwrap().contains("revoked"));
+    o.expect_revoked().await;
 }
 
 #[tokio::test]
@@ -504,13 +508,7 @@ async fn twilio_errors_map_to_documented_outcomes() {
         "no_call_permission",
     )
     .await;
-    let error = expect_error(
-        o.place_call(json!({"to": USER})).await,
-        409,
-        "no_call_permission",
-    )
-    .await; // the grant is now revoked
-    assert!(error["message"].as_str().unwrap().contains("revoked"));
+    o.expect_revoked().await; // the 37000 revoked the stored grant
     assert_eq!(
         o.calls_json_requests().await,
         2,
@@ -838,13 +836,7 @@ async fn a_37000_reported_in_the_status_callback_revokes_the_permission() {
         o.app.post_signed("/voice/status", &params).await.status(),
         204
     );
-    let error = expect_error(
-        o.place_call(json!({"to": USER})).await,
-        409,
-        "no_call_permission",
-    )
-    .await;
-    assert!(error["message"].as_str().unwrap().contains("revoked"));
+    o.expect_revoked().await;
 }
 
 #[tokio::test]
