@@ -27,6 +27,12 @@ impl E164 {
         &self.0
     }
 
+    /// A call party as Twilio names it in webhooks (`From`/`To`): `whatsapp:+E164` for
+    /// WhatsApp legs, `+E164` for phone legs.
+    pub fn from_address(raw: &str) -> Result<Self, InvalidPhoneNumber> {
+        Self::parse(raw.strip_prefix("whatsapp:").unwrap_or(raw))
+    }
+
     /// The address Twilio expects for WhatsApp legs and messages.
     pub fn whatsapp_address(&self) -> String {
         format!("whatsapp:{}", self.0)
@@ -36,35 +42,6 @@ impl E164 {
 impl fmt::Display for E164 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
-    }
-}
-
-/// Which network a call party is on, as told by the address prefix Twilio uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Channel {
-    WhatsApp,
-    Phone,
-}
-
-/// A call party address from a Twilio webhook (`From`/`To`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CallParty {
-    pub channel: Channel,
-    pub number: E164,
-}
-
-impl CallParty {
-    pub fn parse(raw: &str) -> Result<Self, InvalidPhoneNumber> {
-        match raw.strip_prefix("whatsapp:") {
-            Some(number) => Ok(Self {
-                channel: Channel::WhatsApp,
-                number: E164::parse(number)?,
-            }),
-            None => Ok(Self {
-                channel: Channel::Phone,
-                number: E164::parse(raw)?,
-            }),
-        }
     }
 }
 
@@ -102,12 +79,10 @@ mod tests {
 
     #[test]
     fn parses_both_address_forms() {
-        let wa = CallParty::parse("whatsapp:+5511999990000").unwrap();
-        assert_eq!(wa.channel, Channel::WhatsApp);
-        assert_eq!(wa.number.as_str(), "+5511999990000");
-        let pstn = CallParty::parse("+14158675309").unwrap();
-        assert_eq!(pstn.channel, Channel::Phone);
-        assert_eq!(pstn.number.whatsapp_address(), "whatsapp:+14158675309");
+        let wa = E164::from_address("whatsapp:+5511999990000").unwrap();
+        assert_eq!(wa.as_str(), "+5511999990000");
+        let pstn = E164::from_address("+14158675309").unwrap();
+        assert_eq!(pstn.whatsapp_address(), "whatsapp:+14158675309");
     }
 
     #[test]
@@ -123,7 +98,7 @@ mod tests {
             "whatsapp:14158675309",
             "client:alice",
         ] {
-            assert!(CallParty::parse(bad).is_err(), "{bad} accepted");
+            assert!(E164::from_address(bad).is_err(), "{bad} accepted");
         }
         assert!(E164::parse("+12345678").is_ok());
         assert!(E164::parse("+123456789012345").is_ok());

@@ -69,10 +69,6 @@ impl RealtimeDialer {
             api_key,
         }
     }
-
-    pub fn url(&self) -> &str {
-        &self.url
-    }
 }
 
 impl AgentDialer for RealtimeDialer {
@@ -167,10 +163,10 @@ mod tests {
             SecretString::from("k"),
         );
         assert_eq!(
-            dialer.url(),
+            dialer.url,
             "wss://api.openai.com/v1/realtime?model=gpt-realtime-1.5"
         );
         let odd = RealtimeDialer::new("ws://127.0.0.1:9/x", "a b&c", SecretString::from("k"));
-        assert_eq!(odd.url(), "ws://127.0.0.1:9/x?model=a+b%26c");
+        assert_eq!(odd.url, "ws://127.0.0.1:9/x?model=a+b%26c");
     }
 }

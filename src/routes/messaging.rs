@@ -5,7 +5,7 @@ use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 
 use crate::consent::REQUEST_VALIDITY_MS;
-use crate::domain::phone::{CallParty, Masked};
+use crate::domain::phone::{E164, Masked};
 use crate::state::AppState;
 use crate::store::permissions::Reply;
 use crate::twilio::webhook::SignedForm;
@@ -43,20 +43,16 @@ pub async fn messaging(
     if !from_our_button {
         return HttpResponse::NoContent().finish();
     }
-    let Ok(user) = CallParty::parse(&message.from) else {
+    let Ok(user) = E164::from_address(&message.from) else {
         tracing::warn!(from = %Masked(&message.from), "a permission reply from an address that is not a phone number");
         return HttpResponse::NoContent().finish();
     };
     let now = state.clock.now_ms();
     // An answer counts only to a request we sent and that has not expired (Meta: 7 days).
-    match state
-        .store
-        .last_permission_request(user.number.as_str())
-        .await
-    {
+    match state.store.last_permission_request(user.as_str()).await {
         Ok(Some(requested_at)) if now - requested_at < REQUEST_VALIDITY_MS => {}
         Ok(_) => {
-            tracing::warn!(from = %Masked(user.number.as_str()), "ignored a permission reply with no open request");
+            tracing::warn!(from = %Masked(user.as_str()), "ignored a permission reply with no open request");
             return HttpResponse::NoContent().finish();
         }
         Err(error) => {
@@ -69,11 +65,11 @@ pub async fn messaging(
     }
     match state
         .store
-        .record_permission_reply(user.number.as_str(), &message.message_sid, reply, now)
+        .record_permission_reply(user.as_str(), &message.message_sid, reply, now)
         .await
     {
         Ok(new) => {
-            tracing::info!(from = %Masked(user.number.as_str()), ?reply, duplicate = !new, "call permission answered");
+            tracing::info!(from = %Masked(user.as_str()), ?reply, duplicate = !new, "call permission answered");
             HttpResponse::NoContent().finish()
         }
         Err(error) => {

@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use tracing_actix_web::RootSpan;
 
 use crate::admission::STREAM_TOKEN_TTL;
-use crate::domain::phone::{CallParty, Masked};
+use crate::domain::phone::{E164, Masked};
 use crate::state::AppState;
 use crate::store::NewCall;
 use crate::store::models::StatusUpdate;
@@ -209,23 +209,23 @@ async fn count_outbound_outcome(state: &AppState, update: &StatusUpdate) -> anyh
         "no-answer" | "busy" => false,
         _ => return Ok(()),
     };
-    let user = CallParty::parse(&update.to)?;
+    let user = E164::from_address(&update.to)?;
     state
         .store
-        .record_outbound_outcome(user.number.as_str(), answered, update.at_ms)
+        .record_outbound_outcome(user.as_str(), answered, update.at_ms)
         .await
 }
 
 /// WhatsApp may report a missing permission only after the call was created (Twilio error
 /// 37000 on the `failed` callback): the stored grant is stale, so it is revoked.
 async fn revoke_refused_permission(state: &AppState, update: &StatusUpdate) {
-    let Ok(user) = CallParty::parse(&update.to) else {
+    let Ok(user) = E164::from_address(&update.to) else {
         return;
     };
     tracing::warn!(to = %Masked(&update.to), "WhatsApp refused the call for lack of permission: revoking it");
     if let Err(error) = state
         .store
-        .revoke_permission(user.number.as_str(), update.at_ms)
+        .revoke_permission(user.as_str(), update.at_ms)
         .await
     {
         tracing::error!(error = format!("{error:#}"), "cannot revoke the permission");
