@@ -145,3 +145,61 @@ async fn write_batch(store: &Store, batch: &[Record], metrics: &Metrics) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bridge::transcript::{Speaker, TranscriptLine};
+    use crate::clock::SystemClock;
+
+    fn event(n: usize) -> Record {
+        Record::Event {
+            call_sid: "CA1".into(),
+            kind: "stream",
+            name: format!("event {n}"),
+            detail: None,
+            at_ms: 0,
+        }
+    }
+
+    // On the current-thread runtime the writer cannot run until the test awaits, so the queue
+    // fills exactly as it would behind a stalled database.
+    #[tokio::test]
+    async fn a_full_queue_drops_records_but_waits_for_transcript_lines() {
+        let path =
+            std::env::temp_dir().join(format!("callbridge-writer-{}.db", std::process::id()));
+        let store = Store::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+            .await
+            .unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let writer =
+            RecordWriter::spawn(store.clone(), Arc::clone(&metrics), Arc::new(SystemClock));
+        for n in 0..QUEUE_CAPACITY + 3 {
+            writer.record(event(n));
+        }
+        assert_eq!(metrics.store_records_dropped.get(), 3);
+
+        let line = TranscriptLine {
+            sequence: 1,
+            speaker: Speaker::Caller,
+            text: "kept".into(),
+            offset_ms: 0,
+            truncated: false,
+        };
+        writer
+            .record_transcript(Record::Transcript {
+                call_sid: "CA1".into(),
+                line,
+            })
+            .await;
+        assert_eq!(metrics.store_transcript_waits.get(), 1);
+        writer.flush().await;
+        let lines: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM transcript_lines WHERE text = 'kept'")
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+        assert_eq!(lines, 1, "the transcript line was not lost");
+        let _ = std::fs::remove_file(&path);
+    }
+}
