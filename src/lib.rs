@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod bridge;
+pub mod call;
 pub mod clock;
 pub mod config;
 pub mod consent;

@@ -44,11 +44,8 @@ impl AppState {
             .context("DATABASE_URL")?;
         let metrics = Arc::new(Metrics::default());
         let records = RecordWriter::spawn(store.clone(), Arc::clone(&metrics), Arc::clone(&clock));
-        let dialer = RealtimeDialer::new(
-            &config.openai_realtime_url,
-            &config.openai_realtime_model,
-            config.openai_api_key.clone(),
-        );
+        let dialer =
+            RealtimeDialer::new(&config.openai_realtime_url, config.openai_api_key.clone());
         let twilio = TwilioRest::new(
             &config.twilio_api_base_url,
             &config.twilio_account_sid,

@@ -163,7 +163,9 @@ where
     let connect = async {
         let transport = dialer.preconnect().await?;
         authorized.await.map_err(|_| DialError::Abandoned)?;
-        dialer.open(transport).await
+        dialer
+            .open(transport, &state.config.openai_realtime_model)
+            .await
     };
     let mut connect = std::pin::pin!(connect);
     let mut connecting = true;
@@ -371,6 +373,7 @@ async fn finish<TS, AS>(
         EndReason::Unauthorized => CloseCode::Policy,
         EndReason::ProtocolError => CloseCode::Protocol,
         EndReason::FrameTooLarge => CloseCode::Size,
+        EndReason::InvalidText => CloseCode::Invalid,
         EndReason::Shutdown => CloseCode::Restart,
         EndReason::AgentFailed | EndReason::AgentUnreachable | EndReason::Timeout => {
             CloseCode::Error

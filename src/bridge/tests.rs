@@ -88,7 +88,7 @@ impl AgentDialer for ChannelDialer {
         }
     }
 
-    async fn open(&self, (): ()) -> Result<(AgentSink, AgentStream), DialError> {
+    async fn open(&self, (): (), _model: &str) -> Result<(AgentSink, AgentStream), DialError> {
         self.log.opens.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(self.open_delay).await;
         if self.failure == DialFailure::Open {

@@ -46,10 +46,11 @@ pub trait AgentDialer {
     /// Everything that can happen before we know the call is genuine (no credentials sent).
     fn preconnect(&self) -> impl Future<Output = Result<Self::Transport, DialError>>;
 
-    /// The authenticated upgrade that starts a session.
+    /// The authenticated upgrade that starts a session of `model` (each call's agent has its own).
     fn open(
         &self,
         transport: Self::Transport,
+        model: &str,
     ) -> impl Future<Output = Result<(Self::Sink, Self::Stream), DialError>>;
 }
 
@@ -57,17 +58,23 @@ pub type RealtimeSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 #[derive(Clone)]
 pub struct RealtimeDialer {
-    url: String,
+    /// `OPENAI_REALTIME_URL`, without the `model` query parameter each session adds.
+    base_url: String,
     api_key: SecretString,
 }
 
 impl RealtimeDialer {
-    pub fn new(base_url: &str, model: &str, api_key: SecretString) -> Self {
-        let model: String = url::form_urlencoded::byte_serialize(model.as_bytes()).collect();
+    pub fn new(base_url: &str, api_key: SecretString) -> Self {
         Self {
-            url: format!("{base_url}?model={model}"),
+            base_url: base_url.to_owned(),
             api_key,
         }
+    }
+
+    /// The session URL for one call's model.
+    fn session_url(&self, model: &str) -> String {
+        let model: String = url::form_urlencoded::byte_serialize(model.as_bytes()).collect();
+        format!("{}?model={model}", self.base_url)
     }
 }
 
@@ -77,7 +84,7 @@ impl AgentDialer for RealtimeDialer {
     type Stream = SplitStream<RealtimeSocket>;
 
     async fn preconnect(&self) -> Result<Self::Transport, DialError> {
-        tokio::time::timeout(CONNECT_TIMEOUT, transport(&self.url))
+        tokio::time::timeout(CONNECT_TIMEOUT, transport(&self.base_url))
             .await
             .map_err(|_| DialError::Timeout(CONNECT_TIMEOUT))?
     }
@@ -85,8 +92,9 @@ impl AgentDialer for RealtimeDialer {
     async fn open(
         &self,
         transport: Self::Transport,
+        model: &str,
     ) -> Result<(Self::Sink, Self::Stream), DialError> {
-        let mut request = self.url.as_str().into_client_request()?;
+        let mut request = self.session_url(model).into_client_request()?;
         let bearer = HeaderValue::from_str(&format!("Bearer {}", self.api_key.expose_secret()))
             .map_err(|_| {
                 DialError::BadUrl(
@@ -156,17 +164,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_model_is_appended_as_a_query_parameter() {
-        let dialer = RealtimeDialer::new(
-            "wss://api.openai.com/v1/realtime",
-            "gpt-realtime-1.5",
-            SecretString::from("k"),
-        );
+    fn each_session_appends_its_model_as_a_query_parameter() {
+        let dialer =
+            RealtimeDialer::new("wss://api.openai.com/v1/realtime", SecretString::from("k"));
         assert_eq!(
-            dialer.url,
+            dialer.session_url("gpt-realtime-1.5"),
             "wss://api.openai.com/v1/realtime?model=gpt-realtime-1.5"
         );
-        let odd = RealtimeDialer::new("ws://127.0.0.1:9/x", "a b&c", SecretString::from("k"));
-        assert_eq!(odd.url, "ws://127.0.0.1:9/x?model=a+b%26c");
+        assert_eq!(
+            dialer.session_url("gpt-realtime-mini"),
+            "wss://api.openai.com/v1/realtime?model=gpt-realtime-mini"
+        );
+        let odd = RealtimeDialer::new("ws://127.0.0.1:9/x", SecretString::from("k"));
+        assert_eq!(odd.session_url("a b&c"), "ws://127.0.0.1:9/x?model=a+b%26c");
     }
 }

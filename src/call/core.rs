@@ -1,0 +1,954 @@
+//! The call core: one call's logic as a plain state machine, with no sockets, no runtime and no
+//! clock of its own.
+//!
+//! The driver feeds it [`Input`]s (a frame from either leg, a dial's outcome, a side task's
+//! result, the timer, a shutdown), each with the current time, and carries out the [`Action`]s
+//! it queues (send this to the caller, send this to the agent, dial, record, start side work,
+//! end the call this way). Because the core never waits, nothing slow can stall the audio: work
+//! that takes time is asked for as a [`SideTask`] and its result comes back as an input.
+//!
+//! The hot path stays borrowed: a caller frame is parsed in place and its base64 payload is
+//! copied once, into the outgoing `input_audio_buffer.append`; an agent delta likewise into the
+//! outgoing Twilio `media` frame and its mark.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::call::agent::{AgentSettings, outbound_brief};
+use crate::call::ending::{EndPlan, EndingTimes};
+use crate::call::leg::MediaLeg;
+use crate::call::link::{AgentLink, MediaLink};
+use crate::call::playback::{BYTES_PER_MS, LineCorrection, Playback, base64_decoded_len};
+use crate::call::transcript::{Speaker, TranscriptLine};
+use crate::domain::phone::Masked;
+use crate::metrics::{EndReason, Metrics};
+use crate::openai::events::{self, ErrorSeverity, ServerEvent, SessionSettings, Usage};
+use crate::store::Record;
+use crate::twilio::media::{Inbound, Start};
+
+/// Log the first few malformed messages of a call in full; after that only count them, so a
+/// misbehaving peer cannot flood the logs.
+const MALFORMED_LOG_LIMIT: u32 = 5;
+
+/// Timing of one call; tests shorten these.
+#[derive(Clone, Debug)]
+pub struct CallSettings {
+    /// How often both peers are pinged.
+    pub heartbeat_interval: Duration,
+    /// A peer silent for this long (no frame, no pong) is considered gone.
+    pub peer_timeout: Duration,
+    /// How long Twilio has to send `start` once the socket is open.
+    pub start_timeout: Duration,
+    /// Caller audio kept while the OpenAI session opens; older audio is dropped beyond it.
+    pub max_buffered_audio: Duration,
+    /// How long each step of ending the call may take.
+    pub ending: EndingTimes,
+}
+
+impl Default for CallSettings {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(5),
+            peer_timeout: Duration::from_secs(20),
+            start_timeout: Duration::from_secs(5),
+            max_buffered_audio: Duration::from_secs(10),
+            ending: EndingTimes::default(),
+        }
+    }
+}
+
+/// What the stream's upgrade was authorised for: `start` must match it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamGrant {
+    /// The single-use token from the stream URL; `start` repeats it as its `token` parameter.
+    pub token: String,
+    /// The call the token was issued to by `/voice`.
+    pub call_sid: String,
+}
+
+/// Everything the core needs to know when the socket opens.
+pub struct CallSetup {
+    pub grant: StreamGrant,
+    /// Our Twilio account: a `start` naming another one is refused.
+    pub account_sid: String,
+    pub agent: AgentSettings,
+    pub settings: CallSettings,
+    pub metrics: Arc<Metrics>,
+    /// When the socket was accepted, on the monotonic clock and on the wall clock (records
+    /// carry wall-clock milliseconds; the core derives them from monotonic time).
+    pub accepted_at: Instant,
+    pub accepted_at_ms: i64,
+}
+
+/// Identifies one piece of side work, so its result finds its way back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TaskId(pub u64);
+
+/// Work that must not block the audio: the driver runs it beside the call and reports back
+/// with [`Input::TaskDone`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SideTask {
+    /// What `POST /calls` said about this call (agent, context), if it placed it.
+    LookupCallContext { call_sid: String },
+}
+
+/// The result of a [`SideTask`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TaskOutput {
+    CallContext(Result<Option<OutboundContext>, String>),
+}
+
+/// What `POST /calls` stored for an outbound call.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OutboundContext {
+    pub agent: Option<String>,
+    pub context: Option<String>,
+}
+
+/// One thing that happened, fed to [`CallCore::handle`].
+#[derive(Debug)]
+pub enum Input<'a> {
+    /// A text frame from the media leg.
+    MediaText(&'a str),
+    /// A binary frame from the media leg (Media Streams never sends one).
+    MediaBinary,
+    /// A WebSocket ping from the media leg, to be answered with its payload.
+    MediaPing(Vec<u8>),
+    /// A WebSocket pong (or any other sign of life) from the media leg.
+    MediaAlive,
+    /// The media leg closed its socket, or the stream ended.
+    MediaClosed,
+    /// The media leg sent a frame over the size limit.
+    MediaOverflow,
+    /// The media leg sent a text frame that is not UTF-8.
+    MediaInvalidText,
+    /// The media leg's socket broke at the protocol level.
+    MediaBroken(String),
+    /// Writing to the media leg failed: it is gone.
+    MediaSendFailed,
+
+    /// The agent's transport (TCP, TLS) is ready; no credentials were sent yet.
+    AgentTransportReady,
+    AgentTransportFailed(String),
+    /// The authenticated upgrade succeeded: a session exists.
+    AgentOpened,
+    AgentOpenFailed(String),
+    /// A text frame from the agent.
+    AgentText(&'a str),
+    /// A binary frame from the agent (Realtime never sends one).
+    AgentBinary,
+    /// A ping, pong or other control frame from the agent.
+    AgentAlive,
+    /// The agent closed its socket.
+    AgentClosed(String),
+    /// The agent's socket broke.
+    AgentBroken(String),
+    /// Writing to the agent failed.
+    AgentSendFailed,
+
+    /// Side work finished.
+    TaskDone(TaskId, TaskOutput),
+    /// The time given by [`CallCore::poll_timeout`] has come.
+    Timer,
+    /// The process is shutting down: end the call politely.
+    Shutdown,
+}
+
+/// One thing the driver must do, taken from [`CallCore::poll_action`] in order.
+#[derive(Debug, PartialEq)]
+pub enum Action {
+    /// Send this text frame to the media leg.
+    ToMedia(String),
+    PingMedia,
+    PongMedia(Vec<u8>),
+    /// Send this client event to the agent.
+    ToAgent(String),
+    PingAgent,
+    /// Prepare the agent's transport (no credentials yet).
+    PreconnectAgent,
+    /// Open the authenticated agent session with this model, over the prepared transport.
+    OpenAgent {
+        model: String,
+    },
+    /// Hand this record to the writer; it may be dropped if the writer is hopelessly behind.
+    Record(Record),
+    /// Hand this transcript record to the writer, waiting for room rather than losing it.
+    RecordTranscript(Record),
+    /// Run this side work and report back.
+    Spawn(TaskId, SideTask),
+    /// The call is over: close both legs as the plan says. Always the last action.
+    End(EndPlan),
+}
+
+/// What is known about a call when it ends.
+#[derive(Debug)]
+pub struct CallSummary {
+    pub call_sid: Option<String>,
+    pub stream_sid: Option<String>,
+    pub end_reason: EndReason,
+    pub openai_session_id: Option<String>,
+    pub usage: Usage,
+    pub transcript: Vec<TranscriptLine>,
+    pub duration: Duration,
+}
+
+/// Whether the call's context (from `POST /calls`) is known yet; the agent is configured only
+/// once it is, so the first thing the agent hears already includes it.
+#[derive(Debug)]
+enum CallContext {
+    NotAsked,
+    Pending(TaskId),
+    Known(Option<String>),
+}
+
+/// Caller audio that arrived before the agent was ready, oldest first, bounded by duration.
+#[derive(Debug, Default)]
+struct EarlyAudio {
+    frames: VecDeque<String>,
+    bytes: u64,
+}
+
+pub struct CallCore<L: MediaLeg> {
+    leg: L,
+    grant: StreamGrant,
+    account_sid: String,
+    agent: AgentSettings,
+    settings: CallSettings,
+    metrics: Arc<Metrics>,
+    accepted_at: Instant,
+    accepted_at_ms: i64,
+
+    media: MediaLink,
+    link: AgentLink,
+    context: CallContext,
+    ended: Option<(EndReason, Instant)>,
+
+    media_seen: Instant,
+    agent_seen: Instant,
+    next_heartbeat: Instant,
+
+    playback: Playback,
+    early_audio: EarlyAudio,
+    /// Whether the session cancels responses itself on speech (`interrupt_response`).
+    session_auto_interrupts: bool,
+    first_audio_sent: bool,
+    session_id: Option<String>,
+    usage: Usage,
+    transcript: Vec<TranscriptLine>,
+    malformed: u32,
+    next_task: u64,
+    actions: VecDeque<Action>,
+}
+
+impl<L: MediaLeg> CallCore<L> {
+    /// A call whose socket was just accepted. Its first action prepares the agent's transport,
+    /// in parallel with waiting for Twilio's `start`.
+    pub fn new(leg: L, setup: CallSetup) -> Self {
+        let at = setup.accepted_at;
+        let mut actions = VecDeque::with_capacity(8);
+        actions.push_back(Action::PreconnectAgent);
+        Self {
+            leg,
+            grant: setup.grant,
+            account_sid: setup.account_sid,
+            agent: setup.agent,
+            next_heartbeat: at + setup.settings.heartbeat_interval,
+            settings: setup.settings,
+            metrics: setup.metrics,
+            accepted_at: at,
+            accepted_at_ms: setup.accepted_at_ms,
+            media: MediaLink::AwaitingStart,
+            link: AgentLink::Preconnecting,
+            context: CallContext::NotAsked,
+            ended: None,
+            media_seen: at,
+            agent_seen: at,
+            playback: Playback::default(),
+            early_audio: EarlyAudio::default(),
+            session_auto_interrupts: true,
+            first_audio_sent: false,
+            session_id: None,
+            usage: Usage::default(),
+            transcript: Vec::new(),
+            malformed: 0,
+            next_task: 0,
+            actions,
+        }
+    }
+
+    /// The next thing to do, in order; `None` once the queue is empty.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When the core next wants [`Input::Timer`], if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.ended.is_some() {
+            return None;
+        }
+        let start_deadline = matches!(self.media, MediaLink::AwaitingStart)
+            .then(|| self.accepted_at + self.settings.start_timeout);
+        Some(start_deadline.map_or(self.next_heartbeat, |deadline| {
+            deadline.min(self.next_heartbeat)
+        }))
+    }
+
+    pub fn is_ended(&self) -> bool {
+        self.ended.is_some()
+    }
+
+    pub fn agent_link(&self) -> &AgentLink {
+        &self.link
+    }
+
+    pub fn media_link(&self) -> &MediaLink {
+        &self.media
+    }
+
+    pub fn handle(&mut self, input: Input<'_>, now: Instant) {
+        if self.ended.is_some() {
+            // Late results (a side task, a frame already in flight) have nothing left to act on.
+            return;
+        }
+        match input {
+            Input::MediaText(text) => {
+                self.media_seen = now;
+                self.on_media_text(text, now);
+            }
+            Input::MediaBinary => {
+                self.media_seen = now;
+                self.malformed_from_media("a binary frame (Media Streams only sends text)");
+            }
+            Input::MediaPing(payload) => {
+                self.media_seen = now;
+                self.actions.push_back(Action::PongMedia(payload));
+            }
+            Input::MediaAlive => self.media_seen = now,
+            Input::MediaClosed => self.end(EndReason::CallerHungUp, now),
+            Input::MediaOverflow => {
+                self.malformed_from_media("a frame over 64 KiB");
+                self.end(EndReason::FrameTooLarge, now);
+            }
+            Input::MediaInvalidText => {
+                self.malformed_from_media("a text frame that is not UTF-8");
+                self.end(EndReason::InvalidText, now);
+            }
+            Input::MediaBroken(error) => {
+                tracing::warn!(%error, "the Twilio socket broke");
+                self.end(EndReason::ProtocolError, now);
+            }
+            Input::MediaSendFailed => self.end(EndReason::CallerHungUp, now),
+
+            Input::AgentTransportReady => self.on_transport_ready(),
+            Input::AgentTransportFailed(error) => self.on_transport_failed(&error, now),
+            Input::AgentOpened => self.on_agent_opened(now),
+            Input::AgentOpenFailed(error) => {
+                tracing::error!(%error, "cannot open the OpenAI Realtime session");
+                self.link = AgentLink::Failed;
+                self.end(EndReason::AgentUnreachable, now);
+            }
+            Input::AgentText(text) => {
+                self.agent_seen = now;
+                self.on_agent_text(text, now);
+            }
+            Input::AgentBinary => {
+                self.agent_seen = now;
+                self.malformed_from_agent("a binary frame (Realtime only sends text)");
+            }
+            Input::AgentAlive => self.agent_seen = now,
+            Input::AgentClosed(detail) => {
+                tracing::warn!(close = %detail, "OpenAI closed the session");
+                self.link = AgentLink::Closed;
+                self.end(EndReason::AgentFailed, now);
+            }
+            Input::AgentBroken(error) => {
+                tracing::warn!(%error, "the OpenAI socket broke");
+                self.link = AgentLink::Closed;
+                self.end(EndReason::AgentFailed, now);
+            }
+            Input::AgentSendFailed => {
+                tracing::warn!("the OpenAI socket refused a frame");
+                self.link = AgentLink::Closed;
+                self.end(EndReason::AgentFailed, now);
+            }
+
+            Input::TaskDone(id, output) => self.on_task_done(id, output),
+            Input::Timer => self.on_timer(now),
+            Input::Shutdown => self.end(EndReason::Shutdown, now),
+        }
+    }
+
+    /// What is known about the call; complete once it has ended.
+    pub fn summary(&mut self) -> CallSummary {
+        let (reason, ended_at) = self
+            .ended
+            .unwrap_or((EndReason::CallerHungUp, self.accepted_at));
+        let (call_sid, stream_sid, duration) = match &self.media {
+            MediaLink::Streaming {
+                call_sid,
+                stream_sid,
+                started_at,
+            } => (
+                Some(call_sid.clone()),
+                Some(stream_sid.clone()),
+                ended_at.saturating_duration_since(*started_at),
+            ),
+            MediaLink::AwaitingStart => (None, None, Duration::ZERO),
+        };
+        CallSummary {
+            call_sid,
+            stream_sid,
+            end_reason: reason,
+            openai_session_id: self.session_id.clone(),
+            usage: self.usage,
+            transcript: std::mem::take(&mut self.transcript),
+            duration,
+        }
+    }
+
+    // --- The media leg.
+
+    fn on_media_text(&mut self, text: &str, now: Instant) {
+        let message = match self.leg.parse(text) {
+            Ok(message) => message,
+            Err(error) => {
+                self.malformed_from_media(&error.to_string());
+                return;
+            }
+        };
+        match message {
+            Inbound::Media { payload } => {
+                if !matches!(self.media, MediaLink::Streaming { .. }) {
+                    self.malformed_from_media("media before start");
+                    return;
+                }
+                self.metrics.frames_from_caller.inc();
+                if matches!(self.link, AgentLink::Ready) {
+                    self.actions
+                        .push_back(Action::ToAgent(events::append_audio(&payload)));
+                } else {
+                    self.hold_early_audio(payload.into_owned());
+                }
+            }
+            Inbound::Mark { name } => {
+                let echo = self.playback.on_mark(&name);
+                tracing::trace!(mark = %name, ?echo, "mark echoed");
+            }
+            Inbound::Start(start) => self.on_start(start, now),
+            Inbound::Stop => {
+                tracing::info!("Twilio stopped the stream");
+                self.end(EndReason::CallerHungUp, now);
+            }
+            Inbound::Connected => {}
+            Inbound::Dtmf { digit } => tracing::debug!(%digit, "caller pressed a key"),
+            Inbound::Other(event) => tracing::debug!(%event, "ignored a Media Streams event"),
+        }
+    }
+
+    /// Checks the stream belongs to the call its upgrade was authorised for: our account, the
+    /// same token and the same CallSid. Until this passes nothing reaches OpenAI.
+    fn on_start(&mut self, start: Start, now: Instant) {
+        if !matches!(self.media, MediaLink::AwaitingStart) {
+            self.malformed_from_media("a second start");
+            return;
+        }
+        let span = tracing::Span::current();
+        span.record("call_sid", start.call_sid.as_str());
+        span.record("stream_sid", start.stream_sid.as_str());
+        let parameter = |name: &str| start.custom_parameters.get(name).map_or("", String::as_str);
+        let refusal = if start.account_sid != self.account_sid {
+            Some("start names another Twilio account")
+        } else if parameter("token") != self.grant.token {
+            Some("start carries another token than the stream URL")
+        } else if start.call_sid != self.grant.call_sid {
+            Some("start names another call than the token was issued for")
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            tracing::warn!(refusal, "refused a stream");
+            self.end(EndReason::Unauthorized, now);
+            return;
+        }
+        tracing::info!(
+            from = %Masked(parameter("from")),
+            to = %Masked(parameter("to")),
+            direction = parameter("direction"),
+            "media stream started"
+        );
+        self.leg.started(&start.stream_sid);
+        self.metrics.calls_started.inc();
+        let id = self.spawn(SideTask::LookupCallContext {
+            call_sid: start.call_sid.clone(),
+        });
+        self.context = CallContext::Pending(id);
+        self.actions
+            .push_back(Action::Record(Record::StreamStarted {
+                call_sid: start.call_sid.clone(),
+                stream_sid: start.stream_sid.clone(),
+                at_ms: self.wall_ms(now),
+            }));
+        self.media = MediaLink::Streaming {
+            call_sid: start.call_sid,
+            stream_sid: start.stream_sid,
+            started_at: now,
+        };
+        self.record_event("stream", "started", None, now);
+        match self.link {
+            AgentLink::Preconnecting => self.link = AgentLink::Authorised,
+            AgentLink::Preconnected => self.open_agent(),
+            AgentLink::Failed => {
+                // The transport failed before `start` arrived.
+                self.end(EndReason::AgentUnreachable, now);
+            }
+            AgentLink::Authorised
+            | AgentLink::Opening
+            | AgentLink::AwaitingContext
+            | AgentLink::Ready
+            | AgentLink::Closed => {}
+        }
+    }
+
+    fn hold_early_audio(&mut self, payload: String) {
+        self.metrics.frames_buffered_before_agent.inc();
+        let early = &mut self.early_audio;
+        early.bytes += base64_decoded_len(&payload);
+        early.frames.push_back(payload);
+        let limit = u64::try_from(self.settings.max_buffered_audio.as_millis()).unwrap_or(u64::MAX)
+            * BYTES_PER_MS;
+        while early.bytes > limit {
+            let Some(oldest) = early.frames.pop_front() else {
+                break;
+            };
+            early.bytes -= base64_decoded_len(&oldest);
+            self.metrics.frames_dropped_buffer_full.inc();
+        }
+    }
+
+    // --- The agent link.
+
+    fn on_transport_ready(&mut self) {
+        match self.link {
+            AgentLink::Preconnecting => self.link = AgentLink::Preconnected,
+            AgentLink::Authorised => self.open_agent(),
+            _ => {}
+        }
+    }
+
+    fn on_transport_failed(&mut self, error: &str, now: Instant) {
+        tracing::error!(%error, "cannot reach the OpenAI Realtime server");
+        let authorised = matches!(self.link, AgentLink::Authorised);
+        self.link = AgentLink::Failed;
+        if authorised {
+            self.end(EndReason::AgentUnreachable, now);
+        }
+    }
+
+    fn open_agent(&mut self) {
+        self.link = AgentLink::Opening;
+        self.actions.push_back(Action::OpenAgent {
+            model: self.agent.model.clone(),
+        });
+    }
+
+    fn on_agent_opened(&mut self, now: Instant) {
+        if !matches!(self.link, AgentLink::Opening) {
+            return;
+        }
+        if let MediaLink::Streaming { started_at, .. } = &self.media {
+            self.metrics
+                .openai_connect
+                .observe(now.saturating_duration_since(*started_at));
+        }
+        self.agent_seen = now;
+        self.link = AgentLink::AwaitingContext;
+        self.configure_agent_when_ready();
+    }
+
+    fn on_task_done(&mut self, id: TaskId, output: TaskOutput) {
+        match output {
+            TaskOutput::CallContext(result) => {
+                if !matches!(self.context, CallContext::Pending(pending) if pending == id) {
+                    return;
+                }
+                let brief = match result {
+                    Ok(found) => {
+                        found.map(|c| outbound_brief(c.agent.as_deref(), c.context.as_deref()))
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "cannot read the outbound call's context");
+                        None
+                    }
+                };
+                self.context = CallContext::Known(brief);
+                self.configure_agent_when_ready();
+            }
+        }
+    }
+
+    /// Configures the fresh session once both it and the call's context are there, then sends
+    /// the caller audio that arrived meanwhile.
+    fn configure_agent_when_ready(&mut self) {
+        let CallContext::Known(brief) = &self.context else {
+            return;
+        };
+        if !matches!(self.link, AgentLink::AwaitingContext) {
+            return;
+        }
+        let update = events::session_update(&SessionSettings {
+            instructions: &self.agent.instructions,
+            voice: &self.agent.voice,
+        });
+        self.actions.push_back(Action::ToAgent(update));
+        // Context goes in before anything can make the agent speak.
+        if let Some(brief) = brief {
+            self.actions
+                .push_back(Action::ToAgent(events::system_message(brief)));
+        }
+        if let Some(greeting) = &self.agent.greeting {
+            self.actions
+                .push_back(Action::ToAgent(events::system_message(greeting)));
+            self.actions
+                .push_back(Action::ToAgent(events::response_create()));
+        }
+        let early = std::mem::take(&mut self.early_audio);
+        if !early.frames.is_empty() {
+            tracing::debug!(
+                frames = early.frames.len(),
+                "sending caller audio held while OpenAI connected"
+            );
+        }
+        self.actions.extend(
+            early
+                .frames
+                .iter()
+                .map(|payload| Action::ToAgent(events::append_audio(payload))),
+        );
+        self.link = AgentLink::Ready;
+    }
+
+    fn on_agent_text(&mut self, text: &str, now: Instant) {
+        let event = match events::parse_server_event(text) {
+            Ok(event) => event,
+            Err(error) => {
+                self.malformed_from_agent(&error.to_string());
+                return;
+            }
+        };
+        match event {
+            ServerEvent::AudioDelta(audio, delta) => {
+                let Some(mark) = self.playback.on_delta(&audio, base64_decoded_len(&delta)) else {
+                    self.metrics.dropped_interrupted_deltas.inc();
+                    return;
+                };
+                if !self.first_audio_sent {
+                    self.first_audio_sent = true;
+                    if let MediaLink::Streaming { started_at, .. } = &self.media {
+                        self.metrics
+                            .first_agent_audio
+                            .observe(now.saturating_duration_since(*started_at));
+                    }
+                }
+                self.metrics.frames_to_caller.inc();
+                self.actions
+                    .push_back(Action::ToMedia(self.leg.audio(&delta)));
+                self.actions.push_back(Action::ToMedia(self.leg.mark(mark)));
+            }
+            ServerEvent::AudioDone(audio) => {
+                if let Some(mark) = self.playback.on_audio_done(&audio) {
+                    self.actions.push_back(Action::ToMedia(self.leg.mark(mark)));
+                }
+            }
+            ServerEvent::SpeechStarted => self.on_speech_started(),
+            ServerEvent::ResponseCreated { response_id } => {
+                self.playback.response_created(&response_id);
+            }
+            ServerEvent::ResponseDone { response_id, usage } => {
+                self.playback.response_done(&response_id);
+                self.usage.input_tokens += usage.input_tokens;
+                self.usage.output_tokens += usage.output_tokens;
+                self.usage.total_tokens += usage.total_tokens;
+            }
+            ServerEvent::AgentTranscriptDone {
+                item_id,
+                transcript,
+            } => {
+                let transcript = transcript.trim().to_owned();
+                if !transcript.is_empty() {
+                    let sequence = self.next_line_sequence();
+                    let (text, truncated) = self
+                        .playback
+                        .agent_transcript(&item_id, transcript, sequence);
+                    self.record_line(Speaker::Agent, text, truncated, now);
+                }
+            }
+            ServerEvent::CallerTranscriptDone { transcript } => {
+                self.record_line(Speaker::Caller, transcript, false, now);
+            }
+            ServerEvent::SessionCreated { session_id } => {
+                tracing::info!(
+                    openai_session_id = session_id.as_deref().unwrap_or(""),
+                    "OpenAI session created"
+                );
+                self.session_id = session_id;
+            }
+            ServerEvent::SessionUpdated { interrupt_response } => {
+                self.session_auto_interrupts = interrupt_response;
+            }
+            ServerEvent::Error(error) => {
+                self.metrics.openai_errors.inc();
+                let code = error.code.as_deref().unwrap_or("");
+                self.record_event("openai_error", code, Some(error.message.clone()), now);
+                match error.severity() {
+                    ErrorSeverity::Benign => {
+                        tracing::debug!(code, message = %error.message, "OpenAI reported a harmless race");
+                    }
+                    ErrorSeverity::Recoverable => {
+                        tracing::warn!(code, kind = %error.kind, message = %error.message, "OpenAI reported an error");
+                    }
+                    ErrorSeverity::Fatal => {
+                        tracing::error!(code, kind = %error.kind, message = %error.message, "OpenAI ended the session");
+                        self.end(EndReason::AgentFailed, now);
+                    }
+                }
+            }
+            ServerEvent::Other => {}
+        }
+    }
+
+    /// Barge-in. Silence first: stopping playback is what the caller notices, so `clear` is
+    /// queued before anything else, records included.
+    fn on_speech_started(&mut self) {
+        let Some(interruption) = self.playback.interrupt(self.session_auto_interrupts) else {
+            return;
+        };
+        if interruption.clear {
+            self.actions.push_back(Action::ToMedia(self.leg.clear()));
+        }
+        self.metrics.barge_ins.inc();
+        tracing::debug!(?interruption, "caller barged in");
+        if interruption.cancel {
+            self.actions
+                .push_back(Action::ToAgent(events::response_cancel()));
+        }
+        for truncation in &interruption.truncations {
+            self.metrics.truncates.inc();
+            self.actions.push_back(Action::ToAgent(events::truncate(
+                &truncation.item_id,
+                truncation.content_index,
+                truncation.audio_end_ms,
+            )));
+        }
+        let corrections = self.playback.take_corrections();
+        self.apply_corrections(corrections);
+    }
+
+    // --- Time.
+
+    fn on_timer(&mut self, now: Instant) {
+        if matches!(self.media, MediaLink::AwaitingStart)
+            && now >= self.accepted_at + self.settings.start_timeout
+        {
+            tracing::warn!("Twilio never sent start");
+            self.end(EndReason::Timeout, now);
+            return;
+        }
+        if now < self.next_heartbeat {
+            return;
+        }
+        // A late beat is not made up for: the next one is a full interval away.
+        self.next_heartbeat = now + self.settings.heartbeat_interval;
+        if now.saturating_duration_since(self.media_seen) > self.settings.peer_timeout {
+            tracing::warn!("Twilio stopped answering");
+            self.end(EndReason::Timeout, now);
+            return;
+        }
+        let agent_open = matches!(self.link, AgentLink::AwaitingContext | AgentLink::Ready);
+        if agent_open && now.saturating_duration_since(self.agent_seen) > self.settings.peer_timeout
+        {
+            tracing::warn!("OpenAI stopped answering");
+            self.end(EndReason::Timeout, now);
+            return;
+        }
+        self.actions.push_back(Action::PingMedia);
+        if agent_open {
+            self.actions.push_back(Action::PingAgent);
+        }
+    }
+
+    // --- The end.
+
+    /// The one way a call ends: whatever was said is corrected to what was heard, the end is
+    /// recorded, and the driver is told how to close both legs.
+    fn end(&mut self, reason: EndReason, now: Instant) {
+        if self.ended.is_some() {
+            return;
+        }
+        self.ended = Some((reason, now));
+        self.metrics.call_ended(reason);
+        let cut_off = self.playback.finish();
+        self.apply_corrections(cut_off);
+        if let MediaLink::Streaming { call_sid, .. } = &self.media {
+            let call_sid = call_sid.clone();
+            self.record_event("stream", "ended", Some(reason.label().to_owned()), now);
+            let usage = self.usage;
+            let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            self.actions.push_back(Action::Record(Record::CallEnded {
+                call_sid,
+                end_reason: reason.label(),
+                openai_session_id: self.session_id.clone(),
+                input_tokens: tokens(usage.input_tokens),
+                output_tokens: tokens(usage.output_tokens),
+                total_tokens: tokens(usage.total_tokens),
+                at_ms: self.wall_ms(now),
+            }));
+        }
+        let call_sid = match &self.media {
+            MediaLink::Streaming { call_sid, .. } => Some(call_sid.clone()),
+            MediaLink::AwaitingStart => None,
+        };
+        self.actions.push_back(Action::End(EndPlan::new(
+            reason,
+            call_sid,
+            L::close_code(reason),
+        )));
+    }
+
+    // --- Records.
+
+    fn spawn(&mut self, task: SideTask) -> TaskId {
+        self.next_task += 1;
+        let id = TaskId(self.next_task);
+        self.actions.push_back(Action::Spawn(id, task));
+        id
+    }
+
+    fn wall_ms(&self, now: Instant) -> i64 {
+        let elapsed = now.saturating_duration_since(self.accepted_at).as_millis();
+        self.accepted_at_ms
+            .saturating_add(i64::try_from(elapsed).unwrap_or(i64::MAX))
+    }
+
+    fn offset_ms(&self, now: Instant) -> u64 {
+        match &self.media {
+            MediaLink::Streaming { started_at, .. } => {
+                u64::try_from(now.saturating_duration_since(*started_at).as_millis())
+                    .unwrap_or(u64::MAX)
+            }
+            MediaLink::AwaitingStart => 0,
+        }
+    }
+
+    fn call_sid(&self) -> Option<&str> {
+        match &self.media {
+            MediaLink::Streaming { call_sid, .. } => Some(call_sid),
+            MediaLink::AwaitingStart => None,
+        }
+    }
+
+    /// Stream lifecycle and OpenAI errors, for the call's history.
+    fn record_event(
+        &mut self,
+        kind: &'static str,
+        name: &str,
+        detail: Option<String>,
+        now: Instant,
+    ) {
+        let Some(call_sid) = self.call_sid() else {
+            return;
+        };
+        let record = Record::Event {
+            call_sid: call_sid.to_owned(),
+            kind,
+            name: name.to_owned(),
+            detail,
+            at_ms: self.wall_ms(now),
+        };
+        self.actions.push_back(Action::Record(record));
+    }
+
+    fn next_line_sequence(&self) -> u32 {
+        u32::try_from(self.transcript.len() + 1).unwrap_or(u32::MAX)
+    }
+
+    /// Replaces recorded agent lines with what the caller actually heard of them.
+    fn apply_corrections(&mut self, corrections: Vec<LineCorrection>) {
+        for correction in corrections {
+            let index = correction.sequence as usize - 1;
+            let Some(line) = self.transcript.get_mut(index) else {
+                continue;
+            };
+            line.text.clone_from(&correction.text);
+            line.truncated = correction.truncated;
+            if let Some(call_sid) = self.call_sid() {
+                let record = Record::TranscriptCorrection {
+                    call_sid: call_sid.to_owned(),
+                    sequence: correction.sequence,
+                    text: correction.text,
+                    truncated: correction.truncated,
+                };
+                self.actions.push_back(Action::RecordTranscript(record));
+            }
+        }
+    }
+
+    fn record_line(&mut self, speaker: Speaker, text: String, truncated: bool, now: Instant) {
+        let text = text.trim().to_owned();
+        if text.is_empty() {
+            return;
+        }
+        let line = TranscriptLine {
+            sequence: self.next_line_sequence(),
+            speaker,
+            text,
+            offset_ms: self.offset_ms(now),
+            truncated,
+        };
+        tracing::debug!(
+            speaker = line.speaker.as_str(),
+            offset_ms = line.offset_ms,
+            truncated = line.truncated,
+            text = %line.text,
+            "transcript"
+        );
+        if let Some(call_sid) = self.call_sid() {
+            let record = Record::Transcript {
+                call_sid: call_sid.to_owned(),
+                line: line.clone(),
+            };
+            self.actions.push_back(Action::RecordTranscript(record));
+        }
+        self.transcript.push(line);
+    }
+
+    fn malformed_from_media(&mut self, what: &str) {
+        self.metrics.malformed_from_twilio.inc();
+        self.log_malformed("Twilio", what);
+    }
+
+    fn malformed_from_agent(&mut self, what: &str) {
+        self.metrics.malformed_from_openai.inc();
+        self.log_malformed("OpenAI", what);
+    }
+
+    fn log_malformed(&mut self, peer: &str, what: &str) {
+        self.malformed += 1;
+        if self.malformed <= MALFORMED_LOG_LIMIT {
+            tracing::warn!(
+                peer,
+                problem = what,
+                "ignored a message that could not be used"
+            );
+        } else {
+            tracing::debug!(
+                peer,
+                problem = what,
+                "ignored a message that could not be used"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

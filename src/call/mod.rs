@@ -1,0 +1,25 @@
+//! One call, from the moment Twilio's media socket opens to the last hang-up.
+//!
+//! ```text
+//!            frames, dial outcomes, side-task results, timer, shutdown
+//!   sockets ───────────────────────────▶ ┌──────────┐
+//!   tasks      driver (driver.rs)        │   core   │  plain state machine (core.rs):
+//!   timer   ◀─────────────────────────── │ (sans-IO)│  no sockets, no runtime, no clock
+//!             send, dial, record, spawn, └──────────┘
+//!             end the call this way
+//! ```
+//!
+//! - [`core`] decides everything: what to forward, barge-in, when the agent may be dialled, how
+//!   the call ends. It is unit-tested by feeding it inputs and reading its actions.
+//! - [`driver`] owns the I/O and decides nothing: it turns frames into inputs and actions into
+//!   writes, dials, records and side tasks.
+//! - [`link`] holds the two links' states, [`leg`] the media leg's wire format (Twilio),
+//!   [`ending`] the one policy for how a call ends, [`agent`] the per-call agent settings.
+
+pub mod agent;
+pub mod core;
+pub mod driver;
+pub mod ending;
+pub mod leg;
+pub mod link;
+pub use crate::bridge::{playback, transcript};
