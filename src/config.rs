@@ -47,6 +47,8 @@ pub struct Config {
     pub max_concurrent_calls: usize,
     pub drain_timeout: Duration,
     pub log_format: LogFormat,
+    /// How long a Twilio REST request may take; not an environment variable (tests shorten it).
+    pub twilio_request_timeout: Duration,
 }
 
 /// `PUBLIC_BASE_URL` without a trailing slash. Every URL we sign-check or hand to Twilio is built
@@ -342,6 +344,7 @@ impl Config {
             max_concurrent_calls,
             drain_timeout,
             log_format,
+            twilio_request_timeout: crate::twilio::rest::DEFAULT_REQUEST_TIMEOUT,
         })
     }
 }

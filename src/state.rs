@@ -50,6 +50,7 @@ impl AppState {
             &config.twilio_api_base_url,
             &config.twilio_account_sid,
             config.twilio_auth_token.clone(),
+            config.twilio_request_timeout,
         )?;
         Ok(Arc::new(Self {
             twilio,

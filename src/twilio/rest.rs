@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 /// Twilio answers in well under a second; a request still pending after this will not help a
 /// caller who is waiting.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// "The requested resource was not found": for a hang-up, the call has already ended.
 pub const ERROR_NOT_FOUND: i64 = 20404;
@@ -64,6 +64,7 @@ pub struct TwilioRest {
     account_url: String,
     account_sid: String,
     auth_token: SecretString,
+    request_timeout: Duration,
 }
 
 impl TwilioRest {
@@ -71,9 +72,10 @@ impl TwilioRest {
         base_url: &str,
         account_sid: &str,
         auth_token: SecretString,
+        request_timeout: Duration,
     ) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
+            .timeout(request_timeout)
             .connect_timeout(Duration::from_secs(5))
             .build()?;
         Ok(Self {
@@ -81,6 +83,7 @@ impl TwilioRest {
             account_url: format!("{base_url}/2010-04-01/Accounts/{account_sid}"),
             account_sid: account_sid.to_owned(),
             auth_token,
+            request_timeout,
         })
     }
 
@@ -119,7 +122,7 @@ impl TwilioRest {
             .await
             .map_err(|e| {
                 if e.is_timeout() {
-                    RestError::Timeout(REQUEST_TIMEOUT)
+                    RestError::Timeout(self.request_timeout)
                 } else {
                     // Without the URL: it is ours, and an error message is no place for it.
                     RestError::Network(e.without_url().to_string())
@@ -128,7 +131,7 @@ impl TwilioRest {
         let status = response.status().as_u16();
         let body = response.bytes().await.map_err(|e| {
             if e.is_timeout() {
-                RestError::Timeout(REQUEST_TIMEOUT)
+                RestError::Timeout(self.request_timeout)
             } else {
                 RestError::Network(e.without_url().to_string())
             }

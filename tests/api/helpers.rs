@@ -33,6 +33,9 @@ impl std::ops::Deref for TestApp {
 
 impl Client {
     pub fn new(address: String) -> Self {
+        // reqwest is built without a default TLS provider; a test that talks to a spawned
+        // binary may be the first in this process to need one.
+        callbridge::tls::install_crypto_provider();
         Self {
             address,
             http: reqwest::Client::new(),
@@ -59,8 +62,15 @@ pub fn test_config(overrides: &[(&str, &str)]) -> Config {
     for (k, v) in overrides {
         env.insert(k.to_string(), v.to_string());
     }
-    Config::from_lookup(|k| env.get(k).cloned()).expect("test configuration is valid")
+    let mut config =
+        Config::from_lookup(|k| env.get(k).cloned()).expect("test configuration is valid");
+    // The fakes answer in milliseconds; a test of Twilio not answering need not wait 10 s.
+    config.twilio_request_timeout = TWILIO_TIMEOUT;
+    config
 }
+
+/// The Twilio REST timeout of every test app.
+pub const TWILIO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A fresh path under the system temp dir; each test gets its own database file.
 pub fn temp_path(extension: &str) -> std::path::PathBuf {

@@ -543,7 +543,7 @@ async fn a_twilio_timeout_is_a_504() {
         .respond_with(
             ResponseTemplate::new(201)
                 .set_body_json(json!({"sid": call_sid(1), "status": "queued"}))
-                .set_delay(Duration::from_secs(12)),
+                .set_delay(TWILIO_TIMEOUT * 2),
         )
         .mount(&o.twilio)
         .await;

@@ -17,6 +17,10 @@ pub async fn fresh_databases() -> Vec<String> {
     let mut urls = vec![sqlite_url(&temp_path("db"))];
     match std::env::var("CALLBRIDGE_TEST_POSTGRES_URL") {
         Ok(admin_url) => urls.push(fresh_postgres_database(&admin_url).await),
+        // CI sets CALLBRIDGE_REQUIRE_POSTGRES: there a skipped half is a failure.
+        Err(_) if std::env::var_os("CALLBRIDGE_REQUIRE_POSTGRES").is_some() => {
+            panic!("CALLBRIDGE_REQUIRE_POSTGRES is set but CALLBRIDGE_TEST_POSTGRES_URL is not")
+        }
         Err(_) => eprintln!(
             "skipping the Postgres half of this test: CALLBRIDGE_TEST_POSTGRES_URL is not set"
         ),
