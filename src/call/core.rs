@@ -197,6 +197,7 @@ pub struct CallSummary {
 /// once it is, so the first thing the agent hears already includes it.
 #[derive(Debug)]
 enum CallContext {
+    /// `start` has not arrived yet.
     NotAsked,
     Pending(TaskId),
     Known(Option<String>),
@@ -479,10 +480,14 @@ impl<L: MediaLeg> CallCore<L> {
         );
         self.leg.started(&start.stream_sid);
         self.metrics.calls_started.inc();
-        let id = self.spawn(SideTask::LookupCallContext {
-            call_sid: start.call_sid.clone(),
-        });
-        self.context = CallContext::Pending(id);
+        // Only `POST /calls` stores a context, so only its (outbound) calls look one up.
+        self.context = if parameter("direction").starts_with("outbound") {
+            CallContext::Pending(self.spawn(SideTask::LookupCallContext {
+                call_sid: start.call_sid.clone(),
+            }))
+        } else {
+            CallContext::Known(None)
+        };
         self.actions
             .push_back(Action::Record(Record::StreamStarted {
                 call_sid: start.call_sid.clone(),

@@ -24,7 +24,7 @@ use crate::call::core::{
     Action, CallCore, CallSetup, CallSummary, Input, OutboundContext, SideTask, TaskId, TaskOutput,
 };
 use crate::call::ending::{self, EndPlan};
-use crate::call::leg::TwilioLeg;
+use crate::call::leg::{CallControl, TwilioLeg};
 use crate::openai::client::{AgentDialer, DialError};
 use crate::state::AppState;
 
@@ -37,12 +37,20 @@ enum Dial<D: AgentDialer> {
     Session(Result<(D::Sink, D::Stream), DialError>),
 }
 
+/// The remote services a call uses besides its media socket.
+pub struct Peers<'a, D, C> {
+    /// Opens the agent's session.
+    pub dialer: &'a D,
+    /// Ends the call outside its stream (Twilio's REST API).
+    pub control: &'a C,
+}
+
 /// Runs one call to its end, including the ending's REST hang-ups, and only then gives the
 /// call's slot back. `twilio_tx`/`twilio_rx` are the Media Stream socket's halves.
-pub async fn run<TS, TR, D>(
+pub async fn run<TS, TR, D, C>(
     mut twilio_tx: TS,
     mut twilio_rx: TR,
-    dialer: &D,
+    peers: Peers<'_, D, C>,
     state: &AppState,
     setup: CallSetup,
     slot: CallSlot,
@@ -53,7 +61,9 @@ where
     TS::Error: Debug,
     TR: Stream<Item = Result<AggregatedMessage, ProtocolError>> + Unpin,
     D: AgentDialer,
+    C: CallControl,
 {
+    let Peers { dialer, control } = peers;
     let times = setup.settings.ending;
     let mut core = CallCore::new(TwilioLeg::default(), setup);
     let mut dial: Option<LocalFuture<'_, Dial<D>>> = None;
@@ -241,7 +251,7 @@ where
     }
     drop(agent_rx);
     drop(dial);
-    ending::hang_up_before_closing(&plan, &state.twilio, times).await;
+    ending::hang_up_before_closing(&plan, control, times).await;
     let reason = CloseReason {
         code: CloseCode::from(plan.close_code),
         description: None,
@@ -256,7 +266,7 @@ where
         total_tokens = summary.usage.total_tokens,
         "call ended"
     );
-    ending::hang_up_after_apology(&plan, &state.twilio, times).await;
+    ending::hang_up_after_apology(&plan, control, times).await;
     drop(slot);
     summary
 }
@@ -294,3 +304,6 @@ async fn run_side_task(state: &AppState, id: TaskId, task: SideTask) -> (TaskId,
     };
     (id, output)
 }
+
+#[cfg(test)]
+mod tests;

@@ -16,8 +16,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::call::leg::CallControl;
 use crate::metrics::EndReason;
-use crate::twilio::rest::{RestError, TwilioRest};
+use crate::twilio::rest::RestError;
 
 /// Backoff between REST hang-up attempts; a transient Twilio or network error gets retried.
 const HANG_UP_RETRY_DELAYS: [Duration; 2] = [Duration::from_millis(250), Duration::from_secs(1)];
@@ -93,7 +94,11 @@ impl Default for EndingTimes {
 }
 
 /// The hang-up that must happen before the stream is closed, if the plan has one.
-pub async fn hang_up_before_closing(plan: &EndPlan, twilio: &TwilioRest, times: EndingTimes) {
+pub async fn hang_up_before_closing(
+    plan: &EndPlan,
+    control: &impl CallControl,
+    times: EndingTimes,
+) {
     if plan.rest_hang_up != RestHangUp::BeforeClosing {
         return;
     }
@@ -101,7 +106,7 @@ pub async fn hang_up_before_closing(plan: &EndPlan, twilio: &TwilioRest, times: 
         return;
     };
     let deadline = Instant::now() + times.hang_up_timeout;
-    match tokio::time::timeout_at(deadline, hang_up_with_retries(twilio, call_sid)).await {
+    match tokio::time::timeout_at(deadline, hang_up_with_retries(control, call_sid)).await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => tracing::warn!(%error, "cannot hang the call up for the drain"),
         Err(_) => tracing::warn!("Twilio did not confirm the drain's hang-up in time"),
@@ -109,7 +114,7 @@ pub async fn hang_up_before_closing(plan: &EndPlan, twilio: &TwilioRest, times: 
 }
 
 /// The hang-up that makes sure a failed call ends once its apology has played.
-pub async fn hang_up_after_apology(plan: &EndPlan, twilio: &TwilioRest, times: EndingTimes) {
+pub async fn hang_up_after_apology(plan: &EndPlan, control: &impl CallControl, times: EndingTimes) {
     if plan.rest_hang_up != RestHangUp::AfterApology {
         return;
     }
@@ -117,17 +122,17 @@ pub async fn hang_up_after_apology(plan: &EndPlan, twilio: &TwilioRest, times: E
         return;
     };
     tokio::time::sleep(times.apology_grace).await;
-    if let Err(error) = hang_up_with_retries(twilio, call_sid).await {
+    if let Err(error) = hang_up_with_retries(control, call_sid).await {
         tracing::warn!(%error, "cannot hang the call up through Twilio's REST API");
     }
 }
 
 /// Twilio's answer is final when it is one: only a network failure, a timeout or a 5xx is
 /// worth asking again.
-async fn hang_up_with_retries(twilio: &TwilioRest, call_sid: &str) -> Result<(), RestError> {
+async fn hang_up_with_retries(control: &impl CallControl, call_sid: &str) -> Result<(), RestError> {
     let mut delays = HANG_UP_RETRY_DELAYS.iter();
     loop {
-        match twilio.hang_up(call_sid).await {
+        match control.hang_up(call_sid).await {
             Ok(()) => return Ok(()),
             Err(error) if is_transient(&error) => match delays.next() {
                 Some(delay) => {

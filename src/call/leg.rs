@@ -5,9 +5,12 @@
 //! events, its WebSocket close codes) is the leg's business, so a second ingress would be one
 //! more implementation of [`MediaLeg`], not a fork of the core.
 
+use std::future::Future;
+
 use crate::call::playback::MarkName;
 use crate::metrics::EndReason;
 use crate::twilio::media::{self, Inbound, InboundError};
+use crate::twilio::rest::{RestError, TwilioRest};
 
 /// The wire format of one media leg. The core owns a value of it for the call's lifetime.
 pub trait MediaLeg {
@@ -64,5 +67,17 @@ impl MediaLeg for TwilioLeg {
             EndReason::Shutdown => 1012,
             EndReason::AgentFailed | EndReason::AgentUnreachable | EndReason::Timeout => 1011,
         }
+    }
+}
+
+/// Control of a call outside its media stream: Twilio's REST API for Twilio calls.
+pub trait CallControl {
+    /// Ends the call. A call that has already ended counts as success.
+    fn hang_up(&self, call_sid: &str) -> impl Future<Output = Result<(), RestError>>;
+}
+
+impl CallControl for TwilioRest {
+    fn hang_up(&self, call_sid: &str) -> impl Future<Output = Result<(), RestError>> {
+        TwilioRest::hang_up(self, call_sid)
     }
 }

@@ -83,6 +83,16 @@ impl Harness {
     }
 
     fn start_as(&mut self, account_sid: &str, call_sid: &str, token: &str) -> Vec<Action> {
+        self.start_with(account_sid, call_sid, token, "inbound")
+    }
+
+    fn start_with(
+        &mut self,
+        account_sid: &str,
+        call_sid: &str,
+        token: &str,
+        direction: &str,
+    ) -> Vec<Action> {
         self.twilio(json!({
             "event": "start",
             "sequenceNumber": "1",
@@ -92,7 +102,7 @@ impl Harness {
                 "streamSid": STREAM_SID,
                 "callSid": call_sid,
                 "tracks": ["inbound"],
-                "customParameters": {"token": token, "from": "whatsapp:+5511999990000"},
+                "customParameters": {"token": token, "from": "whatsapp:+5511999990000", "direction": direction},
                 "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
             }
         }))
@@ -102,13 +112,16 @@ impl Harness {
         self.start_as(ACCOUNT_SID, CALL_SID, TOKEN)
     }
 
-    /// Transport ready, `start` checked, session open, context known: audio flows.
+    /// The `start` of a call placed by `POST /calls`, whose context is looked up.
+    fn start_outbound(&mut self) -> Vec<Action> {
+        self.start_with(ACCOUNT_SID, CALL_SID, TOKEN, "outbound-api")
+    }
+
+    /// Transport ready, `start` checked, session open: audio flows.
     fn ready(&mut self) -> Vec<Action> {
         let mut actions = self.feed(Input::AgentTransportReady);
         actions.extend(self.start());
         actions.extend(self.feed(Input::AgentOpened));
-        let task = spawned(&actions);
-        actions.extend(self.feed(Input::TaskDone(task, TaskOutput::CallContext(Ok(None)))));
         assert_eq!(self.core.agent_link(), &AgentLink::Ready);
         actions
     }
@@ -190,10 +203,10 @@ fn the_transport_is_prepared_at_once_but_nothing_is_opened_before_start() {
     }));
     assert_eq!(h.core.agent_link(), &AgentLink::Opening);
     assert!(matches!(h.core.media_link(), MediaLink::Streaming { .. }));
-    assert!(matches!(
-        &actions[0],
-        Action::Spawn(_, SideTask::LookupCallContext { call_sid }) if call_sid == CALL_SID
-    ));
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::Spawn(..))),
+        "an inbound call has no stored context to look up"
+    );
 }
 
 #[test]
@@ -255,7 +268,7 @@ fn the_agent_is_configured_with_its_own_settings_and_the_calls_context_first() {
     };
     let mut h = Harness::with(greeting, CallSettings::default());
     h.feed(Input::AgentTransportReady);
-    let task = spawned(&h.start());
+    let task = spawned(&h.start_outbound());
     // The session opens before the context is read: nothing is sent until both are there.
     assert!(to_agent(&h.feed(Input::AgentOpened)).is_empty());
     assert_eq!(h.core.agent_link(), &AgentLink::AwaitingContext);
@@ -284,7 +297,7 @@ fn the_agent_is_configured_with_its_own_settings_and_the_calls_context_first() {
 fn a_failed_context_lookup_still_configures_the_agent() {
     let mut h = Harness::new();
     h.feed(Input::AgentTransportReady);
-    let task = spawned(&h.start());
+    let task = spawned(&h.start_outbound());
     h.feed(Input::AgentOpened);
     let sent = to_agent(&h.feed(Input::TaskDone(
         task,
@@ -299,7 +312,7 @@ fn a_failed_context_lookup_still_configures_the_agent() {
 fn caller_audio_before_the_agent_is_ready_is_held_in_order_then_sent_after_the_update() {
     let mut h = Harness::new();
     h.feed(Input::AgentTransportReady);
-    let task = spawned(&h.start());
+    let task = spawned(&h.start_outbound());
     let early: Vec<String> = "abc".chars().map(frame_of).collect();
     for payload in &early {
         assert!(to_agent(&h.media(payload)).is_empty());
@@ -323,13 +336,12 @@ fn held_audio_is_bounded_by_duration_and_the_oldest_goes_first() {
     };
     let mut h = Harness::with(agent(), settings);
     h.feed(Input::AgentTransportReady);
-    let task = spawned(&h.start());
+    h.start();
     let frames: Vec<String> = "abcde".chars().map(frame_of).collect();
     for payload in &frames {
         h.media(payload);
     }
-    h.feed(Input::AgentOpened);
-    let sent = to_agent(&h.feed(Input::TaskDone(task, TaskOutput::CallContext(Ok(None)))));
+    let sent = to_agent(&h.feed(Input::AgentOpened));
     let appended: Vec<&str> = sent[1..]
         .iter()
         .map(|event| event["audio"].as_str().unwrap())
@@ -473,13 +485,8 @@ fn a_failed_open_ends_with_the_apology() {
 fn every_way_a_call_ends_has_its_reason_close_code_and_hang_up() {
     let fatal = json!({"type": "error", "error": {"type": "invalid_request_error", "code": "invalid_api_key", "message": "bad key"}});
     let stop = json!({"event": "stop", "streamSid": STREAM_SID});
-    let cases: Vec<(
-        &str,
-        Box<dyn Fn(&mut Harness) -> Vec<Action>>,
-        EndReason,
-        u16,
-        RestHangUp,
-    )> = vec![
+    type Ending = Box<dyn Fn(&mut Harness) -> Vec<Action>>;
+    let cases: Vec<(&str, Ending, EndReason, u16, RestHangUp)> = vec![
         (
             "stop",
             Box::new(move |h| h.twilio(stop.clone())),
@@ -587,7 +594,7 @@ fn every_way_a_call_ends_has_its_reason_close_code_and_hang_up() {
 fn a_side_tasks_result_after_the_end_is_ignored() {
     let mut h = Harness::new();
     h.feed(Input::AgentTransportReady);
-    let task = spawned(&h.start());
+    let task = spawned(&h.start_outbound());
     h.feed(Input::AgentOpened);
     h.feed(Input::MediaClosed);
     let late = h.feed(Input::TaskDone(task, TaskOutput::CallContext(Ok(None))));
@@ -598,7 +605,7 @@ fn a_side_tasks_result_after_the_end_is_ignored() {
 fn a_result_for_another_task_is_ignored() {
     let mut h = Harness::new();
     h.feed(Input::AgentTransportReady);
-    let task = spawned(&h.start());
+    let task = spawned(&h.start_outbound());
     h.feed(Input::AgentOpened);
     let stale = TaskId(task.0 + 100);
     assert!(
