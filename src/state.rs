@@ -51,7 +51,7 @@ impl AppState {
         );
         let twilio = TwilioRest::new(
             &config.twilio_api_base_url,
-            &config.twilio_account_sid,
+            config.twilio_account_sid.as_str(),
             config.twilio_auth_token.clone(),
         )?;
         Ok(Arc::new(Self {
