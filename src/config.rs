@@ -9,6 +9,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 
 use crate::domain::phone::E164;
+use crate::twilio::ids::{AccountSid, ContentSid};
 
 pub const DEFAULT_TWILIO_API_BASE_URL: &str = "https://api.twilio.com";
 pub const DEFAULT_OPENAI_REALTIME_URL: &str = "wss://api.openai.com/v1/realtime";
@@ -28,13 +29,13 @@ pub enum LogFormat {
 /// The whole runtime configuration. Secrets are `SecretString` so a stray `{:?}` cannot leak them.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub twilio_account_sid: String,
+    pub twilio_account_sid: AccountSid,
     pub twilio_auth_token: SecretString,
     pub openai_api_key: SecretString,
     pub public_base_url: PublicBaseUrl,
     pub port: u16,
     pub twilio_whatsapp_number: Option<E164>,
-    pub twilio_call_permission_content_sid: Option<String>,
+    pub twilio_call_permission_content_sid: Option<ContentSid>,
     pub api_token: Option<SecretString>,
     pub twilio_api_base_url: String,
     pub openai_realtime_url: String,
@@ -145,22 +146,6 @@ impl<F: Fn(&str) -> Option<String>> Reader<'_, F> {
             }),
         }
     }
-
-    fn check(
-        &mut self,
-        name: &str,
-        value: Option<String>,
-        valid: impl FnOnce(&str) -> Result<(), String>,
-    ) -> Option<String> {
-        let value = value?;
-        match valid(&value) {
-            Ok(()) => Some(value),
-            Err(why) => {
-                self.problems.push(format!("{name} {why}"));
-                None
-            }
-        }
-    }
 }
 
 fn positive_number<T: std::str::FromStr + PartialOrd + Default>(raw: &str) -> Result<T, String> {
@@ -189,17 +174,6 @@ fn http_url(raw: &str) -> Result<String, String> {
     Ok(raw.trim_end_matches('/').to_owned())
 }
 
-fn twilio_sid(prefix: &'static str) -> impl FnOnce(&str) -> Result<(), String> {
-    move |raw| {
-        let hex = raw.strip_prefix(prefix).unwrap_or("");
-        if hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            Ok(())
-        } else {
-            Err(format!("must be {prefix} followed by 32 hex characters"))
-        }
-    }
-}
-
 impl Config {
     /// Reads the real process environment (after `.env` has been loaded by `main`).
     pub fn from_env() -> Result<Self, ConfigErrors> {
@@ -212,8 +186,11 @@ impl Config {
             problems: Vec::new(),
         };
 
-        let account_sid = r.required("TWILIO_ACCOUNT_SID");
-        let account_sid = r.check("TWILIO_ACCOUNT_SID", account_sid, twilio_sid("AC"));
+        let account_sid = r.required("TWILIO_ACCOUNT_SID").and_then(|raw| {
+            AccountSid::parse(&raw)
+                .map_err(|why| r.problems.push(format!("TWILIO_ACCOUNT_SID is {why}")))
+                .ok()
+        });
         let auth_token = r.required("TWILIO_AUTH_TOKEN");
         let openai_api_key = r.required("OPENAI_API_KEY");
         let public_base_url = r.required("PUBLIC_BASE_URL").and_then(|raw| {
@@ -231,12 +208,11 @@ impl Config {
                 .map(Some)
                 .map_err(|_| format!("must be an E.164 number like +15551234567, got {raw:?}"))
         });
-        let content_sid = r.optional("TWILIO_CALL_PERMISSION_CONTENT_SID");
-        let content_sid = r.check(
-            "TWILIO_CALL_PERMISSION_CONTENT_SID",
-            content_sid,
-            twilio_sid("HX"),
-        );
+        let content_sid = r.parsed("TWILIO_CALL_PERMISSION_CONTENT_SID", None, |raw| {
+            ContentSid::parse(raw)
+                .map(Some)
+                .map_err(|why| format!("is {why}"))
+        });
         let api_token = r.optional("CALLBRIDGE_API_TOKEN").map(SecretString::from);
         let twilio_api_base_url = r.parsed(
             "TWILIO_API_BASE_URL",

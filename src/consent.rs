@@ -6,6 +6,10 @@
 //! - Permission requests: at most 1 per 24 h and 2 per 7 days per user; none for 24 h after
 //!   the user rejected one.
 //! - Four unanswered calls in a row revoke the permission.
+//! - An answer counts only for a request we sent in the last 7 days. Only an answer to the
+//!   user's latest request, while nothing has closed it (an earlier answer, a revocation, a newer
+//!   request), can grant: so a rejection or revocation is never undone by an old acceptance,
+//!   only by the user accepting a new request.
 
 use crate::clock::{MS_PER_DAY, rfc3339};
 
@@ -17,6 +21,22 @@ pub const REQUEST_WINDOW_MS: i64 = 7 * MS_PER_DAY;
 pub const REQUESTS_PER_WINDOW: usize = 2;
 pub const QUIET_AFTER_REJECTION_MS: i64 = MS_PER_DAY;
 pub const UNANSWERED_CALLS_BEFORE_REVOCATION: i64 = 4;
+
+/// The user's answer to a permission request (the button's `ButtonPayload`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reply {
+    Accepted,
+    Rejected,
+}
+
+impl Reply {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Accepted => "ACCEPTED",
+            Self::Rejected => "REJECTED",
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PermissionState {
@@ -78,6 +98,60 @@ impl CallRefusal {
             ),
             Self::Revoked => "the user's call permission was revoked (declined by WhatsApp or too many unanswered calls): request it again with POST /call-permissions".into(),
         }
+    }
+}
+
+/// A permission request we sent, as the store knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SentRequest {
+    pub sent_at_ms: i64,
+    /// Nothing has closed it yet: no answer, no revocation, no newer request to the user.
+    pub open: bool,
+}
+
+/// What a new reply does to the user's permission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplyEffect {
+    Grant,
+    Reject,
+    Ignore(IgnoredReply),
+}
+
+/// Why a reply changes nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IgnoredReply {
+    /// We never sent this user the request it answers.
+    NoRequest,
+    /// The request it answers is more than 7 days old.
+    RequestExpired,
+    /// An acceptance of a request that an earlier answer, a revocation or a newer request has
+    /// closed: it must not bring back a permission the user or WhatsApp has since taken away.
+    RequestClosed,
+}
+
+impl IgnoredReply {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoRequest => "no request of ours to answer",
+            Self::RequestExpired => "the request expired",
+            Self::RequestClosed => "the request was already answered, revoked or replaced",
+        }
+    }
+}
+
+/// What a new reply does, given the request it answers (`None` if we sent none). A rejection
+/// always counts while its request is valid: declining can only make calls less likely.
+pub fn reply_effect(reply: Reply, answers: Option<&SentRequest>, now_ms: i64) -> ReplyEffect {
+    let Some(request) = answers else {
+        return ReplyEffect::Ignore(IgnoredReply::NoRequest);
+    };
+    if now_ms - request.sent_at_ms >= REQUEST_VALIDITY_MS {
+        return ReplyEffect::Ignore(IgnoredReply::RequestExpired);
+    }
+    match reply {
+        Reply::Rejected => ReplyEffect::Reject,
+        Reply::Accepted if request.open => ReplyEffect::Grant,
+        Reply::Accepted => ReplyEffect::Ignore(IgnoredReply::RequestClosed),
     }
 }
 
@@ -179,6 +253,66 @@ mod tests {
             assert!(
                 refusal.message().contains("/call-permissions"),
                 "{refusal:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_an_open_request_can_be_accepted() {
+        let open = SentRequest {
+            sent_at_ms: NOW - DAY,
+            open: true,
+        };
+        let closed = SentRequest {
+            open: false,
+            ..open
+        };
+        assert_eq!(
+            reply_effect(Reply::Accepted, Some(&open), NOW),
+            ReplyEffect::Grant
+        );
+        assert_eq!(
+            reply_effect(Reply::Accepted, Some(&closed), NOW),
+            ReplyEffect::Ignore(IgnoredReply::RequestClosed)
+        );
+        assert_eq!(
+            reply_effect(Reply::Accepted, None, NOW),
+            ReplyEffect::Ignore(IgnoredReply::NoRequest)
+        );
+    }
+
+    #[test]
+    fn a_rejection_counts_even_after_an_answer() {
+        for open in [true, false] {
+            let request = SentRequest {
+                sent_at_ms: NOW - DAY,
+                open,
+            };
+            assert_eq!(
+                reply_effect(Reply::Rejected, Some(&request), NOW),
+                ReplyEffect::Reject
+            );
+        }
+        assert_eq!(
+            reply_effect(Reply::Rejected, None, NOW),
+            ReplyEffect::Ignore(IgnoredReply::NoRequest)
+        );
+    }
+
+    #[test]
+    fn no_answer_counts_after_seven_days() {
+        let request = SentRequest {
+            sent_at_ms: NOW,
+            open: true,
+        };
+        for reply in [Reply::Accepted, Reply::Rejected] {
+            assert_ne!(
+                reply_effect(reply, Some(&request), NOW + REQUEST_VALIDITY_MS - 1),
+                ReplyEffect::Ignore(IgnoredReply::RequestExpired)
+            );
+            assert_eq!(
+                reply_effect(reply, Some(&request), NOW + REQUEST_VALIDITY_MS),
+                ReplyEffect::Ignore(IgnoredReply::RequestExpired)
             );
         }
     }

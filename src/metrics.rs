@@ -109,6 +109,7 @@ impl EndReason {
 #[derive(Default)]
 pub struct Metrics {
     pub signature_failures: Counter,
+    pub webhooks_refused: Counter,
     pub calls_refused_busy: Counter,
     pub calls_refused_draining: Counter,
     pub calls_started: Counter,
@@ -165,6 +166,12 @@ impl Metrics {
             "callbridge_signature_failures_total",
             "Twilio requests refused for a missing or wrong X-Twilio-Signature.",
             &self.signature_failures,
+        );
+        counter(
+            &mut out,
+            "callbridge_webhooks_refused_total",
+            "Correctly signed Twilio webhooks refused: fields Twilio would not send (such as a malformed or missing id) or another account's.",
+            &self.webhooks_refused,
         );
         let _ = writeln!(
             out,

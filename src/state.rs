@@ -48,7 +48,7 @@ impl AppState {
             RealtimeDialer::new(&config.openai_realtime_url, config.openai_api_key.clone());
         let twilio = TwilioRest::new(
             &config.twilio_api_base_url,
-            &config.twilio_account_sid,
+            config.twilio_account_sid.as_str(),
             config.twilio_auth_token.clone(),
             config.twilio_request_timeout,
         )?;

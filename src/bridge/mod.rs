@@ -311,7 +311,7 @@ where
         let usage = call.usage;
         let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         state.records.record(Record::CallEnded {
-            call_sid: start.call_sid.clone(),
+            call_sid: start.call_sid.to_string(),
             end_reason: reason.label(),
             openai_session_id: call.session_id.clone(),
             input_tokens: tokens(usage.input_tokens),
@@ -322,8 +322,8 @@ where
     }
     let started = call.started.take();
     CallSummary {
-        call_sid: started.as_ref().map(|s| s.call_sid.clone()),
-        stream_sid: started.map(|s| s.stream_sid),
+        call_sid: started.as_ref().map(|s| s.call_sid.to_string()),
+        stream_sid: started.map(|s| s.stream_sid.into()),
         end_reason: reason,
         openai_session_id: call.session_id,
         usage: call.usage,
@@ -361,7 +361,7 @@ async fn finish<TS, AS>(
     // A deploy is no failure: end the call through Twilio first, so that closing the stream
     // does not start the apology after `</Connect>`.
     if let (EndReason::Shutdown, Some(start)) = (reason, &call.started) {
-        let hang_up = call.state.twilio.hang_up(&start.call_sid);
+        let hang_up = call.state.twilio.hang_up(start.call_sid.as_str());
         match tokio::time::timeout(SHUTDOWN_HANG_UP_TIMEOUT, hang_up).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::warn!(%error, "cannot hang the call up for the drain"),
@@ -473,7 +473,7 @@ impl Call<'_> {
             .redeem(
                 &self.state.store,
                 token,
-                &start.call_sid,
+                start.call_sid.as_str(),
                 self.state.clock.now_ms(),
             )
             .await
@@ -491,7 +491,12 @@ impl Call<'_> {
             direction = parameter("direction"),
             "media stream started"
         );
-        match self.state.store.outbound_brief(&start.call_sid).await {
+        match self
+            .state
+            .store
+            .outbound_brief(start.call_sid.as_str())
+            .await
+        {
             Ok(Some((agent, context))) => {
                 self.outbound_brief = Some(outbound_brief(agent.as_deref(), context.as_deref()));
             }
@@ -505,8 +510,8 @@ impl Call<'_> {
         }
         self.state.metrics.calls_started.inc();
         self.state.records.record(Record::StreamStarted {
-            call_sid: start.call_sid.clone(),
-            stream_sid: start.stream_sid.clone(),
+            call_sid: start.call_sid.to_string(),
+            stream_sid: start.stream_sid.to_string(),
             at_ms: self.state.clock.now_ms(),
         });
         self.started = Some(start);
@@ -721,7 +726,7 @@ impl Call<'_> {
     fn record_event(&self, kind: &'static str, name: &str, detail: Option<String>) {
         if let Some(start) = &self.started {
             self.state.records.record(Record::Event {
-                call_sid: start.call_sid.clone(),
+                call_sid: start.call_sid.to_string(),
                 kind,
                 name: name.to_owned(),
                 detail,
@@ -745,7 +750,7 @@ impl Call<'_> {
             line.truncated = correction.truncated;
             if let Some(start) = &self.started {
                 let record = Record::TranscriptCorrection {
-                    call_sid: start.call_sid.clone(),
+                    call_sid: start.call_sid.to_string(),
                     sequence: correction.sequence,
                     text: correction.text,
                     truncated: correction.truncated,
@@ -776,7 +781,7 @@ impl Call<'_> {
         );
         if let Some(start) = &self.started {
             let record = Record::Transcript {
-                call_sid: start.call_sid.clone(),
+                call_sid: start.call_sid.to_string(),
                 line: line.clone(),
             };
             self.state.records.record_transcript(record).await;

@@ -38,7 +38,8 @@ use crate::state::AppState;
 
 const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
 const OTHER_ACCOUNT_SID: &str = "ACffffffffffffffffffffffffffffffff";
-const CALL_SID: &str = "CA1";
+const CALL_SID: &str = "CA0123456789abcdef0123456789abcdef";
+const OTHER_CALL_SID: &str = "CAffffffffffffffffffffffffffffffff";
 const STREAM_SID: &str = "MZ0123456789abcdef0123456789abcdef";
 /// The longest a test waits for the bridge (virtual time, so it costs nothing).
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -780,7 +781,7 @@ async fn a_stream_that_fails_the_start_check_never_opens_a_session() {
             Some("not-the-token"),
         ),
         ("another account", OTHER_ACCOUNT_SID, CALL_SID, None),
-        ("another call's token", ACCOUNT_SID, "CA2", None),
+        ("another call's token", ACCOUNT_SID, OTHER_CALL_SID, None),
     ];
     for (case, account_sid, call_sid, token) in cases {
         let mut h = Harness::new().await;

@@ -4,23 +4,35 @@
 use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 
-use crate::consent::REQUEST_VALIDITY_MS;
+use crate::consent::{Reply, ReplyEffect};
 use crate::domain::phone::{E164, Masked};
 use crate::state::AppState;
-use crate::store::permissions::Reply;
-use crate::twilio::webhook::SignedForm;
+use crate::store::permissions::ReplyOutcome;
+use crate::twilio::ids::{AccountSid, MessageSid};
+use crate::twilio::webhook::{SignedForm, TwilioForm};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct IncomingMessage {
-    message_sid: String,
+    message_sid: MessageSid,
+    account_sid: AccountSid,
     from: String,
+    /// The message this one replies to, when the user answered one of ours: for a button
+    /// press, the template message carrying the button.
+    #[serde(default)]
+    original_replied_message_sid: Option<MessageSid>,
     #[serde(default)]
     button_payload: Option<String>,
     #[serde(default)]
     button_text: Option<String>,
     #[serde(default)]
     body: Option<String>,
+}
+
+impl TwilioForm for IncomingMessage {
+    fn account_sid(&self) -> &AccountSid {
+        &self.account_sid
+    }
 }
 
 /// What Twilio sends as `Body`/`ButtonText` for the call-permission button; a quick reply from
@@ -47,37 +59,38 @@ pub async fn messaging(
         tracing::warn!(from = %Masked(&message.from), "a permission reply from an address that is not a phone number");
         return HttpResponse::NoContent().finish();
     };
-    let now = state.clock.now_ms();
-    // An answer counts only to a request we sent and that has not expired (Meta: 7 days).
-    match state.store.last_permission_request(user.as_str()).await {
-        Ok(Some(requested_at)) if now - requested_at < REQUEST_VALIDITY_MS => {}
-        Ok(_) => {
-            tracing::warn!(from = %Masked(user.as_str()), "ignored a permission reply with no open request");
-            return HttpResponse::NoContent().finish();
-        }
-        Err(error) => {
-            tracing::error!(
-                error = format!("{error:#}"),
-                "cannot read the permission request"
-            );
-            return HttpResponse::InternalServerError().finish();
-        }
-    }
-    match state
+    let replied_to = message
+        .original_replied_message_sid
+        .as_ref()
+        .map(MessageSid::as_str);
+    let recorded = state
         .store
-        .record_permission_reply(user.as_str(), &message.message_sid, reply, now)
-        .await
-    {
-        Ok(new) => {
-            tracing::info!(from = %Masked(user.as_str()), ?reply, duplicate = !new, "call permission answered");
-            HttpResponse::NoContent().finish()
+        .record_permission_reply(
+            user.as_str(),
+            message.message_sid.as_str(),
+            replied_to,
+            reply,
+            state.clock.now_ms(),
+        )
+        .await;
+    let from = Masked(user.as_str());
+    match recorded {
+        Ok(ReplyOutcome::Repeated) => {
+            tracing::info!(%from, ?reply, "a permission reply seen before: nothing changes");
+        }
+        Ok(ReplyOutcome::New(ReplyEffect::Ignore(why))) => {
+            tracing::warn!(%from, ?reply, reason = why.as_str(), "ignored a permission reply");
+        }
+        Ok(ReplyOutcome::New(effect)) => {
+            tracing::info!(%from, ?effect, "call permission answered");
         }
         Err(error) => {
             tracing::error!(
                 error = format!("{error:#}"),
                 "cannot store a call-permission reply"
             );
-            HttpResponse::InternalServerError().finish()
+            return HttpResponse::InternalServerError().finish();
         }
     }
+    HttpResponse::NoContent().finish()
 }

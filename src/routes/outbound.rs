@@ -11,6 +11,7 @@ use crate::consent::{self, REQUEST_WINDOW_MS};
 use crate::domain::phone::{E164, Masked};
 use crate::state::AppState;
 use crate::store::permissions::OutboundCall;
+use crate::twilio::ids::{CallSid, ContentSid};
 use crate::twilio::rest::ERROR_NO_CALL_PERMISSION;
 
 const MAX_CONTEXT_BYTES: usize = 4096;
@@ -24,7 +25,7 @@ const PLACING_LEASE_MS: i64 = 30_000;
 /// What outbound calling needs from the configuration.
 struct Outbound<'a> {
     business: &'a E164,
-    content_sid: &'a str,
+    content_sid: &'a ContentSid,
 }
 
 fn outbound(state: &AppState) -> Result<Outbound<'_>, ApiError> {
@@ -90,7 +91,7 @@ pub async fn request_permission(
     let sent = state
         .twilio
         .send_message(&[
-            ("ContentSid", outbound.content_sid),
+            ("ContentSid", outbound.content_sid.as_str()),
             ("From", &outbound.business.whatsapp_address()),
             ("To", &user.whatsapp_address()),
         ])
@@ -247,11 +248,8 @@ pub async fn hang_up(
     state: web::Data<AppState>,
     call_sid: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    if !(call_sid.starts_with("CA") && call_sid.len() == 34) {
-        return Err(ApiError::InvalidParameter(
-            "call_sid must be a Twilio CallSid: CA followed by 32 characters".into(),
-        ));
-    }
-    state.twilio.hang_up(&call_sid).await?;
+    let call_sid = CallSid::parse(&call_sid)
+        .map_err(|why| ApiError::InvalidParameter(format!("call_sid is {why}")))?;
+    state.twilio.hang_up(call_sid.as_str()).await?;
     Ok(HttpResponse::Ok().json(json!({"call_sid": call_sid.as_str(), "status": "completed"})))
 }

@@ -11,16 +11,18 @@ use crate::domain::phone::{E164, Masked};
 use crate::state::AppState;
 use crate::store::NewCall;
 use crate::store::models::StatusUpdate;
+use crate::twilio::ids::{AccountSid, CallSid};
 use crate::twilio::rest::ERROR_NO_CALL_PERMISSION;
 use crate::twilio::twiml::{self, ConnectStream, SayHangup};
-use crate::twilio::webhook::SignedForm;
+use crate::twilio::webhook::{SignedForm, TwilioForm};
 
 /// The fields of Twilio's voice request we use; Twilio sends more, and all of them are covered
 /// by the signature check before this is parsed.
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct VoiceRequest {
-    call_sid: String,
+    call_sid: CallSid,
+    account_sid: AccountSid,
     #[serde(default)]
     from: String,
     #[serde(default)]
@@ -33,6 +35,12 @@ pub struct VoiceRequest {
 
 fn ringing() -> String {
     "ringing".to_owned()
+}
+
+impl TwilioForm for VoiceRequest {
+    fn account_sid(&self) -> &AccountSid {
+        &self.account_sid
+    }
 }
 
 pub async fn voice(
@@ -50,7 +58,11 @@ pub async fn voice(
     }
     // Signatures carry no nonce, so a captured /voice request can be replayed: a call whose
     // stream has started (or that has ended) never gets another one.
-    match state.store.stream_started_or_ended(&call.call_sid).await {
+    match state
+        .store
+        .stream_started_or_ended(call.call_sid.as_str())
+        .await
+    {
         Ok(false) => {}
         Ok(true) => {
             tracing::warn!("refused /voice for a call whose stream already started or that ended");
@@ -79,7 +91,7 @@ pub async fn voice(
     let ttl_ms = i64::try_from(STREAM_TOKEN_TTL.as_millis()).unwrap_or(i64::MAX);
     let token = match state
         .store
-        .issue_stream_token(&candidate, &call.call_sid, now, now + ttl_ms)
+        .issue_stream_token(&candidate, call.call_sid.as_str(), now, now + ttl_ms)
         .await
     {
         Ok(token) => token,
@@ -99,7 +111,7 @@ pub async fn voice(
         state.admission.release(&candidate);
     }
     let record = NewCall {
-        call_sid: &call.call_sid,
+        call_sid: call.call_sid.as_str(),
         direction: &call.direction,
         from: &call.from,
         to: &call.to,
@@ -131,7 +143,8 @@ pub async fn voice(
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct StatusCallback {
-    call_sid: String,
+    call_sid: CallSid,
+    account_sid: AccountSid,
     call_status: String,
     #[serde(default)]
     sequence_number: Option<String>,
@@ -146,6 +159,12 @@ pub struct StatusCallback {
     /// Set on `failed` calls; 37000 means WhatsApp refused for lack of call permission.
     #[serde(default)]
     error_code: Option<String>,
+}
+
+impl TwilioForm for StatusCallback {
+    fn account_sid(&self) -> &AccountSid {
+        &self.account_sid
+    }
 }
 
 /// Stores the status event; Twilio retries callbacks, and a retry (same `SequenceNumber`) is
@@ -164,7 +183,7 @@ pub async fn status(
             .as_deref()
             .and_then(|n| n.parse().ok()),
         duration_secs: event.call_duration.as_deref().and_then(|d| d.parse().ok()),
-        call_sid: event.call_sid,
+        call_sid: event.call_sid.into(),
         status: event.call_status,
         direction: event.direction,
         from: event.from,

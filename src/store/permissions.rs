@@ -3,17 +3,25 @@
 use sqlx::Row;
 
 use super::Store;
+pub use crate::consent::Reply;
 use crate::consent::{
-    GRANT_VALIDITY_MS, Permission, PermissionState, REQUEST_SPACING_MS,
-    UNANSWERED_CALLS_BEFORE_REVOCATION,
+    self, GRANT_VALIDITY_MS, IgnoredReply, Permission, PermissionState, REQUEST_SPACING_MS,
+    ReplyEffect, SentRequest, UNANSWERED_CALLS_BEFORE_REVOCATION,
 };
 
-/// The user's answer to a permission request.
+/// What became of a permission reply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reply {
-    Accepted,
-    Rejected,
+pub enum ReplyOutcome {
+    /// A `MessageSid` seen before (Twilio retrying, or someone replaying it): nothing changes.
+    Repeated,
+    /// A reply seen for the first time, and what it did.
+    New(ReplyEffect),
 }
+
+/// Closes every request of the user still open: an answer, a revocation or a newer request
+/// means none of them may grant anything any more.
+const CLOSE_OPEN_REQUESTS: &str = "UPDATE permission_requests SET closed_at = $2 \
+     WHERE user_number = $1 AND closed_at IS NULL";
 
 /// An outbound call as `POST /calls` placed it.
 #[derive(Debug, Clone)]
@@ -108,7 +116,8 @@ impl Store {
         Ok(())
     }
 
-    /// The claimed request was sent. A user with a valid grant keeps it until they answer again.
+    /// The claimed request was sent; it replaces any earlier request still open. A user with a
+    /// valid grant keeps it until they answer again.
     pub async fn record_permission_request(
         &self,
         user: &str,
@@ -116,6 +125,11 @@ impl Store {
         at_ms: i64,
     ) -> anyhow::Result<()> {
         let mut tx = self.pool().begin().await?;
+        sqlx::query(CLOSE_OPEN_REQUESTS)
+            .bind(user)
+            .bind(at_ms)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("INSERT INTO permission_requests (message_sid, user_number, requested_at) VALUES ($1, $2, $3)")
             .bind(message_sid)
             .bind(user)
@@ -145,27 +159,26 @@ impl Store {
         Ok(row.and_then(|row| row.get(0)))
     }
 
-    /// Records the user's button press. Returns `false` for a retry of a reply already stored
-    /// (same `MessageSid`).
+    /// Records the user's button press and applies it by Meta's rules (`consent::reply_effect`).
+    /// `replied_to` is the message Twilio says was answered (`OriginalRepliedMessageSid`); without
+    /// it the reply answers the user's latest request. Every reply's `MessageSid` is kept, even
+    /// one that changes nothing, so that no replay of it can count later.
     pub async fn record_permission_reply(
         &self,
         user: &str,
         message_sid: &str,
+        replied_to: Option<&str>,
         reply: Reply,
         at_ms: i64,
-    ) -> anyhow::Result<bool> {
+    ) -> anyhow::Result<ReplyOutcome> {
         let mut tx = self.pool().begin().await?;
-        let payload = match reply {
-            Reply::Accepted => "ACCEPTED",
-            Reply::Rejected => "REJECTED",
-        };
         let new = sqlx::query(
             "INSERT INTO permission_replies (message_sid, user_number, payload, received_at) \
              VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
         )
         .bind(message_sid)
         .bind(user)
-        .bind(payload)
+        .bind(reply.as_str())
         .bind(at_ms)
         .execute(&mut *tx)
         .await?
@@ -173,12 +186,66 @@ impl Store {
             == 1;
         if !new {
             tx.rollback().await?;
-            return Ok(false);
+            return Ok(ReplyOutcome::Repeated);
         }
-        let (state, expires_at) = match reply {
-            Reply::Accepted => (PermissionState::Granted, Some(at_ms + GRANT_VALIDITY_MS)),
-            Reply::Rejected => (PermissionState::Rejected, None),
+        let answered = match replied_to {
+            Some(request_sid) => sqlx::query(
+                "SELECT message_sid, requested_at, closed_at FROM permission_requests \
+                 WHERE message_sid = $1 AND user_number = $2",
+            )
+            .bind(request_sid)
+            .bind(user),
+            None => sqlx::query(
+                "SELECT message_sid, requested_at, closed_at FROM permission_requests \
+                 WHERE user_number = $1 ORDER BY requested_at DESC LIMIT 1",
+            )
+            .bind(user),
+        }
+        .fetch_optional(&mut *tx)
+        .await?;
+        let answered = match answered {
+            Some(row) => {
+                let request_sid: String = row.try_get(0)?;
+                let request = SentRequest {
+                    sent_at_ms: row.try_get(1)?,
+                    open: row.try_get::<Option<i64>, _>(2)?.is_none(),
+                };
+                Some((request_sid, request))
+            }
+            None => None,
         };
+        let mut effect =
+            consent::reply_effect(reply, answered.as_ref().map(|(_, request)| request), at_ms);
+        if let (ReplyEffect::Grant, Some((request_sid, _))) = (effect, &answered) {
+            // Only one answer may take an open request: of two racing acceptances (or an
+            // acceptance racing a rejection), the one that closes it first wins.
+            let took_it = sqlx::query(
+                "UPDATE permission_requests SET closed_at = $2 \
+                 WHERE message_sid = $1 AND closed_at IS NULL",
+            )
+            .bind(request_sid)
+            .bind(at_ms)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if !took_it {
+                effect = ReplyEffect::Ignore(IgnoredReply::RequestClosed);
+            }
+        }
+        let (state, expires_at) = match effect {
+            ReplyEffect::Grant => (PermissionState::Granted, Some(at_ms + GRANT_VALIDITY_MS)),
+            ReplyEffect::Reject => (PermissionState::Rejected, None),
+            ReplyEffect::Ignore(_) => {
+                tx.commit().await?;
+                return Ok(ReplyOutcome::New(effect));
+            }
+        };
+        sqlx::query(CLOSE_OPEN_REQUESTS)
+            .bind(user)
+            .bind(at_ms)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(
             "INSERT INTO call_permissions (user_number, state, answered_at, expires_at, reply_message_sid, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $3) \
@@ -193,17 +260,26 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(ReplyOutcome::New(effect))
     }
 
+    /// WhatsApp no longer lets us call this user. Requests sent before now can no longer grant:
+    /// only an acceptance of a new request gives the permission back.
     pub async fn revoke_permission(&self, user: &str, at_ms: i64) -> anyhow::Result<()> {
+        let mut tx = self.pool().begin().await?;
         sqlx::query(
             "UPDATE call_permissions SET state = 'revoked', updated_at = $1 WHERE user_number = $2",
         )
         .bind(at_ms)
         .bind(user)
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await?;
+        sqlx::query(CLOSE_OPEN_REQUESTS)
+            .bind(user)
+            .bind(at_ms)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -215,18 +291,38 @@ impl Store {
         answered: bool,
         at_ms: i64,
     ) -> anyhow::Result<()> {
-        let query = if answered {
-            "UPDATE call_permissions SET consecutive_unanswered = 0, updated_at = $1 WHERE user_number = $2"
-        } else {
+        if answered {
+            sqlx::query(
+                "UPDATE call_permissions SET consecutive_unanswered = 0, updated_at = $1 WHERE user_number = $2",
+            )
+            .bind(at_ms)
+            .bind(user)
+            .execute(self.pool())
+            .await?;
+            return Ok(());
+        }
+        let mut tx = self.pool().begin().await?;
+        sqlx::query(
             "UPDATE call_permissions SET consecutive_unanswered = consecutive_unanswered + 1, updated_at = $1, \
              state = CASE WHEN consecutive_unanswered + 1 >= $3 THEN 'revoked' ELSE state END \
-             WHERE user_number = $2"
-        };
-        let mut statement = sqlx::query(query).bind(at_ms).bind(user);
-        if !answered {
-            statement = statement.bind(UNANSWERED_CALLS_BEFORE_REVOCATION);
-        }
-        statement.execute(self.pool()).await?;
+             WHERE user_number = $2",
+        )
+        .bind(at_ms)
+        .bind(user)
+        .bind(UNANSWERED_CALLS_BEFORE_REVOCATION)
+        .execute(&mut *tx)
+        .await?;
+        // As for any revocation, the requests sent before it can no longer grant.
+        sqlx::query(
+            "UPDATE permission_requests SET closed_at = $2 \
+             WHERE user_number = $1 AND closed_at IS NULL AND EXISTS \
+             (SELECT 1 FROM call_permissions WHERE user_number = $1 AND state = 'revoked')",
+        )
+        .bind(user)
+        .bind(at_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 

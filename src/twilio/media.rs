@@ -11,6 +11,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
+use super::ids::{AccountSid, CallSid, StreamSid};
 use crate::json;
 
 /// A message from Twilio, already classified.
@@ -35,9 +36,9 @@ pub enum Inbound<'a> {
 #[derive(Debug, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Start {
-    pub stream_sid: String,
-    pub account_sid: String,
-    pub call_sid: String,
+    pub stream_sid: StreamSid,
+    pub account_sid: AccountSid,
+    pub call_sid: CallSid,
     #[serde(default)]
     pub custom_parameters: HashMap<String, String>,
 }
@@ -137,19 +138,28 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    const ACCOUNT: &str = "AC0123456789abcdef0123456789abcdef";
+    const CALL: &str = "CA0123456789abcdef0123456789abcdef";
+    const STREAM: &str = "MZ0123456789abcdef0123456789abcdef";
+
+    fn start_message(account_sid: &str, call_sid: &str, stream_sid: &str) -> String {
+        format!(
+            r#"{{"event":"start","sequenceNumber":"1","streamSid":"{stream_sid}","start":{{"accountSid":"{account_sid}","streamSid":"{stream_sid}","callSid":"{call_sid}","tracks":["inbound"],"customParameters":{{"token":"t","from":"whatsapp:+5511999990000"}},"mediaFormat":{{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}}}}"#
+        )
+    }
+
     #[test]
     fn parses_every_documented_message() {
         assert_eq!(
             parse(r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#).unwrap(),
             Inbound::Connected
         );
-        let start = r#"{"event":"start","sequenceNumber":"1","streamSid":"MZ1","start":{"accountSid":"AC1","streamSid":"MZ1","callSid":"CA1","tracks":["inbound"],"customParameters":{"token":"t","from":"whatsapp:+5511999990000"},"mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}"#;
-        let Inbound::Start(start) = parse(start).unwrap() else {
+        let Inbound::Start(start) = parse(&start_message(ACCOUNT, CALL, STREAM)).unwrap() else {
             panic!("not a start")
         };
-        assert_eq!(start.stream_sid, "MZ1");
-        assert_eq!(start.account_sid, "AC1");
-        assert_eq!(start.call_sid, "CA1");
+        assert_eq!(start.stream_sid.as_str(), STREAM);
+        assert_eq!(start.account_sid.as_str(), ACCOUNT);
+        assert_eq!(start.call_sid.as_str(), CALL);
         assert_eq!(start.custom_parameters["token"], "t");
 
         let media = r#"{"event":"media","sequenceNumber":"3","streamSid":"MZ1","media":{"track":"inbound","chunk":"1","timestamp":"5","payload":"//7+/g=="}}"#;
@@ -181,6 +191,20 @@ mod tests {
             parse(r#"{"event":"future-thing","streamSid":"MZ1"}"#).unwrap(),
             Inbound::Other("future-thing".into())
         );
+    }
+
+    #[test]
+    fn a_start_whose_ids_are_not_twilios_is_malformed() {
+        for (account_sid, call_sid, stream_sid) in [
+            ("AC1", CALL, STREAM),
+            (ACCOUNT, "CA1", STREAM),
+            (ACCOUNT, CALL, "MZ1"),
+            (ACCOUNT, STREAM, CALL),
+            (ACCOUNT, &format!("{CALL}0"), STREAM),
+        ] {
+            let message = start_message(account_sid, call_sid, stream_sid);
+            assert!(parse(&message).is_err(), "{message} accepted");
+        }
     }
 
     #[test]

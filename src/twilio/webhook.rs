@@ -1,5 +1,6 @@
 //! The extractor every Twilio route goes through: the signature is checked against the URL
-//! built from `PUBLIC_BASE_URL` (never the `Host` header) before the handler sees any field.
+//! built from `PUBLIC_BASE_URL` (never the `Host` header) before the handler sees any field, and
+//! the signed form must then be one Twilio sends, for our account.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -9,6 +10,7 @@ use actix_web::{FromRequest, HttpRequest, HttpResponse, ResponseError, web};
 use secrecy::ExposeSecret;
 use serde::de::DeserializeOwned;
 
+use super::ids::AccountSid;
 use super::signature::{self, SignatureError, SignedBody};
 use crate::error::json_error;
 use crate::state::AppState;
@@ -20,32 +22,43 @@ const MAX_WEBHOOK_BODY: usize = 64 * 1024;
 pub enum WebhookError {
     #[error("refused: {0}")]
     Forbidden(SignatureError),
+    /// The signature matched but the fields are not what Twilio sends: the signature leaves
+    /// room to move text between adjacent parameters, so this is how a folded request shows.
+    #[error("refused a signed form Twilio would not send: {0}")]
+    NotTwilioForm(String),
+    #[error("refused a signed form for another Twilio account")]
+    OtherAccount,
     #[error("the request body could not be read: {0}")]
     UnreadableBody(String),
-    #[error("the form is missing a field Twilio always sends: {0}")]
-    MalformedForm(String),
 }
 
 impl ResponseError for WebhookError {
     fn status_code(&self) -> StatusCode {
         match self {
-            Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::UnreadableBody(_) | Self::MalformedForm(_) => StatusCode::BAD_REQUEST,
+            Self::Forbidden(_) | Self::NotTwilioForm(_) | Self::OtherAccount => {
+                StatusCode::FORBIDDEN
+            }
+            Self::UnreadableBody(_) => StatusCode::BAD_REQUEST,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
         match self {
             // An empty body tells a prober nothing about why it failed.
-            Self::Forbidden(_) => HttpResponse::Forbidden().finish(),
+            Self::Forbidden(_) | Self::NotTwilioForm(_) | Self::OtherAccount => {
+                HttpResponse::Forbidden().finish()
+            }
             Self::UnreadableBody(_) => {
                 json_error(self.status_code(), "unreadable_body", &self.to_string())
             }
-            Self::MalformedForm(_) => {
-                json_error(self.status_code(), "invalid_form", &self.to_string())
-            }
         }
     }
+}
+
+/// A form Twilio posts to one of our webhooks. Every one names the account it was sent for, and
+/// only ours is served: a request signed for us cannot carry another account's call or message.
+pub trait TwilioForm: DeserializeOwned {
+    fn account_sid(&self) -> &AccountSid;
 }
 
 /// Checks `X-Twilio-Signature` for `url` and counts and logs a refusal.
@@ -72,10 +85,11 @@ pub fn verify(
     })
 }
 
-/// A form POST from Twilio whose signature has been verified; `T` is parsed from the same bytes.
+/// A form POST from Twilio whose signature has been verified, parsed from the same bytes into
+/// `T` (whose typed ids reject folded values), and addressed to our account.
 pub struct SignedForm<T>(pub T);
 
-impl<T: DeserializeOwned + 'static> FromRequest for SignedForm<T> {
+impl<T: TwilioForm + 'static> FromRequest for SignedForm<T> {
     type Error = WebhookError;
     type Future = Pin<Box<dyn Future<Output = Result<Self, Self::Error>>>>;
 
@@ -100,9 +114,20 @@ impl<T: DeserializeOwned + 'static> FromRequest for SignedForm<T> {
                 .map_or_else(|| req.path(), |pq| pq.as_str());
             let url = state.config.public_base_url.join(path_and_query);
             verify(&req, state, &url, SignedBody::Form(&params))?;
-            let form = serde_urlencoded::from_bytes(&body)
-                .map_err(|e| WebhookError::MalformedForm(e.to_string()))?;
-            Ok(SignedForm(form))
+            let form = serde_urlencoded::from_bytes::<T>(&body)
+                .map_err(|e| WebhookError::NotTwilioForm(e.to_string()))
+                .and_then(|form| {
+                    if form.account_sid() == &state.config.twilio_account_sid {
+                        Ok(form)
+                    } else {
+                        Err(WebhookError::OtherAccount)
+                    }
+                });
+            form.map(SignedForm).inspect_err(|refusal| {
+                state.metrics.webhooks_refused.inc();
+                // The reason names a field and what it should look like, never its value.
+                tracing::warn!(path = req.path(), %refusal, "refused a signed Twilio webhook");
+            })
         })
     }
 }

@@ -83,10 +83,17 @@ fn agent_said(item_id: &str, text: &str) -> Value {
 async fn a_call_is_recorded_end_to_end_with_its_status_history_and_both_speakers() {
     let fake = FakeOpenAi::start().await;
     let app = api_app(&fake, &[]).await;
-    assert_eq!(app.post_status("CA3001", "ringing", 0).await.status(), 204);
-    let (mut twilio, session) = connected_call(&app, &fake, "CA3001").await;
     assert_eq!(
-        app.post_status("CA3001", "in-progress", 1).await.status(),
+        app.post_status(&call_sid(3001), "ringing", 0)
+            .await
+            .status(),
+        204
+    );
+    let (mut twilio, session) = connected_call(&app, &fake, &call_sid(3001)).await;
+    assert_eq!(
+        app.post_status(&call_sid(3001), "in-progress", 1)
+            .await
+            .status(),
         204
     );
     session.send(json!({"type":"session.created","session":{"id":"sess_abc","type":"realtime"}}));
@@ -97,25 +104,34 @@ async fn a_call_is_recorded_end_to_end_with_its_status_history_and_both_speakers
         "Of course, what is the booking number?",
     ));
     session.send(json!({"type":"response.done","response":{"id":"resp","status":"completed","usage":{"input_tokens":120,"output_tokens":80,"total_tokens":200}}}));
-    app.call_with_lines("CA3001", 3).await;
-    twilio.stop("CA3001").await;
+    app.call_with_lines(&call_sid(3001), 3).await;
+    twilio.stop(&call_sid(3001)).await;
     twilio.closed_within(Duration::from_secs(2)).await;
     assert_eq!(
-        app.post_status("CA3001", "completed", 2).await.status(),
+        app.post_status(&call_sid(3001), "completed", 2)
+            .await
+            .status(),
         204
     );
     // Twilio retries a callback: acknowledged, stored once.
     assert_eq!(
-        app.post_status("CA3001", "completed", 2).await.status(),
+        app.post_status(&call_sid(3001), "completed", 2)
+            .await
+            .status(),
         204
     );
     app.state.records.flush().await;
 
-    let body: Value = app.api_get("/calls/CA3001").await.json().await.unwrap();
+    let body: Value = app
+        .api_get(&format!("/calls/{}", call_sid(3001)))
+        .await
+        .json()
+        .await
+        .unwrap();
     let call = &body["call"];
-    assert_eq!(call["call_sid"], "CA3001");
+    assert_eq!(call["call_sid"], call_sid(3001));
     assert_eq!(call["status"], "completed");
-    assert_eq!(call["stream_sid"], "MZ3001");
+    assert_eq!(call["stream_sid"], format!("MZ{:032}", 3001));
     assert_eq!(call["from"], "whatsapp:+5511999990000");
     assert_eq!(call["direction"], "inbound");
     assert_eq!(call["duration_secs"], 7);
@@ -204,7 +220,7 @@ async fn calls_are_listed_newest_first_page_by_page() {
     let fake = FakeOpenAi::start().await;
     let app = api_app(&fake, &[]).await;
     for i in 0..5 {
-        app.answer_call(&format!("CA40{i}")).await;
+        app.answer_call(&call_sid(400 + i)).await;
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
     let first: Value = app.api_get("/calls?limit=2").await.json().await.unwrap();
@@ -216,7 +232,7 @@ async fn calls_are_listed_newest_first_page_by_page() {
             .map(|c| c["call_sid"].as_str().unwrap().to_owned())
             .collect()
     };
-    assert_eq!(sids(&first), ["CA404", "CA403"]);
+    assert_eq!(sids(&first), [call_sid(404), call_sid(403)]);
     let cursor = first["next_before"].as_str().unwrap();
     let second: Value = app
         .api_get(&format!("/calls?limit=2&before={cursor}"))
@@ -224,7 +240,7 @@ async fn calls_are_listed_newest_first_page_by_page() {
         .json()
         .await
         .unwrap();
-    assert_eq!(sids(&second), ["CA402", "CA401"]);
+    assert_eq!(sids(&second), [call_sid(402), call_sid(401)]);
     let cursor = second["next_before"].as_str().unwrap();
     let last: Value = app
         .api_get(&format!("/calls?limit=2&before={cursor}"))
@@ -232,7 +248,7 @@ async fn calls_are_listed_newest_first_page_by_page() {
         .json()
         .await
         .unwrap();
-    assert_eq!(sids(&last), ["CA400"]);
+    assert_eq!(sids(&last), [call_sid(400)]);
     assert!(last["next_before"].is_null());
 }
 
@@ -241,16 +257,16 @@ async fn data_survives_a_restart_on_the_same_sqlite_file() {
     let fake = FakeOpenAi::start().await;
     let database = sqlite_url(&temp_path("db"));
     let first = api_app(&fake, &[("DATABASE_URL", &database)]).await;
-    let (mut twilio, session) = connected_call(&first, &fake, "CA5001").await;
+    let (mut twilio, session) = connected_call(&first, &fake, &call_sid(5001)).await;
     session.send(caller_said("Remember me."));
-    first.call_with_lines("CA5001", 1).await;
-    twilio.stop("CA5001").await;
+    first.call_with_lines(&call_sid(5001), 1).await;
+    twilio.stop(&call_sid(5001)).await;
     twilio.closed_within(Duration::from_secs(2)).await;
     first.state.lifecycle.begin_drain();
     first.server.await.unwrap().unwrap();
 
     let second = api_app(&fake, &[("DATABASE_URL", &database)]).await;
-    let body = second.call_with_lines("CA5001", 1).await;
+    let body = second.call_with_lines(&call_sid(5001), 1).await;
     assert_eq!(body["transcript"][0]["text"], "Remember me.");
     assert_eq!(body["call"]["end_reason"], "caller_hung_up");
 }
@@ -291,7 +307,7 @@ async fn sigkill_mid_call_loses_at_most_the_last_second_of_transcript() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let (mut twilio, session) = connected_call(&client, &fake, "CA6001").await;
+    let (mut twilio, session) = connected_call(&client, &fake, &call_sid(6001)).await;
     let mut produced = Vec::new();
     for n in 0..30 {
         twilio.media(n, &frame(0, n)).await;
@@ -318,7 +334,7 @@ async fn sigkill_mid_call_loses_at_most_the_last_second_of_transcript() {
         .await
         .unwrap();
     let detail = store
-        .call("CA6001")
+        .call(&call_sid(6001))
         .await
         .unwrap()
         .expect("the call was recorded");

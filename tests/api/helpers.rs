@@ -8,6 +8,8 @@ use callbridge::state::AppState;
 use callbridge::twilio::signature::{self, SignedBody};
 
 pub const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
+/// Some other Twilio account, well-formed.
+pub const OTHER_ACCOUNT_SID: &str = "ACffffffffffffffffffffffffffffffff";
 pub const AUTH_TOKEN: &str = "test-auth-token";
 pub const PUBLIC_BASE_URL: &str = "https://callbridge.test";
 
@@ -115,6 +117,11 @@ pub fn form(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A CallSid as Twilio writes them (`CA` and 32 hex digits), numbered so tests tell calls apart.
+pub fn call_sid(n: u64) -> String {
+    format!("CA{n:032}")
+}
+
 /// The voice webhook Twilio sends for an inbound WhatsApp call.
 pub fn voice_form(call_sid: &str) -> Vec<(String, String)> {
     form(&[
@@ -126,6 +133,44 @@ pub fn voice_form(call_sid: &str) -> Vec<(String, String)> {
         ("Direction", "inbound"),
         ("ApiVersion", "2010-04-01"),
     ])
+}
+
+/// The messaging webhook Twilio sends when the user presses the call-permission button.
+pub fn permission_reply_form(message_sid: &str, payload: &str) -> Vec<(String, String)> {
+    form(&[
+        ("MessageSid", message_sid),
+        ("SmsMessageSid", message_sid),
+        ("AccountSid", ACCOUNT_SID),
+        ("From", "whatsapp:+5511999990000"),
+        ("To", "whatsapp:+558551234567"),
+        ("WaId", "5511999990000"),
+        ("MessageType", "interactive"),
+        ("Body", "VOICE_CALL_REQUEST"),
+        ("ButtonText", "VOICE_CALL_REQUEST"),
+        ("ButtonPayload", payload),
+    ])
+}
+
+/// `params` folded the way the signature allows: in the sorted order Twilio signs them in, the
+/// value of `name` swallows the `count` parameters after it (names and values appended). The
+/// string Twilio signed, and so the signature, stays the same.
+pub fn swallow_next(
+    params: &[(String, String)],
+    name: &str,
+    count: usize,
+) -> Vec<(String, String)> {
+    let mut sorted = params.to_vec();
+    sorted.sort();
+    let at = sorted
+        .iter()
+        .position(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("no {name} to fold"));
+    let swallowed: Vec<_> = sorted.drain(at + 1..at + 1 + count).collect();
+    for (next_name, next_value) in swallowed {
+        sorted[at].1.push_str(&next_name);
+        sorted[at].1.push_str(&next_value);
+    }
+    sorted
 }
 
 pub fn twilio_signature(url: &str, params: &[(String, String)]) -> String {

@@ -4,6 +4,7 @@
 mod calls;
 mod fake_openai;
 mod fake_twilio;
+mod hardening;
 mod helpers;
 mod outbound;
 mod store;

@@ -73,6 +73,11 @@ fn new_message_sids() -> NewMessageSids {
     NewMessageSids(AtomicI64::new(0))
 }
 
+/// The MessageSid of the user's reply numbered `n`; never one of our requests' (`SM0…`).
+fn reply_sid(n: u64) -> String {
+    format!("SMa{n:031}")
+}
+
 struct Outbound {
     app: TestApp,
     twilio: MockServer,
@@ -131,19 +136,41 @@ impl Outbound {
 
     /// Twilio's messaging webhook with the user's button press.
     async fn reply(&self, message_sid: &str, payload: &str) -> reqwest::Response {
-        let params = form(&[
-            ("MessageSid", message_sid),
-            ("SmsMessageSid", message_sid),
-            ("AccountSid", ACCOUNT_SID),
-            ("From", &format!("whatsapp:{USER}")),
-            ("To", &format!("whatsapp:{BUSINESS}")),
-            ("WaId", &USER[1..]),
-            ("MessageType", "interactive"),
-            ("Body", "VOICE_CALL_REQUEST"),
-            ("ButtonText", "VOICE_CALL_REQUEST"),
-            ("ButtonPayload", payload),
-        ]);
+        let params = permission_reply_form(message_sid, payload);
         self.app.post_signed("/messaging", &params).await
+    }
+
+    /// Replays a signed acceptance as captured, then folded so that its MessageSid differs,
+    /// then sends a fresh acceptance as if the MessageSid could have been changed: none counts.
+    async fn replay_acceptance(&self, captured: &[(String, String)]) {
+        let signature = twilio_signature(&format!("{PUBLIC_BASE_URL}/messaging"), captured);
+        let exact = self
+            .app
+            .post_form("/messaging", captured, Some(&signature))
+            .await;
+        assert_eq!(exact.status(), 204, "an exact replay is acknowledged");
+        let folded = swallow_next(captured, "MessageSid", 1);
+        let folded = self
+            .app
+            .post_form("/messaging", &folded, Some(&signature))
+            .await;
+        assert_eq!(folded.status(), 403, "a folded replay is refused");
+        let fresh = permission_reply_form(&reply_sid(999), "ACCEPTED");
+        assert_eq!(
+            self.app.post_signed("/messaging", &fresh).await.status(),
+            204
+        );
+    }
+
+    /// Asks the user and has them accept; returns the signed acceptance as Twilio sent it.
+    async fn ask_and_accept(&self, reply: u64) -> Vec<(String, String)> {
+        assert_eq!(self.request_permission().await.status(), 201);
+        let accepted = permission_reply_form(&reply_sid(reply), "ACCEPTED");
+        assert_eq!(
+            self.app.post_signed("/messaging", &accepted).await.status(),
+            204
+        );
+        accepted
     }
 
     /// The user is asked and accepts: the way every grant comes about.
@@ -151,7 +178,7 @@ impl Outbound {
         self.messages_succeed().await;
         assert_eq!(self.request_permission().await.status(), 201);
         let reply = self
-            .reply(&format!("SM{}", self.clock.now_ms()), "ACCEPTED")
+            .reply(&reply_sid(self.clock.now_ms() as u64), "ACCEPTED")
             .await;
         assert_eq!(reply.status(), 204);
     }
@@ -231,10 +258,6 @@ impl Outbound {
             204
         );
     }
-}
-
-fn call_sid(n: u64) -> String {
-    format!("CA{n:032}")
 }
 
 async fn error_code(response: reqwest::Response) -> (u16, Value) {
@@ -367,7 +390,7 @@ async fn no_call_is_placed_without_a_valid_grant() {
         .expect(1)
         .mount(&o.twilio)
         .await;
-    assert_eq!(o.reply("SM_accept", "ACCEPTED").await.status(), 204);
+    assert_eq!(o.reply(&reply_sid(1), "ACCEPTED").await.status(), 204);
     let placed = o.place_call(json!({"to": USER})).await;
     assert_eq!(placed.status(), 201);
     let body: Value = placed.json().await.unwrap();
@@ -390,11 +413,11 @@ async fn a_rejection_blocks_calls_and_retried_replies_count_once() {
     o.calls_succeed(1..=1).await;
     o.messages_succeed().await;
     assert_eq!(o.request_permission().await.status(), 201);
-    assert_eq!(o.reply("SM_a", "ACCEPTED").await.status(), 204);
+    assert_eq!(o.reply(&reply_sid(1), "ACCEPTED").await.status(), 204);
     o.clock.advance(Duration::from_secs(60));
-    assert_eq!(o.reply("SM_b", "REJECTED").await.status(), 204);
+    assert_eq!(o.reply(&reply_sid(2), "REJECTED").await.status(), 204);
     // Twilio retries the earlier ACCEPTED webhook: it must not grant again.
-    assert_eq!(o.reply("SM_a", "ACCEPTED").await.status(), 204);
+    assert_eq!(o.reply(&reply_sid(1), "ACCEPTED").await.status(), 204);
     let error = expect_error(
         o.place_call(json!({"to": USER})).await,
         409,
@@ -404,7 +427,8 @@ async fn a_rejection_blocks_calls_and_retried_replies_count_once() {
     assert!(error["message"].as_str().unwrap().contains("declined"));
     // Ordinary chat messages are acknowledged and ignored.
     let chat = form(&[
-        ("MessageSid", "SM_c"),
+        ("MessageSid", &reply_sid(3)),
+        ("AccountSid", ACCOUNT_SID),
         ("From", &format!("whatsapp:{USER}")),
         ("Body", "hello"),
     ]);
@@ -746,7 +770,7 @@ async fn only_an_answer_to_our_open_request_grants_permission() {
     let o = outbound_app(&[]).await;
     o.calls_succeed(1..=1).await;
     // No request was ever sent: an ACCEPTED payload grants nothing.
-    assert_eq!(o.reply("SM_x", "ACCEPTED").await.status(), 204);
+    assert_eq!(o.reply(&reply_sid(1), "ACCEPTED").await.status(), 204);
     expect_error(
         o.place_call(json!({"to": USER})).await,
         409,
@@ -758,7 +782,8 @@ async fn only_an_answer_to_our_open_request_grants_permission() {
     assert_eq!(o.request_permission().await.status(), 201);
     // A quick reply from another template that happens to say ACCEPTED grants nothing either.
     let other_template = form(&[
-        ("MessageSid", "SM_y"),
+        ("MessageSid", &reply_sid(2)),
+        ("AccountSid", ACCOUNT_SID),
         ("From", &format!("whatsapp:{USER}")),
         ("Body", "Yes, book it"),
         ("ButtonText", "Yes, book it"),
@@ -780,7 +805,7 @@ async fn only_an_answer_to_our_open_request_grants_permission() {
 
     // The request expires after 7 days unanswered.
     o.clock.advance(7 * DAY);
-    assert_eq!(o.reply("SM_z", "ACCEPTED").await.status(), 204);
+    assert_eq!(o.reply(&reply_sid(3), "ACCEPTED").await.status(), 204);
     expect_error(
         o.place_call(json!({"to": USER})).await,
         409,
@@ -796,7 +821,7 @@ async fn no_call_is_placed_while_draining() {
     o.calls_succeed(1..=1).await;
     o.grant().await;
     // An answered call keeps the draining server up long enough to ask it.
-    o.app.answer_call("CA_pending").await;
+    o.app.answer_call(&call_sid(99)).await;
     o.app.state.lifecycle.begin_drain();
     expect_error(o.place_call(json!({"to": USER})).await, 503, "unavailable").await;
     assert_eq!(o.calls_json_requests().await, 0);
@@ -862,4 +887,111 @@ async fn two_simultaneous_calls_to_one_user_place_one() {
     statuses.sort_unstable();
     assert_eq!(statuses, [201, 409]);
     o.twilio.verify().await;
+}
+
+#[tokio::test]
+async fn a_replayed_acceptance_cannot_undo_a_rejection() {
+    let o = outbound_app(&[]).await;
+    o.calls_succeed(1..=1).await;
+    o.messages_succeed().await;
+    let accepted = o.ask_and_accept(1).await;
+    o.clock.advance(Duration::from_secs(60));
+    assert_eq!(o.reply(&reply_sid(2), "REJECTED").await.status(), 204);
+
+    o.replay_acceptance(&accepted).await;
+    let error = expect_error(
+        o.place_call(json!({"to": USER})).await,
+        409,
+        "no_call_permission",
+    )
+    .await;
+    assert!(error["message"].as_str().unwrap().contains("declined"));
+    assert_eq!(o.calls_json_requests().await, 0);
+
+    // Only the user accepting a new request gives the permission back.
+    o.clock.advance(DAY);
+    o.ask_and_accept(3).await;
+    assert_eq!(o.place_call(json!({"to": USER})).await.status(), 201);
+}
+
+#[tokio::test]
+async fn a_revocation_by_whatsapp_is_not_undone_by_an_older_acceptance() {
+    let o = outbound_app(&[]).await;
+    o.calls_succeed(1..=2).await;
+    o.messages_succeed().await;
+    let accepted = o.ask_and_accept(1).await;
+    assert_eq!(o.place_call(json!({"to": USER})).await.status(), 201);
+    let refused = form(&[
+        ("CallSid", &call_sid(1)),
+        ("AccountSid", ACCOUNT_SID),
+        ("CallStatus", "failed"),
+        ("SequenceNumber", "1"),
+        ("ErrorCode", "37000"),
+        ("Direction", "outbound-api"),
+        ("From", &format!("whatsapp:{BUSINESS}")),
+        ("To", &format!("whatsapp:{USER}")),
+    ]);
+    assert_eq!(
+        o.app.post_signed("/voice/status", &refused).await.status(),
+        204
+    );
+    o.expect_revoked().await;
+
+    o.replay_acceptance(&accepted).await;
+    o.expect_revoked().await;
+
+    o.clock.advance(DAY);
+    o.ask_and_accept(2).await;
+    assert_eq!(o.place_call(json!({"to": USER})).await.status(), 201);
+}
+
+#[tokio::test]
+async fn a_revocation_after_four_unanswered_calls_is_not_undone_by_an_older_acceptance() {
+    let o = outbound_app(&[]).await;
+    o.calls_succeed(1..=5).await;
+    o.messages_succeed().await;
+    let accepted = o.ask_and_accept(1).await;
+    o.place_calls(1..=4, &["no-answer"]).await;
+    o.expect_revoked().await;
+
+    o.replay_acceptance(&accepted).await;
+    o.expect_revoked().await;
+
+    o.clock.advance(DAY);
+    o.ask_and_accept(2).await;
+    assert_eq!(o.place_call(json!({"to": USER})).await.status(), 201);
+}
+
+#[tokio::test]
+async fn a_reply_to_another_message_grants_nothing() {
+    let o = outbound_app(&[]).await;
+    o.calls_succeed(1..=1).await;
+    o.messages_succeed().await;
+    let requested = o.request_permission().await;
+    let request_sid = requested.json::<Value>().await.unwrap()["message_sid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let replying_to = |reply: u64, message_sid: &str| {
+        let mut params = permission_reply_form(&reply_sid(reply), "ACCEPTED");
+        params.push(("OriginalRepliedMessageSid".into(), message_sid.into()));
+        params
+    };
+
+    let elsewhere = replying_to(1, &format!("MM{:032}", 42));
+    assert_eq!(
+        o.app.post_signed("/messaging", &elsewhere).await.status(),
+        204
+    );
+    let error = expect_error(
+        o.place_call(json!({"to": USER})).await,
+        409,
+        "no_call_permission",
+    )
+    .await;
+    assert!(error["message"].as_str().unwrap().contains("not answered"));
+
+    let ours = replying_to(2, &request_sid);
+    assert_eq!(o.app.post_signed("/messaging", &ours).await.status(), 204);
+    assert_eq!(o.place_call(json!({"to": USER})).await.status(), 201);
 }

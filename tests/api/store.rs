@@ -337,8 +337,13 @@ async fn several_instances_can_start_against_one_database() {
 
 mod permissions {
     use super::*;
-    use callbridge::consent::PermissionState;
-    use callbridge::store::permissions::{OutboundCall, Reply};
+    use callbridge::consent::{IgnoredReply, PermissionState, ReplyEffect};
+    use callbridge::store::permissions::{OutboundCall, Reply, ReplyOutcome};
+
+    const GRANTED: ReplyOutcome = ReplyOutcome::New(ReplyEffect::Grant);
+    const REJECTED: ReplyOutcome = ReplyOutcome::New(ReplyEffect::Reject);
+    const CLOSED: ReplyOutcome =
+        ReplyOutcome::New(ReplyEffect::Ignore(IgnoredReply::RequestClosed));
 
     const USER: &str = "+5511999990000";
     const T0: i64 = 1_800_000_000_000;
@@ -410,17 +415,19 @@ mod permissions {
                 PermissionState::Pending
             );
 
-            assert!(
+            assert_eq!(
                 store
-                    .record_permission_reply(USER, "SM2", Reply::Accepted, T0 + 10)
+                    .record_permission_reply(USER, "SM2", None, Reply::Accepted, T0 + 10)
                     .await
-                    .unwrap()
+                    .unwrap(),
+                GRANTED
             );
             let granted = store.permission(USER).await.unwrap().unwrap();
             assert_eq!(granted.state, PermissionState::Granted);
             assert_eq!(granted.expires_at_ms, Some(T0 + 10 + 7 * DAY), "{url}");
 
-            // A new request keeps a valid grant; a retried reply changes nothing.
+            // A new request keeps a valid grant; a retried reply changes nothing, and neither
+            // does a second acceptance of a request already answered.
             store
                 .claim_permission_request(USER, T0 + DAY)
                 .await
@@ -433,17 +440,26 @@ mod permissions {
                 store.permission(USER).await.unwrap().unwrap().state,
                 PermissionState::Granted
             );
-            assert!(
+            assert_eq!(
                 store
-                    .record_permission_reply(USER, "SM4", Reply::Rejected, T0 + DAY + 5)
+                    .record_permission_reply(USER, "SM4", None, Reply::Rejected, T0 + DAY + 5)
                     .await
-                    .unwrap()
+                    .unwrap(),
+                REJECTED
             );
-            assert!(
-                !store
-                    .record_permission_reply(USER, "SM2", Reply::Accepted, T0 + DAY + 9)
+            assert_eq!(
+                store
+                    .record_permission_reply(USER, "SM2", None, Reply::Accepted, T0 + DAY + 9)
                     .await
-                    .unwrap()
+                    .unwrap(),
+                ReplyOutcome::Repeated
+            );
+            assert_eq!(
+                store
+                    .record_permission_reply(USER, "SM5", None, Reply::Accepted, T0 + DAY + 9)
+                    .await
+                    .unwrap(),
+                CLOSED
             );
             let rejected = store.permission(USER).await.unwrap().unwrap();
             assert_eq!(
@@ -454,11 +470,68 @@ mod permissions {
     }
 
     #[tokio::test]
+    async fn only_an_answer_to_the_open_request_grants() {
+        for url in fresh_databases().await {
+            let store = Store::connect(&url).await.unwrap();
+            let reply = |sid: &'static str, replied_to: Option<&'static str>, at_ms: i64| {
+                store.record_permission_reply(USER, sid, replied_to, Reply::Accepted, at_ms)
+            };
+            assert_eq!(
+                reply("SM10", None, T0).await.unwrap(),
+                ReplyOutcome::New(ReplyEffect::Ignore(IgnoredReply::NoRequest)),
+                "nothing was asked: {url}"
+            );
+            store
+                .record_permission_request(USER, "SM1", T0)
+                .await
+                .unwrap();
+            assert_eq!(
+                reply("SM11", Some("SM9"), T0 + 1).await.unwrap(),
+                ReplyOutcome::New(ReplyEffect::Ignore(IgnoredReply::NoRequest)),
+                "an answer to a message that is not our request"
+            );
+            assert_eq!(reply("SM12", Some("SM1"), T0 + 2).await.unwrap(), GRANTED);
+
+            store.revoke_permission(USER, T0 + 3).await.unwrap();
+            assert_eq!(reply("SM13", None, T0 + 4).await.unwrap(), CLOSED);
+            assert_eq!(
+                store.permission(USER).await.unwrap().unwrap().state,
+                PermissionState::Revoked
+            );
+
+            // A new request closes the old one: only an answer to it can grant.
+            store
+                .record_permission_request(USER, "SM2", T0 + DAY)
+                .await
+                .unwrap();
+            assert_eq!(
+                reply("SM14", Some("SM1"), T0 + DAY + 1).await.unwrap(),
+                CLOSED
+            );
+            let (a, b) = tokio::join!(
+                reply("SM15", Some("SM2"), T0 + DAY + 2),
+                reply("SM16", None, T0 + DAY + 2)
+            );
+            let mut outcomes = [a.unwrap(), b.unwrap()];
+            outcomes.sort_by_key(|outcome| *outcome != GRANTED);
+            assert_eq!(outcomes, [GRANTED, CLOSED], "racing acceptances: {url}");
+            assert_eq!(
+                store.permission(USER).await.unwrap().unwrap().state,
+                PermissionState::Granted
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn outbound_calls_count_connections_and_unanswered_runs() {
         for url in fresh_databases().await {
             let store = Store::connect(&url).await.unwrap();
             store
-                .record_permission_reply(USER, "SM1", Reply::Accepted, T0)
+                .record_permission_request(USER, "SM1", T0)
+                .await
+                .unwrap();
+            store
+                .record_permission_reply(USER, "SM2", None, Reply::Accepted, T0)
                 .await
                 .unwrap();
             let to = format!("whatsapp:{USER}");
@@ -518,6 +591,11 @@ mod permissions {
                 store.permission(USER).await.unwrap().unwrap().state,
                 PermissionState::Granted
             );
+            // A request sent while the grant held is closed by the revocation.
+            store
+                .record_permission_request(USER, "SM3", T0 + 1)
+                .await
+                .unwrap();
             store
                 .record_outbound_outcome(USER, false, T0)
                 .await
@@ -526,6 +604,18 @@ mod permissions {
             assert_eq!(
                 (revoked.state, revoked.consecutive_unanswered),
                 (PermissionState::Revoked, 4)
+            );
+            assert_eq!(
+                store
+                    .record_permission_reply(USER, "SM4", None, Reply::Accepted, T0 + 2)
+                    .await
+                    .unwrap(),
+                CLOSED,
+                "{url}"
+            );
+            assert_eq!(
+                store.permission(USER).await.unwrap().unwrap().state,
+                PermissionState::Revoked
             );
         }
     }

@@ -42,7 +42,7 @@ async fn the_session_is_configured_with_the_ga_shape() {
         ],
     )
     .await;
-    let _twilio = FakeTwilio::start_call(&app, "CA1001").await;
+    let _twilio = FakeTwilio::start_call(&app, &call_sid(1001)).await;
     let mut session = fake.next_session().await;
     assert_eq!(
         session.path_and_query,
@@ -63,7 +63,7 @@ async fn the_session_is_configured_with_the_ga_shape() {
 async fn audio_passes_through_byte_for_byte_in_both_directions() {
     let fake = FakeOpenAi::start().await;
     let app = app_with(&fake, &[]).await;
-    let (mut twilio, mut session) = connected_call(&app, &fake, "CA1002").await;
+    let (mut twilio, mut session) = connected_call(&app, &fake, &call_sid(1002)).await;
 
     for n in 0..500 {
         twilio.media(n, &frame(0, n)).await;
@@ -103,7 +103,7 @@ async fn audio_passes_through_byte_for_byte_in_both_directions() {
 async fn barge_in_clears_twilio_truncates_at_played_plus_50_and_drops_late_deltas() {
     let fake = FakeOpenAi::start().await;
     let app = app_with(&fake, &[]).await;
-    let (mut twilio, mut session) = connected_call(&app, &fake, "CA1003").await;
+    let (mut twilio, mut session) = connected_call(&app, &fake, &call_sid(1003)).await;
 
     session
         .send(json!({"type":"response.created","response":{"id":"resp_1","status":"in_progress"}}));
@@ -192,7 +192,7 @@ async fn barge_in_clears_twilio_truncates_at_played_plus_50_and_drops_late_delta
 async fn speech_while_the_agent_is_silent_does_nothing() {
     let fake = FakeOpenAi::start().await;
     let app = app_with(&fake, &[]).await;
-    let (mut twilio, mut session) = connected_call(&app, &fake, "CA1004").await;
+    let (mut twilio, mut session) = connected_call(&app, &fake, &call_sid(1004)).await;
 
     // A finished answer that Twilio played to the end.
     session.send(json!({"type":"response.created","response":{"id":"resp_1"}}));
@@ -231,16 +231,18 @@ async fn a_wrong_token_or_account_closes_the_stream_without_an_openai_session() 
     let fake = FakeOpenAi::start().await;
     let app = app_with(&fake, &[]).await;
 
-    let token = app.answer_call("CA1005").await;
+    let token = app.answer_call(&call_sid(1005)).await;
     let mut twilio = FakeTwilio::connect(&app).await;
-    twilio.start("CA1005", "not-the-token", ACCOUNT_SID).await;
+    twilio
+        .start(&call_sid(1005), "not-the-token", ACCOUNT_SID)
+        .await;
     assert_eq!(
         twilio.closed_within(Duration::from_secs(5)).await,
         Some(Some(1008))
     );
 
     let mut other_call = FakeTwilio::connect(&app).await;
-    other_call.start("CA9999", &token, ACCOUNT_SID).await;
+    other_call.start(&call_sid(9999), &token, ACCOUNT_SID).await;
     assert!(
         other_call
             .closed_within(Duration::from_secs(5))
@@ -248,10 +250,10 @@ async fn a_wrong_token_or_account_closes_the_stream_without_an_openai_session() 
             .is_some()
     );
 
-    let token = app.answer_call("CA1006").await;
+    let token = app.answer_call(&call_sid(1006)).await;
     let mut wrong_account = FakeTwilio::connect(&app).await;
     wrong_account
-        .start("CA1006", &token, "ACffffffffffffffffffffffffffffffff")
+        .start(&call_sid(1006), &token, OTHER_ACCOUNT_SID)
         .await;
     assert!(
         wrong_account
@@ -275,12 +277,12 @@ async fn a_wrong_token_or_account_closes_the_stream_without_an_openai_session() 
 async fn a_token_cannot_be_replayed() {
     let fake = FakeOpenAi::start().await;
     let app = app_with(&fake, &[]).await;
-    let token = app.answer_call("CA1007").await;
+    let token = app.answer_call(&call_sid(1007)).await;
     let mut first = FakeTwilio::connect(&app).await;
-    first.start("CA1007", &token, ACCOUNT_SID).await;
+    first.start(&call_sid(1007), &token, ACCOUNT_SID).await;
     fake.next_session().await;
     let mut replay = FakeTwilio::connect(&app).await;
-    replay.start("CA1007", &token, ACCOUNT_SID).await;
+    replay.start(&call_sid(1007), &token, ACCOUNT_SID).await;
     assert!(replay.closed_within(Duration::from_secs(5)).await.is_some());
     assert_eq!(fake.upgrades(), 1);
 }
@@ -309,8 +311,8 @@ async fn unsigned_or_forged_upgrades_are_refused_before_the_socket_exists() {
 async fn twilio_stop_closes_the_openai_socket_within_a_second() {
     let fake = FakeOpenAi::start().await;
     let app = app_with(&fake, &[]).await;
-    let (mut twilio, mut session) = connected_call(&app, &fake, "CA1008").await;
-    twilio.stop("CA1008").await;
+    let (mut twilio, mut session) = connected_call(&app, &fake, &call_sid(1008)).await;
+    twilio.stop(&call_sid(1008)).await;
     assert!(session.closed_within(Duration::from_secs(1)).await);
     let _ = twilio.closed_within(Duration::from_secs(2)).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -325,7 +327,7 @@ async fn twilio_stop_closes_the_openai_socket_within_a_second() {
 async fn openai_dropping_the_socket_closes_the_twilio_stream() {
     let fake = FakeOpenAi::start().await;
     let app = app_with(&fake, &[]).await;
-    let (mut twilio, session) = connected_call(&app, &fake, "CA1009").await;
+    let (mut twilio, session) = connected_call(&app, &fake, &call_sid(1009)).await;
     drop(session);
     assert!(twilio.closed_within(Duration::from_secs(5)).await.is_some());
 }
@@ -334,7 +336,7 @@ async fn openai_dropping_the_socket_closes_the_twilio_stream() {
 async fn a_fatal_openai_error_closes_the_twilio_stream() {
     let fake = FakeOpenAi::start().await;
     let app = app_with(&fake, &[]).await;
-    let (mut twilio, mut session) = connected_call(&app, &fake, "CA1010").await;
+    let (mut twilio, mut session) = connected_call(&app, &fake, &call_sid(1010)).await;
     session.send(json!({"type":"error","error":{"type":"invalid_request_error","code":"response_cancel_not_active","message":"no active response"}}));
     twilio.media(0, &frame(0, 0)).await;
     assert_eq!(
@@ -353,7 +355,7 @@ async fn a_fatal_openai_error_closes_the_twilio_stream() {
 async fn garbage_from_both_sides_leaves_the_call_working() {
     let fake = FakeOpenAi::start().await;
     let app = app_with(&fake, &[]).await;
-    let (mut twilio, mut session) = connected_call(&app, &fake, "CA1011").await;
+    let (mut twilio, mut session) = connected_call(&app, &fake, &call_sid(1011)).await;
 
     twilio.send_text("not json".into()).await;
     twilio.send_text(r#"{"event":"media"}"#.into()).await;
@@ -366,7 +368,8 @@ async fn garbage_from_both_sides_leaves_the_call_working() {
     twilio
         .send_raw(Message::binary(vec![0u8, 159, 146, 150]))
         .await;
-    twilio.send(json!({"event":"start","streamSid":"MZx","start":{"accountSid":ACCOUNT_SID,"streamSid":"MZx","callSid":"CAx","customParameters":{}}})).await;
+    let (other_call, other_stream) = (call_sid(1099), format!("MZ{:032}", 1099));
+    twilio.send(json!({"event":"start","streamSid":other_stream,"start":{"accountSid":ACCOUNT_SID,"streamSid":other_stream,"callSid":other_call,"customParameters":{}}})).await;
     twilio.media(7, &frame(2, 7)).await;
     assert_eq!(
         session.recv().await,
@@ -388,8 +391,8 @@ async fn garbage_from_both_sides_leaves_the_call_working() {
 async fn an_oversized_frame_closes_only_that_call_with_1009() {
     let fake = FakeOpenAi::start().await;
     let app = app_with(&fake, &[]).await;
-    let (mut victim, mut victim_session) = connected_call(&app, &fake, "CA1012").await;
-    let (mut attacker, _attacker_session) = connected_call(&app, &fake, "CA1013").await;
+    let (mut victim, mut victim_session) = connected_call(&app, &fake, &call_sid(1012)).await;
+    let (mut attacker, _attacker_session) = connected_call(&app, &fake, &call_sid(1013)).await;
     attacker.send_text("x".repeat(70 * 1024)).await;
     assert_eq!(
         attacker.closed_within(Duration::from_secs(5)).await,
@@ -405,7 +408,7 @@ async fn fifty_concurrent_calls_keep_their_audio_separate() {
     let app = app_with(&fake, &[]).await;
     let mut calls = Vec::new();
     for i in 0..50 {
-        let call_sid = format!("CA2{i:03}");
+        let call_sid = call_sid(2000 + i as u64);
         let twilio = FakeTwilio::start_call(&app, &call_sid).await;
         let mut session = fake.next_session().await;
         session.expect_session_update().await;
@@ -444,7 +447,7 @@ async fn caller_audio_sent_while_openai_is_still_connecting_all_arrives_in_order
         &[("AGENT_GREETING", "Greet the caller and offer help.")],
     )
     .await;
-    let mut twilio = FakeTwilio::start_call(&app, "CA1014").await;
+    let mut twilio = FakeTwilio::start_call(&app, &call_sid(1014)).await;
     // 500 ms of speech at the real 20 ms pace while the handshake is held up.
     for n in 0..25 {
         twilio.media(n, &frame(5, n)).await;
@@ -470,21 +473,21 @@ async fn caller_audio_sent_while_openai_is_still_connecting_all_arrives_in_order
 async fn metrics_describe_the_calls() {
     let fake = FakeOpenAi::start().await;
     let app = app_with(&fake, &[]).await;
-    let (mut twilio, mut session) = connected_call(&app, &fake, "CA1015").await;
+    let (mut twilio, mut session) = connected_call(&app, &fake, &call_sid(1015)).await;
     twilio.media(0, &frame(0, 0)).await;
     session.recv().await;
     let text = app.get("/metrics").await.text().await.unwrap();
     assert!(text.contains("callbridge_live_calls 1\n"), "{text}");
     assert!(text.contains("callbridge_frames_from_caller_total 1\n"));
     assert!(text.contains("callbridge_openai_connect_seconds_count 1\n"));
-    assert!(!text.contains("CA1015"), "no CallSid in metrics");
+    assert!(!text.contains(&call_sid(1015)), "no CallSid in metrics");
 }
 
 #[tokio::test]
 async fn draining_waits_for_live_calls_then_closes_them() {
     let fake = FakeOpenAi::start().await;
     let app = app_with(&fake, &[("DRAIN_TIMEOUT_SECS", "1")]).await;
-    let (mut twilio, mut session) = connected_call(&app, &fake, "CA1016").await;
+    let (mut twilio, mut session) = connected_call(&app, &fake, &call_sid(1016)).await;
     app.state.lifecycle.begin_drain();
     // The call goes on during the drain...
     twilio.media(0, &frame(0, 0)).await;

@@ -6,7 +6,7 @@ use crate::helpers::*;
 #[tokio::test]
 async fn signed_voice_webhook_gets_twiml_that_connects_the_stream() {
     let app = spawn_app(&[]).await;
-    let response = app.post_signed("/voice", &voice_form("CA0001")).await;
+    let response = app.post_signed("/voice", &voice_form(&call_sid(1))).await;
     assert_eq!(response.status(), 200);
     assert_eq!(
         response.headers()["content-type"],
@@ -46,7 +46,8 @@ async fn signed_voice_webhook_gets_twiml_that_connects_the_stream() {
 async fn plain_phone_number_calls_are_answered_and_http_base_urls_give_ws() {
     let app = spawn_app(&[("PUBLIC_BASE_URL", "http://localhost:8080")]).await;
     let params = form(&[
-        ("CallSid", "CA0002"),
+        ("CallSid", &call_sid(2)),
+        ("AccountSid", ACCOUNT_SID),
         ("From", "+14158675309"),
         ("To", "+18005551212"),
         ("Direction", "outbound-api"),
@@ -66,7 +67,7 @@ async fn plain_phone_number_calls_are_answered_and_http_base_urls_give_ws() {
 #[tokio::test]
 async fn bad_signatures_are_refused_with_an_empty_403() {
     let app = spawn_app(&[]).await;
-    let params = voice_form("CA0003");
+    let params = voice_form(&call_sid(3));
 
     let missing = app.post_form("/voice", &params, None).await;
     assert_eq!(missing.status(), 403);
@@ -101,7 +102,7 @@ async fn bad_signatures_are_refused_with_an_empty_403() {
 #[tokio::test]
 async fn signature_over_the_default_port_form_is_accepted() {
     let app = spawn_app(&[]).await;
-    let params = voice_form("CA0004");
+    let params = voice_form(&call_sid(4));
     let signature = twilio_signature("https://callbridge.test:443/voice", &params);
     let response = app.post_form("/voice", &params, Some(&signature)).await;
     assert_eq!(response.status(), 200);
@@ -110,7 +111,7 @@ async fn signature_over_the_default_port_form_is_accepted() {
 #[tokio::test]
 async fn query_strings_are_part_of_the_signed_url() {
     let app = spawn_app(&[]).await;
-    let params = voice_form("CA0005");
+    let params = voice_form(&call_sid(5));
     let signed = twilio_signature(&format!("{PUBLIC_BASE_URL}/voice?agent=sales"), &params);
     let response = app
         .post_form("/voice?agent=sales", &params, Some(&signed))
@@ -126,7 +127,7 @@ async fn query_strings_are_part_of_the_signed_url() {
 async fn status_callbacks_are_signature_checked_and_acknowledged() {
     let app = spawn_app(&[]).await;
     let params = form(&[
-        ("CallSid", "CA0006"),
+        ("CallSid", &call_sid(6)),
         ("AccountSid", ACCOUNT_SID),
         ("CallStatus", "completed"),
         ("CallDuration", "42"),
@@ -142,22 +143,26 @@ async fn status_callbacks_are_signature_checked_and_acknowledged() {
 }
 
 #[tokio::test]
-async fn a_signed_form_without_a_call_sid_is_a_400() {
+async fn a_signed_form_without_a_call_sid_is_refused() {
     let app = spawn_app(&[]).await;
     let response = app
-        .post_signed("/voice", &form(&[("From", "+14158675309")]))
+        .post_signed(
+            "/voice",
+            &form(&[("AccountSid", ACCOUNT_SID), ("From", "+14158675309")]),
+        )
         .await;
-    assert_eq!(response.status(), 400);
-    let body: serde_json::Value = response.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "invalid_form");
+    assert_eq!(response.status(), 403);
+    assert_eq!(response.text().await.unwrap(), "");
+    assert_eq!(app.state.metrics.webhooks_refused.get(), 1);
+    assert_eq!(app.state.metrics.signature_failures.get(), 0);
 }
 
 #[tokio::test]
 async fn calls_beyond_capacity_hear_the_busy_message() {
     let app = spawn_app(&[("MAX_CONCURRENT_CALLS", "2")]).await;
-    app.answer_call("CA0011").await;
-    app.answer_call("CA0012").await;
-    let response = app.post_signed("/voice", &voice_form("CA0013")).await;
+    app.answer_call(&call_sid(11)).await;
+    app.answer_call(&call_sid(12)).await;
+    let response = app.post_signed("/voice", &voice_form(&call_sid(13))).await;
     assert_eq!(response.status(), 200);
     let twiml = parse_twiml(&response.text().await.unwrap());
     assert_eq!(twiml.elements, ["Response", "Say", "Hangup"]);
@@ -171,7 +176,7 @@ async fn draining_fails_readiness_and_turns_new_calls_away() {
     assert_eq!(app.get("/healthz").await.status(), 200);
     assert_eq!(app.get("/readyz").await.status(), 200);
     // A pending call keeps the drain (and the server) alive long enough to observe it.
-    app.answer_call("CA0021").await;
+    app.answer_call(&call_sid(21)).await;
 
     app.state.lifecycle.begin_drain();
     let ready = app.get("/readyz").await;
@@ -180,7 +185,7 @@ async fn draining_fails_readiness_and_turns_new_calls_away() {
     assert_eq!(body["status"], "draining");
     assert_eq!(app.get("/healthz").await.status(), 200);
 
-    let response = app.post_signed("/voice", &voice_form("CA0022")).await;
+    let response = app.post_signed("/voice", &voice_form(&call_sid(22))).await;
     let twiml = parse_twiml(&response.text().await.unwrap());
     assert_eq!(twiml.elements, ["Response", "Say", "Hangup"]);
     assert_eq!(app.state.metrics.calls_refused_draining.get(), 1);
@@ -189,7 +194,8 @@ async fn draining_fails_readiness_and_turns_new_calls_away() {
 #[tokio::test]
 async fn metrics_are_exposed_in_prometheus_text_format() {
     let app = spawn_app(&[]).await;
-    app.post_form("/voice", &voice_form("CA0031"), None).await;
+    app.post_form("/voice", &voice_form(&call_sid(31)), None)
+        .await;
     let response = app.get("/metrics").await;
     assert_eq!(response.status(), 200);
     assert!(
@@ -245,8 +251,8 @@ fn hostile_values_are_escaped_and_parse_back_unchanged() {
 #[tokio::test]
 async fn a_replayed_voice_webhook_gets_the_same_token_and_none_after_the_stream_started() {
     let app = spawn_app(&[]).await;
-    let first = app.answer_call("CA0041").await;
-    let retry = app.answer_call("CA0041").await;
+    let first = app.answer_call(&call_sid(41)).await;
+    let retry = app.answer_call(&call_sid(41)).await;
     assert_eq!(
         first, retry,
         "one token per call, however often /voice is requested"
@@ -254,13 +260,13 @@ async fn a_replayed_voice_webhook_gets_the_same_token_and_none_after_the_stream_
     assert_eq!(app.state.admission.occupancy().pending, 1);
 
     let started = callbridge::store::Record::StreamStarted {
-        call_sid: "CA0041".into(),
-        stream_sid: "MZ0041".into(),
+        call_sid: call_sid(41),
+        stream_sid: format!("MZ{:032}", 41),
         at_ms: 1,
     };
     app.state.records.record(started);
     app.state.records.flush().await;
-    let replay = app.post_signed("/voice", &voice_form("CA0041")).await;
+    let replay = app.post_signed("/voice", &voice_form(&call_sid(41))).await;
     let twiml = parse_twiml(&replay.text().await.unwrap());
     assert_eq!(
         twiml.elements,
