@@ -25,6 +25,7 @@ use crate::domain::phone::Masked;
 use crate::metrics::{EndReason, Metrics};
 use crate::openai::events::{self, ErrorSeverity, ServerEvent, SessionSettings, Usage};
 use crate::store::Record;
+use crate::twilio::ids::{AccountSid, CallSid, StreamSid};
 use crate::twilio::media::{Inbound, Start};
 
 /// Log the first few malformed messages of a call in full; after that only count them, so a
@@ -64,14 +65,14 @@ pub struct StreamGrant {
     /// The single-use token from the stream URL; `start` repeats it as its `token` parameter.
     pub token: String,
     /// The call the token was issued to by `/voice`.
-    pub call_sid: String,
+    pub call_sid: CallSid,
 }
 
 /// Everything the core needs to know when the socket opens.
 pub struct CallSetup {
     pub grant: StreamGrant,
     /// Our Twilio account: a `start` naming another one is refused.
-    pub account_sid: String,
+    pub account_sid: AccountSid,
     pub agent: AgentSettings,
     pub settings: CallSettings,
     pub metrics: Arc<Metrics>,
@@ -90,7 +91,7 @@ pub struct TaskId(pub u64);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SideTask {
     /// What `POST /calls` said about this call (agent, context), if it placed it.
-    LookupCallContext { call_sid: String },
+    LookupCallContext { call_sid: CallSid },
 }
 
 /// The result of a [`SideTask`].
@@ -184,8 +185,8 @@ pub enum Action {
 /// What is known about a call when it ends.
 #[derive(Debug)]
 pub struct CallSummary {
-    pub call_sid: Option<String>,
-    pub stream_sid: Option<String>,
+    pub call_sid: Option<CallSid>,
+    pub stream_sid: Option<StreamSid>,
     pub end_reason: EndReason,
     pub openai_session_id: Option<String>,
     pub usage: Usage,
@@ -213,7 +214,7 @@ struct EarlyAudio {
 pub struct CallCore<L: MediaLeg> {
     leg: L,
     grant: StreamGrant,
-    account_sid: String,
+    account_sid: AccountSid,
     agent: AgentSettings,
     settings: CallSettings,
     metrics: Arc<Metrics>,
@@ -478,7 +479,7 @@ impl<L: MediaLeg> CallCore<L> {
             direction = parameter("direction"),
             "media stream started"
         );
-        self.leg.started(&start.stream_sid);
+        self.leg.started(start.stream_sid.as_str());
         self.metrics.calls_started.inc();
         // Only `POST /calls` stores a context, so only its (outbound) calls look one up.
         self.context = if parameter("direction").starts_with("outbound") {
@@ -490,8 +491,8 @@ impl<L: MediaLeg> CallCore<L> {
         };
         self.actions
             .push_back(Action::Record(Record::StreamStarted {
-                call_sid: start.call_sid.clone(),
-                stream_sid: start.stream_sid.clone(),
+                call_sid: start.call_sid.to_string(),
+                stream_sid: start.stream_sid.to_string(),
                 at_ms: self.wall_ms(now),
             }));
         self.media = MediaLink::Streaming {
@@ -795,7 +796,7 @@ impl<L: MediaLeg> CallCore<L> {
         let cut_off = self.playback.finish();
         self.apply_corrections(cut_off);
         if let MediaLink::Streaming { call_sid, .. } = &self.media {
-            let call_sid = call_sid.clone();
+            let call_sid = call_sid.to_string();
             self.record_event("stream", "ended", Some(reason.label().to_owned()), now);
             let usage = self.usage;
             let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
@@ -847,7 +848,7 @@ impl<L: MediaLeg> CallCore<L> {
 
     fn call_sid(&self) -> Option<&str> {
         match &self.media {
-            MediaLink::Streaming { call_sid, .. } => Some(call_sid),
+            MediaLink::Streaming { call_sid, .. } => Some(call_sid.as_str()),
             MediaLink::AwaitingStart => None,
         }
     }

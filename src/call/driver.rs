@@ -294,7 +294,7 @@ async fn next_agent_frame<R: Stream + Unpin>(rx: &mut Option<R>) -> Option<R::It
 async fn run_side_task(state: &AppState, id: TaskId, task: SideTask) -> (TaskId, TaskOutput) {
     let output = match task {
         SideTask::LookupCallContext { call_sid } => {
-            let found = state.store.outbound_brief(&call_sid).await;
+            let found = state.store.outbound_brief(call_sid.as_str()).await;
             TaskOutput::CallContext(
                 found
                     .map(|row| row.map(|(agent, context)| OutboundContext { agent, context }))

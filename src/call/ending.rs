@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::call::leg::CallControl;
 use crate::metrics::EndReason;
+use crate::twilio::ids::CallSid;
 use crate::twilio::rest::RestError;
 
 /// Backoff between REST hang-up attempts; a transient Twilio or network error gets retried.
@@ -39,14 +40,14 @@ pub enum RestHangUp {
 pub struct EndPlan {
     pub reason: EndReason,
     /// The call to hang up, when the stream got as far as a checked `start`.
-    pub call_sid: Option<String>,
+    pub call_sid: Option<CallSid>,
     /// The WebSocket close code for the media leg.
     pub close_code: u16,
     pub rest_hang_up: RestHangUp,
 }
 
 impl EndPlan {
-    pub fn new(reason: EndReason, call_sid: Option<String>, close_code: u16) -> Self {
+    pub fn new(reason: EndReason, call_sid: Option<CallSid>, close_code: u16) -> Self {
         let rest_hang_up = match (reason, &call_sid) {
             (_, None) => RestHangUp::Never,
             (EndReason::Shutdown, Some(_)) => RestHangUp::BeforeClosing,
@@ -106,7 +107,8 @@ pub async fn hang_up_before_closing(
         return;
     };
     let deadline = Instant::now() + times.hang_up_timeout;
-    match tokio::time::timeout_at(deadline, hang_up_with_retries(control, call_sid)).await {
+    match tokio::time::timeout_at(deadline, hang_up_with_retries(control, call_sid.as_str())).await
+    {
         Ok(Ok(())) => {}
         Ok(Err(error)) => tracing::warn!(%error, "cannot hang the call up for the drain"),
         Err(_) => tracing::warn!("Twilio did not confirm the drain's hang-up in time"),
@@ -122,7 +124,7 @@ pub async fn hang_up_after_apology(plan: &EndPlan, control: &impl CallControl, t
         return;
     };
     tokio::time::sleep(times.apology_grace).await;
-    if let Err(error) = hang_up_with_retries(control, call_sid).await {
+    if let Err(error) = hang_up_with_retries(control, call_sid.as_str()).await {
         tracing::warn!(%error, "cannot hang the call up through Twilio's REST API");
     }
 }
@@ -159,7 +161,7 @@ mod tests {
 
     #[test]
     fn each_reason_has_one_way_to_end() {
-        let sid = || Some("CA0123456789abcdef0123456789abcdef".to_owned());
+        let sid = || CallSid::parse("CA0123456789abcdef0123456789abcdef").ok();
         let plan = |reason| EndPlan::new(reason, sid(), 1000).rest_hang_up;
         assert_eq!(plan(EndReason::Shutdown), RestHangUp::BeforeClosing);
         for reason in [

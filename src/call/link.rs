@@ -3,6 +3,8 @@
 
 use std::time::Instant;
 
+use crate::twilio::ids::{CallSid, StreamSid};
+
 /// The agent (OpenAI Realtime) connection.
 ///
 /// ```text
@@ -40,8 +42,8 @@ pub enum MediaLink {
     AwaitingStart,
     /// `start` was checked: this is the call it names.
     Streaming {
-        call_sid: String,
-        stream_sid: String,
+        call_sid: CallSid,
+        stream_sid: StreamSid,
         started_at: Instant,
     },
 }

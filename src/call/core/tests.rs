@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use super::*;
 use crate::call::ending::RestHangUp;
 use crate::call::leg::TwilioLeg;
+use crate::twilio::ids::{AccountSid, CallSid, StreamSid};
 
 const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
 const OTHER_ACCOUNT_SID: &str = "ACffffffffffffffffffffffffffffffff";
@@ -46,9 +47,9 @@ impl Harness {
             CallSetup {
                 grant: StreamGrant {
                     token: TOKEN.into(),
-                    call_sid: CALL_SID.into(),
+                    call_sid: CallSid::parse(CALL_SID).unwrap(),
                 },
-                account_sid: ACCOUNT_SID.into(),
+                account_sid: AccountSid::parse(ACCOUNT_SID).unwrap(),
                 agent,
                 settings,
                 metrics: Arc::clone(&metrics),
@@ -575,7 +576,11 @@ fn every_way_a_call_ends_has_its_reason_close_code_and_hang_up() {
             (reason, code, hang_up),
             "{name}"
         );
-        assert_eq!(plan.call_sid.as_deref(), Some(CALL_SID), "{name}");
+        assert_eq!(
+            plan.call_sid.as_ref().map(CallSid::as_str),
+            Some(CALL_SID),
+            "{name}"
+        );
         let ended = actions.iter().find_map(|a| match a {
             Action::Record(Record::CallEnded { end_reason, .. }) => Some(*end_reason),
             _ => None,
@@ -682,8 +687,14 @@ fn the_summary_has_the_transcript_in_order_with_speakers_and_usage() {
     h.advance(Duration::from_secs(3));
     h.feed(Input::MediaClosed);
     let summary = h.core.summary();
-    assert_eq!(summary.call_sid.as_deref(), Some(CALL_SID));
-    assert_eq!(summary.stream_sid.as_deref(), Some(STREAM_SID));
+    assert_eq!(
+        summary.call_sid.as_ref().map(CallSid::as_str),
+        Some(CALL_SID)
+    );
+    assert_eq!(
+        summary.stream_sid.as_ref().map(StreamSid::as_str),
+        Some(STREAM_SID)
+    );
     assert_eq!(summary.transcript.len(), 1);
     assert_eq!(summary.transcript[0].speaker, Speaker::Caller);
     assert_eq!(summary.transcript[0].text, "Hello?");

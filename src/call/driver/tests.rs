@@ -40,6 +40,7 @@ use crate::config::Config;
 use crate::metrics::{EndReason, Metrics};
 use crate::openai::client::{AgentDialer, DialError};
 use crate::state::AppState;
+use crate::twilio::ids::{CallSid, StreamSid};
 use crate::twilio::rest::RestError;
 
 const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
@@ -299,7 +300,7 @@ impl Harness {
         let setup = CallSetup {
             grant: StreamGrant {
                 token: token.clone(),
-                call_sid: CALL_SID.into(),
+                call_sid: CallSid::parse(CALL_SID).unwrap(),
             },
             account_sid: state.config.twilio_account_sid.clone(),
             agent: AgentSettings::from_config(&state.config),
@@ -1441,8 +1442,14 @@ async fn the_summary_has_the_transcript_in_order_with_speakers() {
         offsets[0] < 2000 && offsets[1] >= 2000 && offsets[2] >= 4000,
         "{offsets:?}"
     );
-    assert_eq!(summary.call_sid.as_deref(), Some(CALL_SID));
-    assert_eq!(summary.stream_sid.as_deref(), Some(STREAM_SID));
+    assert_eq!(
+        summary.call_sid.as_ref().map(CallSid::as_str),
+        Some(CALL_SID)
+    );
+    assert_eq!(
+        summary.stream_sid.as_ref().map(StreamSid::as_str),
+        Some(STREAM_SID)
+    );
     assert_eq!(summary.openai_session_id.as_deref(), Some("sess_1"));
     assert_eq!(
         (
