@@ -327,7 +327,8 @@ impl<L: MediaLeg> CallCore<L> {
                 self.actions.push_back(Action::PongMedia(payload));
             }
             Input::MediaAlive => self.media_seen = now,
-            Input::MediaClosed => self.end(EndReason::CallerHungUp, now),
+            // A closed socket and one that refuses writes both mean the caller is gone.
+            Input::MediaClosed | Input::MediaSendFailed => self.end(EndReason::CallerHungUp, now),
             Input::MediaOverflow => {
                 self.malformed_from_media("a frame over 64 KiB");
                 self.end(EndReason::FrameTooLarge, now);
@@ -340,7 +341,6 @@ impl<L: MediaLeg> CallCore<L> {
                 tracing::warn!(%error, "the Twilio socket broke");
                 self.end(EndReason::ProtocolError, now);
             }
-            Input::MediaSendFailed => self.end(EndReason::CallerHungUp, now),
 
             Input::AgentTransportReady => self.on_transport_ready(),
             Input::AgentTransportFailed(error) => self.on_transport_failed(&error, now),

@@ -16,14 +16,14 @@ use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message as AgentMessage;
+use tokio_tungstenite::tungstenite::{self, Message as AgentMessage};
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::CallSlot;
 use crate::call::core::{
     Action, CallCore, CallSetup, CallSummary, Input, OutboundContext, SideTask, TaskId, TaskOutput,
 };
-use crate::call::ending::{self, EndPlan};
+use crate::call::ending::{self, EndPlan, EndingTimes};
 use crate::call::leg::{CallControl, TwilioLeg};
 use crate::openai::client::{AgentDialer, DialError};
 use crate::state::AppState;
@@ -48,8 +48,8 @@ pub struct Peers<'a, D, C> {
 /// Runs one call to its end, including the ending's REST hang-ups, and only then gives the
 /// call's slot back. `twilio_tx`/`twilio_rx` are the Media Stream socket's halves.
 pub async fn run<TS, TR, D, C>(
-    mut twilio_tx: TS,
-    mut twilio_rx: TR,
+    twilio_tx: TS,
+    twilio_rx: TR,
     peers: Peers<'_, D, C>,
     state: &AppState,
     setup: CallSetup,
@@ -63,201 +63,41 @@ where
     D: AgentDialer,
     C: CallControl,
 {
-    let Peers { dialer, control } = peers;
     let times = setup.settings.ending;
     let mut core = CallCore::new(TwilioLeg::default(), setup);
-    let mut dial: Option<LocalFuture<'_, Dial<D>>> = None;
-    let mut transport: Option<D::Transport> = None;
-    let mut agent_tx: Option<D::Sink> = None;
-    let mut agent_rx: Option<D::Stream> = None;
-    let mut tasks: FuturesUnordered<LocalFuture<'_, (TaskId, TaskOutput)>> =
-        FuturesUnordered::new();
-    let mut shutdown_told = false;
+    let mut io = CallIo {
+        twilio_tx,
+        twilio_rx,
+        dialer: peers.dialer,
+        state,
+        dial: None,
+        transport: None,
+        agent_tx: None,
+        agent_rx: None,
+        tasks: FuturesUnordered::new(),
+        close_requested,
+        shutdown_told: false,
+    };
     let timer = tokio::time::sleep_until(Instant::now());
     let mut timer = std::pin::pin!(timer);
-
     let plan = loop {
-        // Carry out everything the last input asked for, then flush each socket once.
-        let mut ending: Option<EndPlan> = None;
-        let (mut media_fed, mut agent_fed) = (false, false);
-        let (mut media_failed, mut agent_failed) = (false, false);
-        while let Some(action) = core.poll_action() {
-            match action {
-                Action::ToMedia(text) => {
-                    media_fed = true;
-                    media_failed |= twilio_tx
-                        .feed(TwilioMessage::Text(text.into()))
-                        .await
-                        .is_err();
-                }
-                Action::PingMedia => {
-                    media_fed = true;
-                    media_failed |= twilio_tx
-                        .feed(TwilioMessage::Ping(Default::default()))
-                        .await
-                        .is_err();
-                }
-                Action::PongMedia(payload) => {
-                    media_fed = true;
-                    media_failed |= twilio_tx
-                        .feed(TwilioMessage::Pong(payload.into()))
-                        .await
-                        .is_err();
-                }
-                Action::ToAgent(text) => {
-                    if let Some(tx) = agent_tx.as_mut() {
-                        agent_fed = true;
-                        agent_failed |= tx.feed(AgentMessage::text(text)).await.is_err();
-                    }
-                }
-                Action::PingAgent => {
-                    if let Some(tx) = agent_tx.as_mut() {
-                        agent_fed = true;
-                        agent_failed |= tx
-                            .feed(AgentMessage::Ping(Default::default()))
-                            .await
-                            .is_err();
-                    }
-                }
-                Action::PreconnectAgent => {
-                    dial = Some(Box::pin(async {
-                        Dial::Transport(dialer.preconnect().await)
-                    }));
-                }
-                Action::OpenAgent { model } => {
-                    if let Some(prepared) = transport.take() {
-                        dial = Some(Box::pin(async move {
-                            Dial::Session(dialer.open(prepared, &model).await)
-                        }));
-                    }
-                }
-                Action::Record(record) => state.records.record(record),
-                Action::RecordTranscript(record) => state.records.record_transcript(record).await,
-                Action::Spawn(id, task) => tasks.push(Box::pin(run_side_task(state, id, task))),
-                Action::End(plan) => ending = Some(plan),
+        match io.carry_out(&mut core).await {
+            Carried::Ended(plan) => break plan,
+            Carried::Failed(input) => {
+                core.handle(input, now());
+                continue;
             }
+            Carried::Done => {}
         }
-        if media_fed && !media_failed {
-            media_failed = twilio_tx.flush().await.is_err();
-        }
-        if agent_fed && !agent_failed {
-            agent_failed = match agent_tx.as_mut() {
-                Some(tx) => tx.flush().await.is_err(),
-                None => false,
-            };
-        }
-        if let Some(plan) = ending {
-            break plan;
-        }
-        if media_failed {
-            core.handle(Input::MediaSendFailed, now());
-            continue;
-        }
-        if agent_failed {
-            core.handle(Input::AgentSendFailed, now());
-            continue;
-        }
-
         if let Some(deadline) = core.poll_timeout() {
             let deadline = Instant::from_std(deadline);
             if timer.deadline() != deadline {
                 timer.as_mut().reset(deadline);
             }
         }
-        tokio::select! {
-            () = close_requested.cancelled(), if !shutdown_told => {
-                shutdown_told = true;
-                core.handle(Input::Shutdown, now());
-            }
-
-            frame = twilio_rx.next() => {
-                let now = now();
-                match frame {
-                    Some(Ok(AggregatedMessage::Text(text))) => core.handle(Input::MediaText(&text), now),
-                    Some(Ok(AggregatedMessage::Binary(_))) => core.handle(Input::MediaBinary, now),
-                    Some(Ok(AggregatedMessage::Ping(payload))) => {
-                        core.handle(Input::MediaPing(payload.to_vec()), now);
-                    }
-                    Some(Ok(AggregatedMessage::Pong(_))) => core.handle(Input::MediaAlive, now),
-                    Some(Ok(AggregatedMessage::Close(_))) | None => core.handle(Input::MediaClosed, now),
-                    Some(Err(ProtocolError::Overflow)) => core.handle(Input::MediaOverflow, now),
-                    Some(Err(error)) => core.handle(Input::MediaBroken(error.to_string()), now),
-                }
-            }
-
-            outcome = poll_dial(&mut dial), if dial.is_some() => {
-                dial = None;
-                let now = now();
-                match outcome {
-                    Dial::Transport(Ok(prepared)) => {
-                        transport = Some(prepared);
-                        core.handle(Input::AgentTransportReady, now);
-                    }
-                    Dial::Transport(Err(error)) => {
-                        core.handle(Input::AgentTransportFailed(error.to_string()), now);
-                    }
-                    Dial::Session(Ok((tx, rx))) => {
-                        agent_tx = Some(tx);
-                        agent_rx = Some(rx);
-                        core.handle(Input::AgentOpened, now);
-                    }
-                    Dial::Session(Err(error)) => {
-                        core.handle(Input::AgentOpenFailed(error.to_string()), now);
-                    }
-                }
-            }
-
-            frame = next_agent_frame(&mut agent_rx), if agent_rx.is_some() => {
-                let now = now();
-                match frame {
-                    Some(Ok(AgentMessage::Text(text))) => core.handle(Input::AgentText(text.as_str()), now),
-                    Some(Ok(AgentMessage::Binary(_))) => core.handle(Input::AgentBinary, now),
-                    Some(Ok(AgentMessage::Ping(_) | AgentMessage::Pong(_) | AgentMessage::Frame(_))) => {
-                        core.handle(Input::AgentAlive, now);
-                    }
-                    Some(Ok(AgentMessage::Close(frame))) => {
-                        agent_rx = None;
-                        core.handle(Input::AgentClosed(format!("{frame:?}")), now);
-                    }
-                    Some(Err(error)) => {
-                        agent_rx = None;
-                        core.handle(Input::AgentBroken(error.to_string()), now);
-                    }
-                    None => {
-                        agent_rx = None;
-                        core.handle(Input::AgentClosed("the socket ended".to_owned()), now);
-                    }
-                }
-            }
-
-            Some((id, output)) = tasks.next(), if !tasks.is_empty() => {
-                core.handle(Input::TaskDone(id, output), now());
-            }
-
-            () = &mut timer, if core.poll_timeout().is_some() => {
-                core.handle(Input::Timer, now());
-            }
-        }
+        io.next_input(&mut core, timer.as_mut()).await;
     };
-
-    // The ending, as the plan says: the agent first (it must stop billing), then a drain's
-    // hang-up, then the stream; a failed call's last hang-up waits for its apology.
-    if let Some(tx) = agent_tx.as_mut() {
-        let close = async {
-            let _ = tx.send(AgentMessage::Close(None)).await;
-            let _ = tx.close().await;
-        };
-        let _ = tokio::time::timeout(times.agent_close_timeout, close).await;
-    }
-    drop(agent_rx);
-    drop(dial);
-    ending::hang_up_before_closing(&plan, control, times).await;
-    let reason = CloseReason {
-        code: CloseCode::from(plan.close_code),
-        description: None,
-    };
-    let _ = twilio_tx.send(TwilioMessage::Close(Some(reason))).await;
-    let _ = twilio_tx.close().await;
+    io.close(&plan, peers.control, times).await;
     let summary = core.summary();
     tracing::info!(
         reason = summary.end_reason.label(),
@@ -266,9 +106,243 @@ where
         total_tokens = summary.usage.total_tokens,
         "call ended"
     );
-    ending::hang_up_after_apology(&plan, control, times).await;
+    ending::hang_up_after_apology(&plan, peers.control, times).await;
     drop(slot);
     summary
+}
+
+/// What carrying out the queued actions came to.
+enum Carried {
+    /// Everything was sent; wait for the next input.
+    Done,
+    /// A socket refused a write: tell the core.
+    Failed(Input<'static>),
+    /// The core ended the call.
+    Ended(EndPlan),
+}
+
+/// Everything one call does I/O with.
+struct CallIo<'a, TS, TR, D: AgentDialer> {
+    twilio_tx: TS,
+    twilio_rx: TR,
+    dialer: &'a D,
+    state: &'a AppState,
+    /// The agent dial in flight, if any.
+    dial: Option<LocalFuture<'a, Dial<D>>>,
+    /// The prepared transport, until the core asks to open the session over it.
+    transport: Option<D::Transport>,
+    agent_tx: Option<D::Sink>,
+    agent_rx: Option<D::Stream>,
+    tasks: FuturesUnordered<LocalFuture<'a, (TaskId, TaskOutput)>>,
+    close_requested: CancellationToken,
+    shutdown_told: bool,
+}
+
+impl<'a, TS, TR, D> CallIo<'a, TS, TR, D>
+where
+    TS: Sink<TwilioMessage> + Unpin,
+    TS::Error: Debug,
+    TR: Stream<Item = Result<AggregatedMessage, ProtocolError>> + Unpin,
+    D: AgentDialer,
+{
+    /// Carries out everything the core queued, in order, then flushes each socket once.
+    async fn carry_out(&mut self, core: &mut CallCore<TwilioLeg>) -> Carried {
+        let mut ending = None;
+        let (mut media_fed, mut agent_fed) = (false, false);
+        let (mut media_failed, mut agent_failed) = (false, false);
+        while let Some(action) = core.poll_action() {
+            match action {
+                Action::ToMedia(text) => {
+                    media_fed = true;
+                    media_failed |= self.send_media(TwilioMessage::Text(text.into())).await;
+                }
+                Action::PingMedia => {
+                    media_fed = true;
+                    media_failed |= self
+                        .send_media(TwilioMessage::Ping(Default::default()))
+                        .await;
+                }
+                Action::PongMedia(payload) => {
+                    media_fed = true;
+                    media_failed |= self.send_media(TwilioMessage::Pong(payload.into())).await;
+                }
+                Action::ToAgent(text) => {
+                    agent_fed = true;
+                    agent_failed |= self.send_agent(AgentMessage::text(text)).await;
+                }
+                Action::PingAgent => {
+                    agent_fed = true;
+                    agent_failed |= self
+                        .send_agent(AgentMessage::Ping(Default::default()))
+                        .await;
+                }
+                Action::PreconnectAgent => {
+                    let dialer = self.dialer;
+                    self.dial = Some(Box::pin(async move {
+                        Dial::Transport(dialer.preconnect().await)
+                    }));
+                }
+                Action::OpenAgent { model } => {
+                    if let Some(prepared) = self.transport.take() {
+                        let dialer = self.dialer;
+                        self.dial = Some(Box::pin(async move {
+                            Dial::Session(dialer.open(prepared, &model).await)
+                        }));
+                    }
+                }
+                Action::Record(record) => self.state.records.record(record),
+                Action::RecordTranscript(record) => {
+                    self.state.records.record_transcript(record).await;
+                }
+                Action::Spawn(id, task) => {
+                    self.tasks
+                        .push(Box::pin(run_side_task(self.state, id, task)));
+                }
+                Action::End(plan) => ending = Some(plan),
+            }
+        }
+        if media_fed && !media_failed {
+            media_failed = self.twilio_tx.flush().await.is_err();
+        }
+        if agent_fed
+            && !agent_failed
+            && let Some(tx) = self.agent_tx.as_mut()
+        {
+            agent_failed = tx.flush().await.is_err();
+        }
+        match (ending, media_failed, agent_failed) {
+            (Some(plan), _, _) => Carried::Ended(plan),
+            (None, true, _) => Carried::Failed(Input::MediaSendFailed),
+            (None, false, true) => Carried::Failed(Input::AgentSendFailed),
+            (None, false, false) => Carried::Done,
+        }
+    }
+
+    /// Whether feeding the Twilio socket failed.
+    async fn send_media(&mut self, message: TwilioMessage) -> bool {
+        self.twilio_tx.feed(message).await.is_err()
+    }
+
+    /// Whether feeding the agent's socket failed; nothing is sent before it is open.
+    async fn send_agent(&mut self, message: AgentMessage) -> bool {
+        match self.agent_tx.as_mut() {
+            Some(tx) => tx.feed(message).await.is_err(),
+            None => false,
+        }
+    }
+
+    /// Waits for the next thing to happen and hands it to the core.
+    async fn next_input(
+        &mut self,
+        core: &mut CallCore<TwilioLeg>,
+        timer: Pin<&mut tokio::time::Sleep>,
+    ) {
+        let timer_armed = core.poll_timeout().is_some();
+        tokio::select! {
+            () = self.close_requested.cancelled(), if !self.shutdown_told => {
+                self.shutdown_told = true;
+                core.handle(Input::Shutdown, now());
+            }
+            frame = self.twilio_rx.next() => media_input(core, frame),
+            outcome = poll_dial(&mut self.dial), if self.dial.is_some() => {
+                self.dial = None;
+                self.on_dialled(core, outcome);
+            }
+            frame = next_agent_frame(&mut self.agent_rx), if self.agent_rx.is_some() => {
+                self.on_agent_frame(core, frame);
+            }
+            Some((id, output)) = self.tasks.next(), if !self.tasks.is_empty() => {
+                core.handle(Input::TaskDone(id, output), now());
+            }
+            () = timer, if timer_armed => core.handle(Input::Timer, now()),
+        }
+    }
+
+    fn on_dialled(&mut self, core: &mut CallCore<TwilioLeg>, outcome: Dial<D>) {
+        let input = match outcome {
+            Dial::Transport(Ok(prepared)) => {
+                self.transport = Some(prepared);
+                Input::AgentTransportReady
+            }
+            Dial::Transport(Err(error)) => Input::AgentTransportFailed(error.to_string()),
+            Dial::Session(Ok((tx, rx))) => {
+                self.agent_tx = Some(tx);
+                self.agent_rx = Some(rx);
+                Input::AgentOpened
+            }
+            Dial::Session(Err(error)) => Input::AgentOpenFailed(error.to_string()),
+        };
+        core.handle(input, now());
+    }
+
+    fn on_agent_frame(
+        &mut self,
+        core: &mut CallCore<TwilioLeg>,
+        frame: Option<Result<AgentMessage, tungstenite::Error>>,
+    ) {
+        let now = now();
+        match frame {
+            Some(Ok(AgentMessage::Text(text))) => core.handle(Input::AgentText(text.as_str()), now),
+            Some(Ok(AgentMessage::Binary(_))) => core.handle(Input::AgentBinary, now),
+            Some(Ok(AgentMessage::Ping(_) | AgentMessage::Pong(_) | AgentMessage::Frame(_))) => {
+                core.handle(Input::AgentAlive, now);
+            }
+            Some(Ok(AgentMessage::Close(frame))) => {
+                self.agent_rx = None;
+                core.handle(Input::AgentClosed(format!("{frame:?}")), now);
+            }
+            Some(Err(error)) => {
+                self.agent_rx = None;
+                core.handle(Input::AgentBroken(error.to_string()), now);
+            }
+            None => {
+                self.agent_rx = None;
+                core.handle(Input::AgentClosed("the socket ended".to_owned()), now);
+            }
+        }
+    }
+
+    /// Closes both legs as the plan says: the agent first (it must stop billing), then a
+    /// drain's hang-up, then the stream with the plan's code.
+    async fn close(&mut self, plan: &EndPlan, control: &impl CallControl, times: EndingTimes) {
+        if let Some(tx) = self.agent_tx.as_mut() {
+            let close = async {
+                let _ = tx.send(AgentMessage::Close(None)).await;
+                let _ = tx.close().await;
+            };
+            let _ = tokio::time::timeout(times.agent_close_timeout, close).await;
+        }
+        self.agent_rx = None;
+        self.dial = None;
+        ending::hang_up_before_closing(plan, control, times).await;
+        let reason = CloseReason {
+            code: CloseCode::from(plan.close_code),
+            description: None,
+        };
+        let _ = self
+            .twilio_tx
+            .send(TwilioMessage::Close(Some(reason)))
+            .await;
+        let _ = self.twilio_tx.close().await;
+    }
+}
+
+fn media_input(
+    core: &mut CallCore<TwilioLeg>,
+    frame: Option<Result<AggregatedMessage, ProtocolError>>,
+) {
+    let now = now();
+    match frame {
+        Some(Ok(AggregatedMessage::Text(text))) => core.handle(Input::MediaText(&text), now),
+        Some(Ok(AggregatedMessage::Binary(_))) => core.handle(Input::MediaBinary, now),
+        Some(Ok(AggregatedMessage::Ping(payload))) => {
+            core.handle(Input::MediaPing(payload.to_vec()), now);
+        }
+        Some(Ok(AggregatedMessage::Pong(_))) => core.handle(Input::MediaAlive, now),
+        Some(Ok(AggregatedMessage::Close(_))) | None => core.handle(Input::MediaClosed, now),
+        Some(Err(ProtocolError::Overflow)) => core.handle(Input::MediaOverflow, now),
+        Some(Err(error)) => core.handle(Input::MediaBroken(error.to_string()), now),
+    }
 }
 
 /// The current time on tokio's clock (which tests pause and move), as the core takes it.

@@ -48,21 +48,18 @@ pub struct EndPlan {
 
 impl EndPlan {
     pub fn new(reason: EndReason, call_sid: Option<CallSid>, close_code: u16) -> Self {
-        let rest_hang_up = match (reason, &call_sid) {
-            (_, None) => RestHangUp::Never,
-            (EndReason::Shutdown, Some(_)) => RestHangUp::BeforeClosing,
-            (
-                EndReason::AgentFailed | EndReason::AgentUnreachable | EndReason::Timeout,
-                Some(_),
-            ) => RestHangUp::AfterApology,
-            (
-                EndReason::CallerHungUp
-                | EndReason::Unauthorized
-                | EndReason::ProtocolError
-                | EndReason::InvalidText
-                | EndReason::FrameTooLarge,
-                Some(_),
-            ) => RestHangUp::Never,
+        let rest_hang_up = match reason {
+            // Without a checked `start` there is no call of ours to hang up.
+            _ if call_sid.is_none() => RestHangUp::Never,
+            EndReason::Shutdown => RestHangUp::BeforeClosing,
+            EndReason::AgentFailed | EndReason::AgentUnreachable | EndReason::Timeout => {
+                RestHangUp::AfterApology
+            }
+            EndReason::CallerHungUp
+            | EndReason::Unauthorized
+            | EndReason::ProtocolError
+            | EndReason::InvalidText
+            | EndReason::FrameTooLarge => RestHangUp::Never,
         };
         Self {
             reason,

@@ -666,7 +666,9 @@ fn twilio_close(code: CloseCode) -> TwilioMessage {
 
 /// `bytes` of distinct µ-law, base64 like both APIs carry it; `seed` makes each payload unique.
 fn audio(seed: usize, bytes: usize) -> String {
-    let raw: Vec<u8> = (0..bytes).map(|i| (seed * 37 + i) as u8).collect();
+    let raw: Vec<u8> = (0..bytes)
+        .map(|i| u8::try_from((seed * 37 + i) % 256).expect("below 256"))
+        .collect();
     BASE64.encode(raw)
 }
 
