@@ -198,6 +198,22 @@ fn twilio_sid(prefix: &'static str) -> impl FnOnce(&str) -> Result<(), String> {
     }
 }
 
+/// The API token is all that stands between the internet and placing calls, so a short one that
+/// could be guessed is refused. 32 characters is what `openssl rand -hex 16` prints.
+pub const MIN_API_TOKEN_CHARS: usize = 32;
+
+fn long_enough_token(raw: &str) -> Result<(), String> {
+    let chars = raw.chars().count();
+    if chars >= MIN_API_TOKEN_CHARS {
+        Ok(())
+    } else {
+        // The length only: the value itself is a secret, even when it is a bad one.
+        Err(format!(
+            "must be at least {MIN_API_TOKEN_CHARS} characters, got {chars}; generate one with `openssl rand -hex 32`"
+        ))
+    }
+}
+
 impl Config {
     /// Reads the real process environment (after `.env` has been loaded by `main`).
     pub fn from_env() -> Result<Self, ConfigErrors> {
@@ -235,7 +251,10 @@ impl Config {
             content_sid,
             twilio_sid("HX"),
         );
-        let api_token = r.optional("CALLBRIDGE_API_TOKEN").map(SecretString::from);
+        let api_token = r.optional("CALLBRIDGE_API_TOKEN");
+        let api_token = r
+            .check("CALLBRIDGE_API_TOKEN", api_token, long_enough_token)
+            .map(SecretString::from);
         let twilio_api_base_url = r.parsed(
             "TWILIO_API_BASE_URL",
             DEFAULT_TWILIO_API_BASE_URL.to_owned(),
@@ -433,6 +452,22 @@ mod tests {
             );
         }
         assert_eq!(errors.len(), 7);
+    }
+
+    #[test]
+    fn a_short_api_token_is_refused_without_being_echoed() {
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("CALLBRIDGE_API_TOKEN", "guessable-31-characters-token!!"));
+        let errors = Config::from_lookup(env(&pairs)).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].starts_with("CALLBRIDGE_API_TOKEN must be at least 32 characters"));
+        assert!(!errors[0].contains("guessable"));
+
+        let token = "a".repeat(MIN_API_TOKEN_CHARS);
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("CALLBRIDGE_API_TOKEN", &token));
+        let config = Config::from_lookup(env(&pairs)).unwrap();
+        assert_eq!(config.api_token.unwrap().expose_secret(), token);
     }
 
     #[test]

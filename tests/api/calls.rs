@@ -11,7 +11,7 @@ use crate::fake_twilio::frame;
 use crate::helpers::*;
 use crate::stream::{app_with, connected_call};
 
-const API_TOKEN: &str = "test-api-token";
+const API_TOKEN: &str = "test-api-token-0123456789abcdef0123";
 
 impl Client {
     pub async fn api_get(&self, path: &str) -> reqwest::Response {

@@ -16,7 +16,7 @@ use crate::fake_openai::FakeOpenAi;
 use crate::fake_twilio::FakeTwilio;
 use crate::helpers::*;
 
-const API_TOKEN: &str = "outbound-api-token";
+const API_TOKEN: &str = "outbound-api-token-0123456789abcdef";
 const BUSINESS: &str = "+558551234567";
 const USER: &str = "+5511999990000";
 const CONTENT_SID: &str = "HX0123456789abcdef0123456789abcdef";
