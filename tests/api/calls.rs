@@ -1,7 +1,6 @@
 //! What happened on a call, read back through the API: persisted through `/voice`, `/stream` and
 //! `/voice/status`, surviving restarts and even SIGKILL.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -258,40 +257,8 @@ async fn data_survives_a_restart_on_the_same_sqlite_file() {
 #[tokio::test]
 async fn sigkill_mid_call_loses_at_most_the_last_second_of_transcript() {
     let fake = FakeOpenAi::start().await;
-    let database = temp_path("db");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut server = Command::new(env!("CARGO_BIN_EXE_callbridge"))
-        .env_clear()
-        .env("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
-        .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
-        .env("OPENAI_API_KEY", crate::fake_openai::API_KEY)
-        .env("PUBLIC_BASE_URL", PUBLIC_BASE_URL)
-        .env("PORT", port.to_string())
-        .env("DATABASE_URL", sqlite_url(&database))
-        .env("OPENAI_REALTIME_URL", &fake.url)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let client = Client::new(format!("http://127.0.0.1:{port}"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while client
-        .http
-        .get(format!("{}/healthz", client.address))
-        .send()
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "the server did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-
-    let (mut twilio, session) = connected_call(&client, &fake, "CA6001").await;
+    let mut server = Binary::start(&[("OPENAI_REALTIME_URL", &fake.url)]).await;
+    let (mut twilio, session) = connected_call(&server, &fake, "CA6001").await;
     let mut produced = Vec::new();
     for n in 0..30 {
         twilio.media(n, &frame(0, n)).await;
@@ -310,11 +277,11 @@ async fn sigkill_mid_call_loses_at_most_the_last_second_of_transcript() {
         produced.push((Instant::now(), answer));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    server.kill().unwrap();
+    server.signal("KILL");
     let killed_at = Instant::now();
-    server.wait().unwrap();
+    server.exit_status_within(Duration::from_secs(5)).await;
 
-    let store = callbridge::store::Store::connect(&sqlite_url(&database))
+    let store = callbridge::store::Store::connect(&server.database)
         .await
         .unwrap();
     let detail = store

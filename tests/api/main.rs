@@ -6,6 +6,7 @@ mod fake_openai;
 mod fake_twilio;
 mod helpers;
 mod outbound;
+mod server;
 mod store;
 mod stream;
 mod voice;
