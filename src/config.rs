@@ -9,6 +9,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 
 use crate::domain::phone::E164;
+use crate::store::machines::MachineId;
 
 pub const DEFAULT_TWILIO_API_BASE_URL: &str = "https://api.twilio.com";
 pub const DEFAULT_OPENAI_REALTIME_URL: &str = "wss://api.openai.com/v1/realtime";
@@ -47,6 +48,9 @@ pub struct Config {
     pub max_concurrent_calls: usize,
     pub drain_timeout: Duration,
     pub log_format: LogFormat,
+    /// `FLY_MACHINE_ID`: a name that survives restarts, so a restarted machine records the
+    /// calls it was cut off from at once. Without it each process start gets a random one.
+    pub machine_id: Option<MachineId>,
 }
 
 /// `PUBLIC_BASE_URL` without a trailing slash. Every URL we sign-check or hand to Twilio is built
@@ -324,6 +328,10 @@ impl Config {
             }
         });
 
+        let machine_id = r.parsed("FLY_MACHINE_ID", None, |raw| {
+            MachineId::parse(raw).map(Some)
+        });
+
         let (
             Some(twilio_account_sid),
             Some(auth_token),
@@ -361,6 +369,7 @@ impl Config {
             max_concurrent_calls,
             drain_timeout,
             log_format,
+            machine_id,
         })
     }
 }
@@ -421,6 +430,7 @@ mod tests {
         assert_eq!(config.agent_instructions, DEFAULT_AGENT_INSTRUCTIONS);
         assert!(config.agent_greeting.is_none());
         assert!(config.api_token.is_none());
+        assert!(config.machine_id.is_none());
         assert_eq!(config.twilio_auth_token.expose_secret(), "secret-token");
     }
 
@@ -435,6 +445,7 @@ mod tests {
             ("OPENAI_REALTIME_URL", "https://api.openai.com/v1/realtime"),
             ("TWILIO_WHATSAPP_NUMBER", "5551234"),
             ("DATABASE_URL", "mysql://x"),
+            ("FLY_MACHINE_ID", "not a machine"),
         ]);
         let errors = Config::from_lookup(env(&pairs)).unwrap_err().0;
         for variable in [
@@ -445,13 +456,14 @@ mod tests {
             "OPENAI_REALTIME_URL",
             "TWILIO_WHATSAPP_NUMBER",
             "DATABASE_URL",
+            "FLY_MACHINE_ID",
         ] {
             assert!(
                 errors.iter().any(|e| e.starts_with(variable)),
                 "{variable} not reported in {errors:?}"
             );
         }
-        assert_eq!(errors.len(), 7);
+        assert_eq!(errors.len(), 8);
     }
 
     #[test]

@@ -12,12 +12,17 @@ use tracing_actix_web::TracingLogger;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+use crate::metrics::EndReason;
 use crate::routes;
 use crate::state::AppState;
 use crate::telemetry::CallRootSpan;
 
 /// After the drain timeout, how long bridges get to close their calls before the server stops.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// After a second signal, how long bridges get to record their calls' ends (usage, session)
+/// before the server stops; whatever is still live then is recorded as ended on the way out.
+const STOP_NOW_GRACE: Duration = Duration::from_secs(1);
 
 pub struct Application {
     port: u16,
@@ -73,6 +78,7 @@ impl Application {
         let served = self.server.await;
         // The last calls' records are still queued: commit them before the process exits.
         self.state.records.flush().await;
+        record_exit(&self.state).await;
         served
     }
 }
@@ -97,10 +103,40 @@ async fn supervise(state: Arc<AppState>, server: ServerHandle) {
         }
     };
     tokio::select! {
-        () = drained => tracing::info!("drain complete: stopping"),
-        () = shutdown_signal() => tracing::warn!("second signal: stopping now"),
+        () = drained => {
+            tracing::info!("drain complete: stopping");
+            server.stop(true).await;
+        }
+        () = shutdown_signal() => {
+            tracing::warn!("second signal: stopping now");
+            state.lifecycle.close_calls();
+            let _ = tokio::time::timeout(STOP_NOW_GRACE, wait_until_idle(&state)).await;
+            // No grace for open connections: the calls' ends are recorded by `record_exit`.
+            server.stop(false).await;
+        }
     }
-    server.stop(true).await;
+}
+
+/// The server has stopped and the bridges' records are committed: every call this machine
+/// still carries (its bridge was stopped before it could record its end) is recorded as ended
+/// by the shutdown, and the machine's lease is given up.
+async fn record_exit(state: &AppState) {
+    state.lease_keeper.abort();
+    match state
+        .store
+        .release_machine(EndReason::Shutdown.label(), state.clock.now_ms())
+        .await
+    {
+        Ok(0) => {}
+        Ok(ended) => tracing::warn!(
+            ended,
+            "recorded calls that were still live as ended by the shutdown"
+        ),
+        Err(error) => tracing::error!(
+            error = format!("{error:#}"),
+            "cannot record the end of the calls still live; they will be recorded as lost"
+        ),
+    }
 }
 
 /// Returns once no call is live and no answered call is still about to connect.

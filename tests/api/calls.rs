@@ -254,10 +254,16 @@ async fn data_survives_a_restart_on_the_same_sqlite_file() {
     assert_eq!(body["call"]["end_reason"], "caller_hung_up");
 }
 
+/// SIGKILL gives no chance to record anything: the transcript must already be durable, and the
+/// machine, restarted under the same name (as Fly restarts a Machine), records the call as lost.
 #[tokio::test]
-async fn sigkill_mid_call_loses_at_most_the_last_second_of_transcript() {
+async fn sigkill_mid_call_loses_at_most_the_last_second_of_transcript_and_the_call_ends_lost() {
     let fake = FakeOpenAi::start().await;
-    let mut server = Binary::start(&[("OPENAI_REALTIME_URL", &fake.url)]).await;
+    let env = [
+        ("OPENAI_REALTIME_URL", fake.url.as_str()),
+        ("FLY_MACHINE_ID", "machine-6001"),
+    ];
+    let mut server = Binary::start(&env).await;
     let (mut twilio, session) = connected_call(&server, &fake, "CA6001").await;
     let mut produced = Vec::new();
     for n in 0..30 {
@@ -305,4 +311,15 @@ async fn sigkill_mid_call_loses_at_most_the_last_second_of_transcript() {
             "{text:?} was lost; stored: {stored:?}"
         );
     }
+    assert_eq!(
+        detail.call.ended_at_ms, None,
+        "nothing could record the end"
+    );
+
+    let database = [("DATABASE_URL", server.database.as_str())];
+    let restarted = Binary::start(&[env.as_slice(), &database].concat()).await;
+    let call = store.call("CA6001").await.unwrap().unwrap().call;
+    assert_eq!(call.end_reason.as_deref(), Some("lost"), "{call:?}");
+    assert!(call.ended_at_ms.is_some());
+    drop(restarted);
 }

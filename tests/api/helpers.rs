@@ -17,6 +17,24 @@ pub struct Client {
     pub http: reqwest::Client,
 }
 
+/// A clock that only moves when a test says so.
+pub struct ManualClock(pub std::sync::atomic::AtomicI64);
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl ManualClock {
+    pub fn advance(&self, by: std::time::Duration) {
+        self.0.fetch_add(
+            i64::try_from(by.as_millis()).unwrap(),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+}
+
 pub struct TestApp {
     pub client: Client,
     pub state: Arc<AppState>,

@@ -1,10 +1,12 @@
 //! The server as a process facing the network: what it logs, how it stops, how it holds up
 //! against clients that never finish their requests.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use callbridge::store::Store;
+use callbridge::store::models::CallRecord;
 use serde_json::json;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -77,4 +79,52 @@ async fn no_log_level_prints_a_secret() {
         let lines: Vec<&str> = output.lines().filter(|l| l.contains(secret)).collect();
         assert!(lines.is_empty(), "{name} was logged:\n{}", lines.join("\n"));
     }
+}
+
+/// Polls the call's row until `done` holds for it (records are committed asynchronously).
+async fn wait_for_call(
+    store: &Store,
+    call_sid: &str,
+    done: impl Fn(&CallRecord) -> bool,
+) -> CallRecord {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(detail) = store.call(call_sid).await.unwrap()
+            && done(&detail.call)
+        {
+            return detail.call;
+        }
+        assert!(Instant::now() < deadline, "the call's row never got there");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_second_sigterm_stops_at_once_and_still_records_the_live_call_as_ended() {
+    let fake = FakeOpenAi::start().await;
+    let mut server = Binary::start(&[("OPENAI_REALTIME_URL", &fake.url)]).await;
+    let (_twilio, _session) = connected_call(&server, &fake, CALL_SID).await;
+    let store = Store::connect(&server.database).await.unwrap();
+    wait_for_call(&store, CALL_SID, |call| call.stream_sid.is_some()).await;
+
+    // The first signal starts the drain; the call may go on for DRAIN_TIMEOUT_SECS (300).
+    server.signal("TERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.get("/readyz").await.status() != 503 {
+        assert!(Instant::now() < deadline, "the drain did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.signal("TERM");
+    let second_signal = Instant::now();
+    let status = server.exit_status_within(Duration::from_secs(20)).await;
+    let took = second_signal.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(
+        took < Duration::from_secs(3),
+        "a second signal should stop the server at once; it took {took:?}"
+    );
+
+    let call = store.call(CALL_SID).await.unwrap().unwrap().call;
+    assert!(call.ended_at_ms.is_some(), "{call:?}");
+    assert_eq!(call.end_reason.as_deref(), Some("shutdown"));
 }
