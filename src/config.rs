@@ -47,6 +47,8 @@ pub struct Config {
     pub outbound_calls_per_day: u32,
     pub max_concurrent_calls: usize,
     pub drain_timeout: Duration,
+    /// How long after its head a request's body may take to arrive (`limits`).
+    pub request_timeout: Duration,
     pub log_format: LogFormat,
     /// `FLY_MACHINE_ID`: a name that survives restarts, so a restarted machine records the
     /// calls it was cut off from at once. Without it each process start gets a random one.
@@ -320,6 +322,9 @@ impl Config {
                 .map(Duration::from_secs)
                 .map_err(|_| format!("must be a whole number of seconds, got {raw:?}"))
         });
+        let request_timeout = r.parsed("REQUEST_TIMEOUT_SECS", Duration::from_secs(10), |raw| {
+            positive_number::<u64>(raw).map(Duration::from_secs)
+        });
         let log_format = r.parsed("LOG_FORMAT", LogFormat::Pretty, |raw| {
             match raw.to_ascii_lowercase().as_str() {
                 "pretty" => Ok(LogFormat::Pretty),
@@ -368,6 +373,7 @@ impl Config {
             outbound_calls_per_day,
             max_concurrent_calls,
             drain_timeout,
+            request_timeout,
             log_format,
             machine_id,
         })
@@ -426,6 +432,7 @@ mod tests {
         assert_eq!(config.outbound_calls_per_day, 5);
         assert_eq!(config.max_concurrent_calls, 1000);
         assert_eq!(config.drain_timeout, Duration::from_secs(300));
+        assert_eq!(config.request_timeout, Duration::from_secs(10));
         assert_eq!(config.log_format, LogFormat::Pretty);
         assert_eq!(config.agent_instructions, DEFAULT_AGENT_INSTRUCTIONS);
         assert!(config.agent_greeting.is_none());
@@ -446,6 +453,7 @@ mod tests {
             ("TWILIO_WHATSAPP_NUMBER", "5551234"),
             ("DATABASE_URL", "mysql://x"),
             ("FLY_MACHINE_ID", "not a machine"),
+            ("REQUEST_TIMEOUT_SECS", "0"),
         ]);
         let errors = Config::from_lookup(env(&pairs)).unwrap_err().0;
         for variable in [
@@ -457,13 +465,14 @@ mod tests {
             "TWILIO_WHATSAPP_NUMBER",
             "DATABASE_URL",
             "FLY_MACHINE_ID",
+            "REQUEST_TIMEOUT_SECS",
         ] {
             assert!(
                 errors.iter().any(|e| e.starts_with(variable)),
                 "{variable} not reported in {errors:?}"
             );
         }
-        assert_eq!(errors.len(), 8);
+        assert_eq!(errors.len(), 9);
     }
 
     #[test]

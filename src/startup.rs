@@ -5,13 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::dev::{Server, ServerHandle};
-use actix_web::{App, HttpServer, web};
+use actix_web::http::KeepAlive;
+use actix_web::{App, HttpServer, middleware, web};
 use anyhow::Context;
 use tokio::time::Instant;
 use tracing_actix_web::TracingLogger;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+use crate::limits::{self, ConnectionBudget};
 use crate::metrics::EndReason;
 use crate::routes;
 use crate::state::AppState;
@@ -42,13 +44,26 @@ impl Application {
             .with_context(|| format!("cannot listen on port {}", config.port))?;
         let port = listener.local_addr()?.port();
         let state = AppState::build_with_clock(config, clock).await?;
+        let connections = connection_budget(state.config.max_concurrent_calls);
         let data = web::Data::from(Arc::clone(&state));
+        let request_timeout = state.config.request_timeout;
         let server = HttpServer::new(move || {
             App::new()
+                .wrap(middleware::from_fn(move |req, next| {
+                    limits::read_body_within(request_timeout, req, next)
+                }))
                 .wrap(TracingLogger::<CallRootSpan>::new())
                 .app_data(data.clone())
                 .configure(routes::configure)
         })
+        .workers(connections.workers)
+        // actix stops accepting (the kernel queues the rest) rather than run out of descriptors.
+        .max_connections(connections.budget.per_worker)
+        .client_request_timeout(limits::HEAD_TIMEOUT)
+        // actix times the head of a connection's first request only: on a kept-alive
+        // connection a client could dribble the next head forever. One request per connection
+        // costs a TCP handshake per webhook, on the proxy's private network.
+        .keep_alive(KeepAlive::Disabled)
         // Media frames are small and latency-bound: never hold one back to coalesce it.
         .tcp_nodelay(true)
         .disable_signals()
@@ -81,6 +96,44 @@ impl Application {
         record_exit(&self.state).await;
         served
     }
+}
+
+struct Connections {
+    workers: usize,
+    budget: ConnectionBudget,
+}
+
+/// Raises the open-file limit, sizes the connection cap to it and `MAX_CONCURRENT_CALLS`, and
+/// says what it found: a limit too low for the calls configured is an operator's problem to fix.
+/// (`max_connection_rate` is not set: it limits TLS handshakes, and TLS ends at the proxy.)
+fn connection_budget(max_calls: usize) -> Connections {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let open_files = match limits::raise_open_files_limit() {
+        Ok(limit) => {
+            tracing::info!(
+                open_files = limit,
+                "open-file limit (RLIMIT_NOFILE) raised to the hard limit"
+            );
+            limit
+        }
+        Err(error) => {
+            // Nothing was changed; size the cap as if the usual default were in force.
+            tracing::warn!(%error, "cannot read or raise the open-file limit (RLIMIT_NOFILE)");
+            1024
+        }
+    };
+    let budget = ConnectionBudget::new(max_calls, workers, open_files);
+    if budget.is_short() {
+        tracing::warn!(
+            open_files,
+            needed = ConnectionBudget::descriptors_wanted(max_calls),
+            max_connections = budget.total,
+            "the open-file limit is too low for MAX_CONCURRENT_CALLS: fewer connections are accepted; raise the hard limit (ulimit -Hn) or lower MAX_CONCURRENT_CALLS"
+        );
+    } else {
+        tracing::info!(max_connections = budget.total, workers, "connection cap");
+    }
+    Connections { workers, budget }
 }
 
 /// Waits for a drain request, lets live calls finish up to the drain timeout, asks the rest to

@@ -128,3 +128,102 @@ async fn a_second_sigterm_stops_at_once_and_still_records_the_live_call_as_ended
     assert!(call.ended_at_ms.is_some(), "{call:?}");
     assert_eq!(call.end_reason.as_deref(), Some("shutdown"));
 }
+
+/// A client that sends `head`, then one `unit` of body every 100 ms, as long as the server
+/// lets it. Returns what the server answered once it closed the connection, or `None` if the
+/// connection was still open after `within`.
+async fn dribble(address: &str, head: &str, unit: &[u8], within: Duration) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let give_up = tokio::time::Instant::now() + within;
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let mut drip = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            read = stream.read(&mut buffer) => match read {
+                Ok(0) | Err(_) => return Some(String::from_utf8_lossy(&answer).into_owned()),
+                Ok(n) => answer.extend_from_slice(&buffer[..n]),
+            },
+            _ = drip.tick() => {
+                // Writing into a closed connection fails; the read then reports the close.
+                let _ = stream.write_all(unit).await;
+            }
+            () = tokio::time::sleep_until(give_up) => return None,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_request_body_that_does_not_arrive_in_time_is_answered_408_and_cut_off() {
+    let app = spawn_app(&[("REQUEST_TIMEOUT_SECS", "1")]).await;
+    let form = "Content-Type: application/x-www-form-urlencoded\r\n";
+    for (head, unit) in [
+        (
+            format!("POST /voice HTTP/1.1\r\nHost: x\r\n{form}Content-Length: 4000\r\n\r\n"),
+            &b"a"[..],
+        ),
+        (
+            format!("POST /voice HTTP/1.1\r\nHost: x\r\n{form}Transfer-Encoding: chunked\r\n\r\n"),
+            b"1\r\na\r\n",
+        ),
+        // No route reads this body; a chunked one actix would otherwise read to its end.
+        (
+            "POST /nowhere HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".into(),
+            b"1\r\na\r\n",
+        ),
+    ] {
+        let answer = dribble(&app.address, &head, unit, Duration::from_secs(6))
+            .await
+            .unwrap_or_else(|| panic!("still open 6 s into a 1 s deadline: {head:?}"));
+        assert!(answer.starts_with("HTTP/1.1 408"), "{head:?}: {answer}");
+        assert!(answer.contains("request_timeout"), "{answer}");
+    }
+}
+
+#[tokio::test]
+async fn a_connection_cannot_dribble_the_head_of_a_second_request() {
+    let app = spawn_app(&[]).await;
+    let answer = dribble(
+        &app.address,
+        "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"G",
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the connection is closed after its first request (or its next head times out)");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// With the soft open-file limit at 256, as many clients as that dribbling their bodies: the
+/// server raises its limit, and `/healthz` still answers.
+#[tokio::test]
+async fn healthz_answers_while_hundreds_of_clients_hold_unfinished_requests() {
+    const DRIBBLERS: usize = 300;
+    let mut shell = std::process::Command::new("sh");
+    shell.args([
+        "-c",
+        r#"ulimit -S -n 256 && exec "$0""#,
+        env!("CARGO_BIN_EXE_callbridge"),
+    ]);
+    let server = Binary::start_with(shell, &[]).await;
+    let address = server.address.trim_start_matches("http://").to_owned();
+    let mut dribblers = Vec::with_capacity(DRIBBLERS);
+    for _ in 0..DRIBBLERS {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        stream
+            .write_all(b"POST /voice HTTP/1.1\r\nHost: x\r\nContent-Length: 4000\r\n\r\na")
+            .await
+            .unwrap();
+        dribblers.push(stream);
+    }
+    // A new client: the one that saw the server start could reuse its connection.
+    let prober = Client::new(server.address.clone());
+    let health = tokio::time::timeout(Duration::from_secs(5), prober.get("/healthz")).await;
+    assert_eq!(health.expect("/healthz answered within 5 s").status(), 200);
+    drop(dribblers);
+}
