@@ -226,8 +226,8 @@ impl Store {
         )
         .bind(call.call_sid)
         .bind(call.direction)
-        .bind(call.from)
-        .bind(call.to)
+        .bind(storable(call.from).into_owned())
+        .bind(storable(call.to).into_owned())
         .bind(call.status)
         .bind(status_rank(call.status))
         .bind(call.at_ms)
@@ -266,8 +266,8 @@ impl Store {
         )
         .bind(&update.call_sid)
         .bind(&update.direction)
-        .bind(&update.from)
-        .bind(&update.to)
+        .bind(storable(&update.from).into_owned())
+        .bind(storable(&update.to).into_owned())
         .bind(&update.status)
         .bind(rank)
         .bind(sequence)
@@ -499,8 +499,9 @@ fn order_status_events(events: &mut [CallEvent]) {
     }
 }
 
-/// Postgres refuses NUL in TEXT (SQLite stores it), and one such line would fail a whole batch;
-/// the character carries no meaning in a transcript, so it is dropped.
+/// Postgres refuses NUL in TEXT (SQLite stores it), and one such line would fail a whole batch
+/// (or a caller ID with one, the call's record); the character carries no meaning in a
+/// transcript or a number, so it is dropped.
 fn storable(text: &str) -> std::borrow::Cow<'_, str> {
     if text.contains('\0') {
         std::borrow::Cow::Owned(text.replace('\0', ""))

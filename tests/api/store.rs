@@ -665,3 +665,20 @@ async fn a_machine_that_exits_records_its_live_calls_and_gives_up_its_lease() {
         assert_eq!(keep_lease(&staying, &clock).await.unwrap(), 1, "{url}");
     }
 }
+
+#[tokio::test]
+async fn a_caller_id_with_a_nul_is_stored_without_it() {
+    for url in fresh_databases().await {
+        let store = Store::connect(&url).await.unwrap();
+        let call = NewCall {
+            from: "whatsapp:+5511\u{0}999990000",
+            ..new_call("CA1", now_ms())
+        };
+        store.record_call(&call).await.unwrap();
+        let mut update = status("CA2", "ringing", 1, now_ms());
+        update.to = "whatsapp:+55\u{0}8551234567".into();
+        assert!(store.record_status(&update).await.unwrap(), "{url}");
+        assert_eq!(record(&store, "CA1").await.from, "whatsapp:+5511999990000");
+        assert_eq!(record(&store, "CA2").await.to, "whatsapp:+558551234567");
+    }
+}
