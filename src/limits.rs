@@ -16,9 +16,9 @@ use std::time::Duration;
 use actix_web::HttpMessage;
 use actix_web::body::{BodySize, BoxBody, MessageBody};
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
-use actix_web::http::ConnectionType;
 use actix_web::http::StatusCode;
 use actix_web::http::header::CONTENT_LENGTH;
+use actix_web::http::{ConnectionType, Method};
 use actix_web::middleware::Next;
 use actix_web::web::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -45,13 +45,15 @@ pub const RESERVED_DESCRIPTORS: u64 = 128;
 /// Reads the request's body completely, within `timeout` of its head, before the route sees it.
 ///
 /// A body that is late, too large or broken is answered at once (408, 413, 400) and the
-/// connection closed. WebSocket upgrades are left alone: their "body" is the call itself.
+/// connection closed. WebSocket handshakes are left alone: their "body" is the call itself.
+/// Only a GET can be one; any other request asking for an upgrade has its body (for actix, the
+/// rest of the connection) read within the deadline like every other.
 pub async fn read_body_within(
     timeout: Duration,
     mut req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
-    if req.head().upgrade() {
+    if req.method() == Method::GET && req.head().upgrade() {
         return Ok(next.call(req).await?.map_into_boxed_body());
     }
     let declared = req

@@ -170,6 +170,13 @@ async fn a_request_body_that_does_not_arrive_in_time_is_answered_408_and_cut_off
             format!("POST /voice HTTP/1.1\r\nHost: x\r\n{form}Transfer-Encoding: chunked\r\n\r\n"),
             b"1\r\na\r\n",
         ),
+        // Only a WebSocket handshake (a GET) may keep its connection past the deadline.
+        (
+            format!(
+                "POST /voice HTTP/1.1\r\nHost: x\r\n{form}Connection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 4000\r\n\r\n"
+            ),
+            b"a",
+        ),
         // No route reads this body; a chunked one actix would otherwise read to its end.
         (
             "POST /nowhere HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".into(),
