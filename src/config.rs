@@ -10,6 +10,7 @@ use secrecy::SecretString;
 
 use crate::domain::phone::E164;
 use crate::twilio::ids::{AccountSid, ContentSid};
+use crate::store::machines::MachineId;
 
 pub const DEFAULT_TWILIO_API_BASE_URL: &str = "https://api.twilio.com";
 pub const DEFAULT_OPENAI_REALTIME_URL: &str = "wss://api.openai.com/v1/realtime";
@@ -47,9 +48,14 @@ pub struct Config {
     pub outbound_calls_per_day: u32,
     pub max_concurrent_calls: usize,
     pub drain_timeout: Duration,
+    /// How long after its head a request's body may take to arrive (`limits`).
+    pub request_timeout: Duration,
     pub log_format: LogFormat,
     /// How long a Twilio REST request may take; not an environment variable (tests shorten it).
     pub twilio_request_timeout: Duration,
+    /// `FLY_MACHINE_ID`: a name that survives restarts, so a restarted machine records the
+    /// calls it was cut off from at once. Without it each process start gets a random one.
+    pub machine_id: Option<MachineId>,
 }
 
 /// `PUBLIC_BASE_URL` without a trailing slash. Every URL we sign-check or hand to Twilio is built
@@ -174,6 +180,22 @@ fn http_url(raw: &str) -> Result<String, String> {
     Ok(raw.trim_end_matches('/').to_owned())
 }
 
+/// The API token is all that stands between the internet and placing calls, so a short one that
+/// could be guessed is refused. 32 characters is what `openssl rand -hex 16` prints.
+pub const MIN_API_TOKEN_CHARS: usize = 32;
+
+fn long_enough_token(raw: &str) -> Result<(), String> {
+    let chars = raw.chars().count();
+    if chars >= MIN_API_TOKEN_CHARS {
+        Ok(())
+    } else {
+        // The length only: the value itself is a secret, even when it is a bad one.
+        Err(format!(
+            "must be at least {MIN_API_TOKEN_CHARS} characters, got {chars}; generate one with `openssl rand -hex 32`"
+        ))
+    }
+}
+
 impl Config {
     /// Reads the real process environment (after `.env` has been loaded by `main`).
     pub fn from_env() -> Result<Self, ConfigErrors> {
@@ -213,7 +235,9 @@ impl Config {
                 .map(Some)
                 .map_err(|why| format!("is {why}"))
         });
-        let api_token = r.optional("CALLBRIDGE_API_TOKEN").map(SecretString::from);
+        let api_token = r.parsed("CALLBRIDGE_API_TOKEN", None, |raw| {
+            long_enough_token(raw).map(|()| Some(SecretString::from(raw)))
+        });
         let twilio_api_base_url = r.parsed(
             "TWILIO_API_BASE_URL",
             DEFAULT_TWILIO_API_BASE_URL.to_owned(),
@@ -275,12 +299,19 @@ impl Config {
                 .map(Duration::from_secs)
                 .map_err(|_| format!("must be a whole number of seconds, got {raw:?}"))
         });
+        let request_timeout = r.parsed("REQUEST_TIMEOUT_SECS", Duration::from_secs(10), |raw| {
+            positive_number::<u64>(raw).map(Duration::from_secs)
+        });
         let log_format = r.parsed("LOG_FORMAT", LogFormat::Pretty, |raw| {
             match raw.to_ascii_lowercase().as_str() {
                 "pretty" => Ok(LogFormat::Pretty),
                 "json" => Ok(LogFormat::Json),
                 _ => Err(format!("must be \"pretty\" or \"json\", got {raw:?}")),
             }
+        });
+
+        let machine_id = r.parsed("FLY_MACHINE_ID", None, |raw| {
+            MachineId::parse(raw).map(Some)
         });
 
         let (
@@ -319,8 +350,10 @@ impl Config {
             outbound_calls_per_day,
             max_concurrent_calls,
             drain_timeout,
+            request_timeout,
             log_format,
             twilio_request_timeout: crate::twilio::rest::DEFAULT_REQUEST_TIMEOUT,
+            machine_id,
         })
     }
 }
@@ -377,10 +410,12 @@ mod tests {
         assert_eq!(config.outbound_calls_per_day, 5);
         assert_eq!(config.max_concurrent_calls, 1000);
         assert_eq!(config.drain_timeout, Duration::from_secs(300));
+        assert_eq!(config.request_timeout, Duration::from_secs(10));
         assert_eq!(config.log_format, LogFormat::Pretty);
         assert_eq!(config.agent_instructions, DEFAULT_AGENT_INSTRUCTIONS);
         assert!(config.agent_greeting.is_none());
         assert!(config.api_token.is_none());
+        assert!(config.machine_id.is_none());
         assert_eq!(config.twilio_auth_token.expose_secret(), "secret-token");
     }
 
@@ -395,6 +430,8 @@ mod tests {
             ("OPENAI_REALTIME_URL", "https://api.openai.com/v1/realtime"),
             ("TWILIO_WHATSAPP_NUMBER", "5551234"),
             ("DATABASE_URL", "mysql://x"),
+            ("FLY_MACHINE_ID", "not a machine"),
+            ("REQUEST_TIMEOUT_SECS", "0"),
         ]);
         let errors = Config::from_lookup(env(&pairs)).unwrap_err().0;
         for variable in [
@@ -405,13 +442,31 @@ mod tests {
             "OPENAI_REALTIME_URL",
             "TWILIO_WHATSAPP_NUMBER",
             "DATABASE_URL",
+            "FLY_MACHINE_ID",
+            "REQUEST_TIMEOUT_SECS",
         ] {
             assert!(
                 errors.iter().any(|e| e.starts_with(variable)),
                 "{variable} not reported in {errors:?}"
             );
         }
-        assert_eq!(errors.len(), 7);
+        assert_eq!(errors.len(), 9);
+    }
+
+    #[test]
+    fn a_short_api_token_is_refused_without_being_echoed() {
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("CALLBRIDGE_API_TOKEN", "guessable-31-characters-token!!"));
+        let errors = Config::from_lookup(env(&pairs)).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].starts_with("CALLBRIDGE_API_TOKEN must be at least 32 characters"));
+        assert!(!errors[0].contains("guessable"));
+
+        let token = "a".repeat(MIN_API_TOKEN_CHARS);
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("CALLBRIDGE_API_TOKEN", &token));
+        let config = Config::from_lookup(env(&pairs)).unwrap();
+        assert_eq!(config.api_token.unwrap().expose_secret(), token);
     }
 
     #[test]

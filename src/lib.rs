@@ -14,6 +14,7 @@ pub mod domain;
 pub mod error;
 pub mod json;
 pub mod lifecycle;
+pub mod limits;
 pub mod metrics;
 pub mod openai;
 pub mod routes;

@@ -5,19 +5,26 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::dev::{Server, ServerHandle};
-use actix_web::{App, HttpServer, web};
+use actix_web::http::KeepAlive;
+use actix_web::{App, HttpServer, middleware, web};
 use anyhow::Context;
 use tokio::time::Instant;
 use tracing_actix_web::TracingLogger;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+use crate::limits::{self, ConnectionBudget};
+use crate::metrics::EndReason;
 use crate::routes;
 use crate::state::AppState;
 use crate::telemetry::CallRootSpan;
 
 /// After the drain timeout, how long bridges get to close their calls before the server stops.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// After a second signal, how long bridges get to record their calls' ends (usage, session)
+/// before the server stops; whatever is still live then is recorded as ended on the way out.
+const STOP_NOW_GRACE: Duration = Duration::from_secs(1);
 
 pub struct Application {
     port: u16,
@@ -37,13 +44,26 @@ impl Application {
             .with_context(|| format!("cannot listen on port {}", config.port))?;
         let port = listener.local_addr()?.port();
         let state = AppState::build_with_clock(config, clock).await?;
+        let connections = connection_budget(state.config.max_concurrent_calls);
         let data = web::Data::from(Arc::clone(&state));
+        let request_timeout = state.config.request_timeout;
         let server = HttpServer::new(move || {
             App::new()
+                .wrap(middleware::from_fn(move |req, next| {
+                    limits::read_body_within(request_timeout, req, next)
+                }))
                 .wrap(TracingLogger::<CallRootSpan>::new())
                 .app_data(data.clone())
                 .configure(routes::configure)
         })
+        .workers(connections.workers)
+        // actix stops accepting (the kernel queues the rest) rather than run out of descriptors.
+        .max_connections(connections.budget.per_worker)
+        .client_request_timeout(limits::HEAD_TIMEOUT)
+        // actix times the head of a connection's first request only: on a kept-alive
+        // connection a client could dribble the next head forever. One request per connection
+        // costs a TCP handshake per webhook, on the proxy's private network.
+        .keep_alive(KeepAlive::Disabled)
         // Media frames are small and latency-bound: never hold one back to coalesce it.
         .tcp_nodelay(true)
         .disable_signals()
@@ -73,8 +93,47 @@ impl Application {
         let served = self.server.await;
         // The last calls' records are still queued: commit them before the process exits.
         self.state.records.flush().await;
+        record_exit(&self.state).await;
         served
     }
+}
+
+struct Connections {
+    workers: usize,
+    budget: ConnectionBudget,
+}
+
+/// Raises the open-file limit, sizes the connection cap to it and `MAX_CONCURRENT_CALLS`, and
+/// says what it found: a limit too low for the calls configured is an operator's problem to fix.
+/// (`max_connection_rate` is not set: it limits TLS handshakes, and TLS ends at the proxy.)
+fn connection_budget(max_calls: usize) -> Connections {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let open_files = match limits::raise_open_files_limit() {
+        Ok(limit) => {
+            tracing::info!(
+                open_files = limit,
+                "open-file limit (RLIMIT_NOFILE) raised to the hard limit"
+            );
+            limit
+        }
+        Err(error) => {
+            // Nothing was changed; size the cap as if the usual default were in force.
+            tracing::warn!(%error, "cannot read or raise the open-file limit (RLIMIT_NOFILE)");
+            1024
+        }
+    };
+    let budget = ConnectionBudget::new(max_calls, workers, open_files);
+    if budget.is_short() {
+        tracing::warn!(
+            open_files,
+            needed = ConnectionBudget::descriptors_wanted(max_calls),
+            max_connections = budget.total,
+            "the open-file limit is too low for MAX_CONCURRENT_CALLS: fewer connections are accepted; raise the hard limit (ulimit -Hn) or lower MAX_CONCURRENT_CALLS"
+        );
+    } else {
+        tracing::info!(max_connections = budget.total, workers, "connection cap");
+    }
+    Connections { workers, budget }
 }
 
 /// Waits for a drain request, lets live calls finish up to the drain timeout, asks the rest to
@@ -97,10 +156,40 @@ async fn supervise(state: Arc<AppState>, server: ServerHandle) {
         }
     };
     tokio::select! {
-        () = drained => tracing::info!("drain complete: stopping"),
-        () = shutdown_signal() => tracing::warn!("second signal: stopping now"),
+        () = drained => {
+            tracing::info!("drain complete: stopping");
+            server.stop(true).await;
+        }
+        () = shutdown_signal() => {
+            tracing::warn!("second signal: stopping now");
+            state.lifecycle.close_calls();
+            let _ = tokio::time::timeout(STOP_NOW_GRACE, wait_until_idle(&state)).await;
+            // No grace for open connections: the calls' ends are recorded by `record_exit`.
+            server.stop(false).await;
+        }
     }
-    server.stop(true).await;
+}
+
+/// The server has stopped and the bridges' records are committed: every call this machine
+/// still carries (its bridge was stopped before it could record its end) is recorded as ended
+/// by the shutdown, and the machine's lease is given up.
+async fn record_exit(state: &AppState) {
+    state.lease_keeper.abort();
+    match state
+        .store
+        .release_machine(EndReason::Shutdown.label(), state.clock.now_ms())
+        .await
+    {
+        Ok(0) => {}
+        Ok(ended) => tracing::warn!(
+            ended,
+            "recorded calls that were still live as ended by the shutdown"
+        ),
+        Err(error) => tracing::error!(
+            error = format!("{error:#}"),
+            "cannot record the end of the calls still live; they will be recorded as lost"
+        ),
+    }
 }
 
 /// Returns once no call is live and no answered call is still about to connect.

@@ -12,6 +12,7 @@ use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::openai::client::RealtimeDialer;
 use crate::store::Store;
+use crate::store::machines::{self, MachineId};
 use crate::store::writer::RecordWriter;
 use crate::twilio::rest::TwilioRest;
 
@@ -25,10 +26,13 @@ pub struct AppState {
     pub records: RecordWriter,
     pub clock: Arc<dyn Clock>,
     pub twilio: TwilioRest,
+    /// Renews this machine's lease until the process exits (see `store::machines`).
+    pub lease_keeper: tokio::task::AbortHandle,
 }
 
 impl AppState {
-    /// Opens the database (applying migrations) and starts the record writer.
+    /// Opens the database (applying migrations), takes this machine's lease (recording the calls
+    /// its previous incarnation was cut off from as lost) and starts the record writer.
     pub async fn build(config: Config) -> anyhow::Result<Arc<Self>> {
         Self::build_with_clock(config, Arc::new(SystemClock)).await
     }
@@ -39,9 +43,21 @@ impl AppState {
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Arc<Self>> {
         crate::tls::install_crypto_provider();
-        let store = Store::connect(&config.database_url)
+        let machine = config.machine_id.clone().unwrap_or_else(MachineId::random);
+        let store = Store::connect_as(&config.database_url, machine)
             .await
             .context("DATABASE_URL")?;
+        let lost = store
+            .claim_machine(clock.now_ms())
+            .await
+            .context("cannot register this machine in the database")?;
+        if lost > 0 {
+            tracing::warn!(
+                lost,
+                machine = %store.machine(),
+                "this machine stopped last time without recording the end of its calls: recorded them as lost"
+            );
+        }
         let metrics = Arc::new(Metrics::default());
         let records = RecordWriter::spawn(store.clone(), Arc::clone(&metrics), Arc::clone(&clock));
         let dialer =
@@ -52,6 +68,7 @@ impl AppState {
             config.twilio_auth_token.clone(),
             config.twilio_request_timeout,
         )?;
+        let lease_keeper = machines::spawn_lease_keeper(store.clone(), Arc::clone(&clock));
         Ok(Arc::new(Self {
             twilio,
             admission: Admission::new(config.max_concurrent_calls),
@@ -62,6 +79,7 @@ impl AppState {
             store,
             records,
             clock,
+            lease_keeper,
         }))
     }
 }

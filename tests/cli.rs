@@ -64,6 +64,27 @@ fn a_malformed_value_is_named_and_exits_2() {
     assert!(!stderr.contains("super-secret-token") && !stderr.contains("sk-live-secret"));
 }
 
+#[test]
+fn a_short_api_token_is_a_configuration_error() {
+    let dir = empty_dir("short-token");
+    let output = Command::new(BINARY)
+        .current_dir(&dir)
+        .env_clear()
+        .env("TWILIO_ACCOUNT_SID", "AC0123456789abcdef0123456789abcdef")
+        .env("TWILIO_AUTH_TOKEN", "super-secret-token")
+        .env("OPENAI_API_KEY", "sk-live-secret")
+        .env("PUBLIC_BASE_URL", "https://example.ngrok.app")
+        .env("CALLBRIDGE_API_TOKEN", "a")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("CALLBRIDGE_API_TOKEN must be at least 32 characters"),
+        "{stderr}"
+    );
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -5,6 +5,7 @@
 //! BIGINT only), so one migration folder serves both. Writes from the audio path go through
 //! `writer::RecordWriter`, never straight here.
 
+pub mod machines;
 pub mod models;
 pub mod permissions;
 pub mod writer;
@@ -17,6 +18,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
 
 use crate::bridge::transcript::TranscriptLine;
+use machines::MachineId;
 use models::{CallDetail, CallEvent, CallRecord, ListCursor, StatusUpdate, StoredLine};
 
 /// The columns `call_from_row` reads, as a literal so queries stay static SQL.
@@ -87,6 +89,8 @@ pub enum Record {
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// Stamped on the calls whose streams this process carries (see `machines`).
+    machine: MachineId,
 }
 
 /// Where a status stands in a call's life; a callback never moves a call to a lower rank.
@@ -108,8 +112,15 @@ fn random_id() -> String {
 
 impl Store {
     /// Opens the database named by `DATABASE_URL` and brings its schema up to date. Safe to run
-    /// from several machines at once: sqlx serialises migrations with a database lock.
+    /// from several machines at once: sqlx serialises migrations with a database lock. The
+    /// store speaks for a machine of its own, with a random id.
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        Self::connect_as(url, MachineId::random()).await
+    }
+
+    /// As `connect`, for the machine `machine`: the calls whose streams start through this store
+    /// are recorded as carried by it.
+    pub async fn connect_as(url: &str, machine: MachineId) -> anyhow::Result<Self> {
         static DRIVERS: Once = Once::new();
         DRIVERS.call_once(sqlx::any::install_default_drivers);
         let backend = if url.starts_with("sqlite:") {
@@ -136,7 +147,7 @@ impl Store {
             .await
             .with_context(|| format!("cannot open the database ({})", redact_url(url)))?;
         migrate(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self { pool, machine })
     }
 
     pub fn pool(&self) -> &AnyPool {
@@ -215,8 +226,8 @@ impl Store {
         )
         .bind(call.call_sid)
         .bind(call.direction)
-        .bind(call.from)
-        .bind(call.to)
+        .bind(storable(call.from).into_owned())
+        .bind(storable(call.to).into_owned())
         .bind(call.status)
         .bind(status_rank(call.status))
         .bind(call.at_ms)
@@ -255,8 +266,8 @@ impl Store {
         )
         .bind(&update.call_sid)
         .bind(&update.direction)
-        .bind(&update.from)
-        .bind(&update.to)
+        .bind(storable(&update.from).into_owned())
+        .bind(storable(&update.to).into_owned())
         .bind(&update.status)
         .bind(rank)
         .bind(sequence)
@@ -291,10 +302,12 @@ impl Store {
         for record in records {
             let query = match record {
                 Record::StreamStarted { call_sid, stream_sid, at_ms } => sqlx::query(
-                    "UPDATE calls SET stream_sid = $1, answered_at = COALESCE(answered_at, $2) WHERE call_sid = $3",
+                    "UPDATE calls SET stream_sid = $1, answered_at = COALESCE(answered_at, $2), machine_id = $3 \
+                     WHERE call_sid = $4",
                 )
                 .bind(stream_sid)
                 .bind(*at_ms)
+                .bind(self.machine.as_str())
                 .bind(call_sid),
                 Record::Transcript { call_sid, line } => sqlx::query(
                     "INSERT INTO transcript_lines (call_sid, sequence, speaker, text, offset_ms, truncated) \
@@ -336,8 +349,11 @@ impl Store {
                     total_tokens,
                     at_ms,
                 } => sqlx::query(
+                    // A call swept as lost whose machine was only slow, not dead, gets its true
+                    // end after all.
                     "UPDATE calls SET end_reason = $1, openai_session_id = COALESCE($2, openai_session_id), \
-                     input_tokens = $3, output_tokens = $4, total_tokens = $5, ended_at = COALESCE(ended_at, $6) \
+                     input_tokens = $3, output_tokens = $4, total_tokens = $5, \
+                     ended_at = CASE WHEN end_reason = $8 THEN $6 ELSE COALESCE(ended_at, $6) END \
                      WHERE call_sid = $7",
                 )
                 .bind(*end_reason)
@@ -346,7 +362,8 @@ impl Store {
                 .bind(*output_tokens)
                 .bind(*total_tokens)
                 .bind(*at_ms)
-                .bind(call_sid),
+                .bind(call_sid)
+                .bind(machines::END_REASON_LOST),
             };
             query.execute(&mut *tx).await?;
         }
@@ -482,8 +499,9 @@ fn order_status_events(events: &mut [CallEvent]) {
     }
 }
 
-/// Postgres refuses NUL in TEXT (SQLite stores it), and one such line would fail a whole batch;
-/// the character carries no meaning in a transcript, so it is dropped.
+/// Postgres refuses NUL in TEXT (SQLite stores it), and one such line would fail a whole batch
+/// (or a caller ID with one, the call's record); the character carries no meaning in a
+/// transcript or a number, so it is dropped.
 fn storable(text: &str) -> std::borrow::Cow<'_, str> {
     if text.contains('\0') {
         std::borrow::Cow::Owned(text.replace('\0', ""))

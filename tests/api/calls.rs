@@ -1,7 +1,6 @@
 //! What happened on a call, read back through the API: persisted through `/voice`, `/stream` and
 //! `/voice/status`, surviving restarts and even SIGKILL.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -11,7 +10,7 @@ use crate::fake_twilio::frame;
 use crate::helpers::*;
 use crate::stream::{app_with, connected_call};
 
-const API_TOKEN: &str = "test-api-token";
+const API_TOKEN: &str = "test-api-token-0123456789abcdef0123";
 
 impl Client {
     pub async fn api_get(&self, path: &str) -> reqwest::Response {
@@ -271,43 +270,17 @@ async fn data_survives_a_restart_on_the_same_sqlite_file() {
     assert_eq!(body["call"]["end_reason"], "caller_hung_up");
 }
 
+/// SIGKILL gives no chance to record anything: the transcript must already be durable, and the
+/// machine, restarted under the same name (as Fly restarts a Machine), records the call as lost.
 #[tokio::test]
-async fn sigkill_mid_call_loses_at_most_the_last_second_of_transcript() {
+async fn sigkill_mid_call_loses_at_most_the_last_second_of_transcript_and_the_call_ends_lost() {
     let fake = FakeOpenAi::start().await;
-    let database = temp_path("db");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut server = Command::new(env!("CARGO_BIN_EXE_callbridge"))
-        .env_clear()
-        .env("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
-        .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
-        .env("OPENAI_API_KEY", crate::fake_openai::API_KEY)
-        .env("PUBLIC_BASE_URL", PUBLIC_BASE_URL)
-        .env("PORT", port.to_string())
-        .env("DATABASE_URL", sqlite_url(&database))
-        .env("OPENAI_REALTIME_URL", &fake.url)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let client = Client::new(format!("http://127.0.0.1:{port}"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while client
-        .http
-        .get(format!("{}/healthz", client.address))
-        .send()
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "the server did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-
-    let (mut twilio, session) = connected_call(&client, &fake, &call_sid(6001)).await;
+    let env = [
+        ("OPENAI_REALTIME_URL", fake.url.as_str()),
+        ("FLY_MACHINE_ID", "machine-6001"),
+    ];
+    let mut server = Binary::start(&env).await;
+    let (mut twilio, session) = connected_call(&server, &fake, &call_sid(6001)).await;
     let mut produced = Vec::new();
     for n in 0..30 {
         twilio.media(n, &frame(0, n)).await;
@@ -326,11 +299,11 @@ async fn sigkill_mid_call_loses_at_most_the_last_second_of_transcript() {
         produced.push((Instant::now(), answer));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    server.kill().unwrap();
+    server.signal("KILL");
     let killed_at = Instant::now();
-    server.wait().unwrap();
+    server.exit_status_within(Duration::from_secs(5)).await;
 
-    let store = callbridge::store::Store::connect(&sqlite_url(&database))
+    let store = callbridge::store::Store::connect(&server.database)
         .await
         .unwrap();
     let detail = store
@@ -354,4 +327,15 @@ async fn sigkill_mid_call_loses_at_most_the_last_second_of_transcript() {
             "{text:?} was lost; stored: {stored:?}"
         );
     }
+    assert_eq!(
+        detail.call.ended_at_ms, None,
+        "nothing could record the end"
+    );
+
+    let database = [("DATABASE_URL", server.database.as_str())];
+    let restarted = Binary::start(&[env.as_slice(), &database].concat()).await;
+    let call = store.call(&call_sid(6001)).await.unwrap().unwrap().call;
+    assert_eq!(call.end_reason.as_deref(), Some("lost"), "{call:?}");
+    assert!(call.ended_at_ms.is_some());
+    drop(restarted);
 }

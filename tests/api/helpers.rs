@@ -19,6 +19,24 @@ pub struct Client {
     pub http: reqwest::Client,
 }
 
+/// A clock that only moves when a test says so.
+pub struct ManualClock(pub std::sync::atomic::AtomicI64);
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl ManualClock {
+    pub fn advance(&self, by: std::time::Duration) {
+        self.0.fetch_add(
+            i64::try_from(by.as_millis()).unwrap(),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+}
+
 pub struct TestApp {
     pub client: Client,
     pub state: Arc<AppState>,
@@ -266,4 +284,130 @@ pub fn parse_twiml(xml: &str) -> Twiml {
         }
     }
     twiml
+}
+
+/// The real `callbridge` binary, configured like `test_config` plus `env`, for what only a
+/// process shows: signals, SIGKILL, what reaches stdout and stderr. Its output goes to a file
+/// (a pipe nobody reads would fill up and stall a verbose server); it is killed when dropped.
+pub struct Binary {
+    pub client: Client,
+    /// The `DATABASE_URL` it runs on.
+    pub database: String,
+    child: std::process::Child,
+    output: std::path::PathBuf,
+}
+
+impl Binary {
+    /// Starts it and waits until `/healthz` answers.
+    pub async fn start(env: &[(&str, &str)]) -> Self {
+        Self::start_with(
+            std::process::Command::new(env!("CARGO_BIN_EXE_callbridge")),
+            env,
+        )
+        .await
+    }
+
+    /// As `start`, running `command` (the binary, or a shell that execs it) with the environment.
+    pub async fn start_with(mut command: std::process::Command, env: &[(&str, &str)]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+            .to_string();
+        let database = env
+            .iter()
+            .find(|(name, _)| *name == "DATABASE_URL")
+            .map_or_else(|| sqlite_url(&temp_path("db")), |(_, url)| url.to_string());
+        let output = temp_path("log");
+        let log = std::fs::File::create(&output).unwrap();
+        command
+            .env_clear()
+            .env("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
+            .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+            .env("OPENAI_API_KEY", crate::fake_openai::API_KEY)
+            .env("PUBLIC_BASE_URL", PUBLIC_BASE_URL)
+            .env("PORT", &port)
+            .env("DATABASE_URL", &database)
+            // As in `test_config`: a REST call nobody planned for fails at once, on this machine.
+            .env("TWILIO_API_BASE_URL", "http://127.0.0.1:9")
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let mut binary = Self {
+            client: Client::new(format!("http://127.0.0.1:{port}")),
+            database,
+            child: command.spawn().unwrap(),
+            output,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while binary
+            .client
+            .http
+            .get(format!("{}/healthz", binary.client.address))
+            .send()
+            .await
+            .is_err()
+        {
+            if let Some(status) = binary.child.try_wait().unwrap() {
+                panic!("the server exited ({status}):\n{}", binary.output());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the server did not start"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        binary
+    }
+
+    /// Sends `signal` (a name `kill` knows: `TERM`, `KILL`, …).
+    pub fn signal(&self, signal: &str) {
+        let sent = std::process::Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for the process to exit; fails the test after `within`.
+    pub async fn exit_status_within(
+        &mut self,
+        within: std::time::Duration,
+    ) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the server did not exit within {within:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Everything it wrote to stdout and stderr so far.
+    pub fn output(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.output).unwrap()).into_owned()
+    }
+}
+
+impl std::ops::Deref for Binary {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }

@@ -7,6 +7,7 @@ mod fake_twilio;
 mod hardening;
 mod helpers;
 mod outbound;
+mod server;
 mod store;
 mod stream;
 mod voice;

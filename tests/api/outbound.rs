@@ -16,26 +16,11 @@ use crate::fake_openai::FakeOpenAi;
 use crate::fake_twilio::FakeTwilio;
 use crate::helpers::*;
 
-const API_TOKEN: &str = "outbound-api-token";
+const API_TOKEN: &str = "outbound-api-token-0123456789abcdef";
 const BUSINESS: &str = "+558551234567";
 const USER: &str = "+5511999990000";
 const CONTENT_SID: &str = "HX0123456789abcdef0123456789abcdef";
 const DAY: Duration = Duration::from_secs(86_400);
-
-/// A clock that only moves when a test says so.
-struct ManualClock(AtomicI64);
-
-impl Clock for ManualClock {
-    fn now_ms(&self) -> i64 {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
-impl ManualClock {
-    fn advance(&self, by: Duration) {
-        self.0.fetch_add(by.as_millis() as i64, Ordering::SeqCst);
-    }
-}
 
 /// Matches a form body with exactly these fields (order of different names is free, as in
 /// any form; repeated names must appear in this order).

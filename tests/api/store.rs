@@ -3,14 +3,15 @@
 
 use callbridge::bridge::transcript::{Speaker, TranscriptLine};
 use callbridge::clock::{Clock, SystemClock};
-use callbridge::store::models::{ListCursor, StatusUpdate};
+use callbridge::store::machines::{HEARTBEAT_INTERVAL, LEASE, MachineId, keep_lease};
+use callbridge::store::models::{CallRecord, ListCursor, StatusUpdate};
 use callbridge::store::{NewCall, Record, Store};
 
 fn now_ms() -> i64 {
     SystemClock.now_ms()
 }
 
-use crate::helpers::{sqlite_url, temp_path};
+use crate::helpers::{ManualClock, sqlite_url, temp_path};
 
 /// Fresh, empty databases: one SQLite file, and one Postgres database if a server is available.
 pub async fn fresh_databases() -> Vec<String> {
@@ -618,5 +619,160 @@ mod permissions {
                 PermissionState::Revoked
             );
         }
+    }
+}
+
+async fn machine(url: &str, name: &str, clock: &ManualClock) -> Store {
+    let store = Store::connect_as(url, MachineId::parse(name).unwrap())
+        .await
+        .unwrap();
+    store.claim_machine(clock.now_ms()).await.unwrap();
+    store
+}
+
+/// A call `/voice` answered whose stream then started on `store`'s machine.
+async fn call_carried_by(store: &Store, call_sid: &str, at_ms: i64) {
+    store.record_call(&new_call(call_sid, at_ms)).await.unwrap();
+    store
+        .apply(&[Record::StreamStarted {
+            call_sid: call_sid.into(),
+            stream_sid: format!("MZ{call_sid}"),
+            at_ms,
+        }])
+        .await
+        .unwrap();
+}
+
+async fn record(store: &Store, call_sid: &str) -> CallRecord {
+    store.call(call_sid).await.unwrap().unwrap().call
+}
+
+fn ended(reason: &'static str, call_sid: &str, at_ms: i64) -> Record {
+    Record::CallEnded {
+        call_sid: call_sid.into(),
+        end_reason: reason,
+        openai_session_id: None,
+        input_tokens: 0,
+        output_tokens: 0,
+        total_tokens: 0,
+        at_ms,
+    }
+}
+
+#[tokio::test]
+async fn calls_of_a_machine_whose_lease_ran_out_are_recorded_as_lost() {
+    for url in fresh_databases().await {
+        let clock = ManualClock(std::sync::atomic::AtomicI64::new(1_800_000_000_000));
+        let a = machine(&url, "machine-a", &clock).await;
+        let b = machine(&url, "machine-b", &clock).await;
+        call_carried_by(&a, "CA_A", clock.now_ms()).await;
+        call_carried_by(&b, "CA_B", clock.now_ms()).await;
+
+        // While A renews its lease its call stays live, however long it lasts.
+        for _ in 0..20 {
+            clock.advance(HEARTBEAT_INTERVAL);
+            assert_eq!(keep_lease(&a, &clock).await.unwrap(), 0);
+            assert_eq!(keep_lease(&b, &clock).await.unwrap(), 0, "{url}");
+        }
+        let a_renewed_at = clock.now_ms();
+
+        // A is killed. Just before its lease runs out B leaves its call alone; then ends it.
+        clock.advance(LEASE - std::time::Duration::from_millis(1));
+        assert_eq!(keep_lease(&b, &clock).await.unwrap(), 0, "{url}");
+        assert_eq!(record(&b, "CA_A").await.ended_at_ms, None);
+        clock.advance(std::time::Duration::from_millis(1));
+        assert_eq!(keep_lease(&b, &clock).await.unwrap(), 1, "{url}");
+        let lost = record(&b, "CA_A").await;
+        assert_eq!(lost.end_reason.as_deref(), Some("lost"));
+        assert_eq!(lost.ended_at_ms, Some(a_renewed_at + 30_000));
+        assert_eq!(keep_lease(&b, &clock).await.unwrap(), 0, "swept once");
+
+        // A machine never sweeps its own calls, even when its clock jumps by a day.
+        clock.advance(std::time::Duration::from_secs(86_400));
+        assert_eq!(keep_lease(&b, &clock).await.unwrap(), 0);
+        assert_eq!(record(&b, "CA_B").await.ended_at_ms, None, "{url}");
+
+        // A was only slow: when its bridge records the call's end, that end is the true one.
+        a.apply(&[ended("caller_hung_up", "CA_A", clock.now_ms())])
+            .await
+            .unwrap();
+        let corrected = record(&a, "CA_A").await;
+        assert_eq!(corrected.end_reason.as_deref(), Some("caller_hung_up"));
+        assert_eq!(corrected.ended_at_ms, Some(clock.now_ms()), "{url}");
+    }
+}
+
+#[tokio::test]
+async fn a_restarted_machine_records_what_it_carried_as_lost_before_it_serves() {
+    for url in fresh_databases().await {
+        let clock = ManualClock(std::sync::atomic::AtomicI64::new(1_800_000_000_000));
+        let before = machine(&url, "machine-a", &clock).await;
+        call_carried_by(&before, "CA1", clock.now_ms()).await;
+        call_carried_by(&before, "CA2", clock.now_ms()).await;
+        before
+            .apply(&[ended("caller_hung_up", "CA2", clock.now_ms())])
+            .await
+            .unwrap();
+        let other = machine(&url, "machine-b", &clock).await;
+        call_carried_by(&other, "CA3", clock.now_ms()).await;
+
+        // Killed and started again under the same name, well within its lease.
+        clock.advance(std::time::Duration::from_secs(2));
+        let again = Store::connect_as(&url, MachineId::parse("machine-a").unwrap())
+            .await
+            .unwrap();
+        assert_eq!(again.claim_machine(clock.now_ms()).await.unwrap(), 1);
+        let lost = record(&again, "CA1").await;
+        assert_eq!(
+            (lost.end_reason.as_deref(), lost.ended_at_ms),
+            (Some("lost"), Some(clock.now_ms())),
+            "{url}"
+        );
+        assert_eq!(
+            record(&again, "CA2").await.end_reason.as_deref(),
+            Some("caller_hung_up")
+        );
+        assert_eq!(record(&again, "CA3").await.ended_at_ms, None, "{url}");
+    }
+}
+
+#[tokio::test]
+async fn a_machine_that_exits_records_its_live_calls_and_gives_up_its_lease() {
+    for url in fresh_databases().await {
+        let clock = ManualClock(std::sync::atomic::AtomicI64::new(1_800_000_000_000));
+        let leaving = machine(&url, "machine-a", &clock).await;
+        let staying = machine(&url, "machine-b", &clock).await;
+        call_carried_by(&leaving, "CA1", clock.now_ms()).await;
+        call_carried_by(&staying, "CA2", clock.now_ms()).await;
+        assert_eq!(
+            leaving
+                .release_machine("shutdown", clock.now_ms())
+                .await
+                .unwrap(),
+            1
+        );
+        let call = record(&staying, "CA1").await;
+        assert_eq!(call.end_reason.as_deref(), Some("shutdown"), "{url}");
+        assert_eq!(record(&staying, "CA2").await.ended_at_ms, None);
+        // Its lease is gone at once: a call stamped with it later is swept without waiting.
+        call_carried_by(&leaving, "CA3", clock.now_ms()).await;
+        assert_eq!(keep_lease(&staying, &clock).await.unwrap(), 1, "{url}");
+    }
+}
+
+#[tokio::test]
+async fn a_caller_id_with_a_nul_is_stored_without_it() {
+    for url in fresh_databases().await {
+        let store = Store::connect(&url).await.unwrap();
+        let call = NewCall {
+            from: "whatsapp:+5511\u{0}999990000",
+            ..new_call("CA1", now_ms())
+        };
+        store.record_call(&call).await.unwrap();
+        let mut update = status("CA2", "ringing", 1, now_ms());
+        update.to = "whatsapp:+55\u{0}8551234567".into();
+        assert!(store.record_status(&update).await.unwrap(), "{url}");
+        assert_eq!(record(&store, "CA1").await.from, "whatsapp:+5511999990000");
+        assert_eq!(record(&store, "CA2").await.to, "whatsapp:+558551234567");
     }
 }

@@ -212,6 +212,25 @@ async fn metrics_are_exposed_in_prometheus_text_format() {
     assert!(text.contains("# TYPE callbridge_live_calls gauge"));
 }
 
+#[tokio::test]
+async fn control_characters_in_a_caller_id_are_dropped_from_the_twiml() {
+    let app = spawn_app(&[]).await;
+    let mut params = voice_form("CA0002");
+    params[2].1 = "whatsapp:+55\u{1}1199999\u{b}0000\u{ffff}\t".into();
+    params[3].1 = "whatsapp:\u{1b}[2J+558551234567".into();
+    let response = app.post_signed("/voice", &params).await;
+    assert_eq!(response.status(), 200);
+    let xml = response.text().await.unwrap();
+    assert!(
+        !xml.chars()
+            .any(|c| c < ' ' && !matches!(c, '\t' | '\n' | '\r') || c == '\u{ffff}'),
+        "characters XML 1.0 does not allow: {xml:?}"
+    );
+    let twiml = parse_twiml(&xml);
+    assert_eq!(twiml.parameters["from"], "whatsapp:+5511999990000\t");
+    assert_eq!(twiml.parameters["to"], "whatsapp:[2J+558551234567");
+}
+
 #[test]
 fn hostile_values_are_escaped_and_parse_back_unchanged() {
     let hostile = r#"<&"'>"/><Hangup/>"#;
