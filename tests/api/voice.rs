@@ -215,7 +215,7 @@ async fn metrics_are_exposed_in_prometheus_text_format() {
 #[tokio::test]
 async fn control_characters_in_a_caller_id_are_dropped_from_the_twiml() {
     let app = spawn_app(&[]).await;
-    let mut params = voice_form("CA0002");
+    let mut params = voice_form(&call_sid(2));
     params[2].1 = "whatsapp:+55\u{1}1199999\u{b}0000\u{ffff}\t".into();
     params[3].1 = "whatsapp:\u{1b}[2J+558551234567".into();
     let response = app.post_signed("/voice", &params).await;
