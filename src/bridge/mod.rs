@@ -26,6 +26,7 @@ use crate::openai::events::{self, ErrorSeverity, ServerEvent, SessionSettings, U
 use crate::state::AppState;
 use crate::store::Record;
 use crate::twilio::media::{self, Inbound, Start};
+use crate::twilio::socket;
 use playback::{BYTES_PER_MS, LineCorrection, Playback, base64_decoded_len};
 use transcript::{Speaker, TranscriptLine};
 
@@ -200,14 +201,16 @@ where
                         Step::Continue
                     }
                     Some(Ok(AggregatedMessage::Close(_))) | None => Step::End(EndReason::CallerHungUp),
-                    Some(Err(ProtocolError::Overflow)) => {
-                        call.malformed_from_twilio("a frame over 64 KiB");
-                        break EndReason::FrameTooLarge;
-                    }
-                    Some(Err(error)) => {
-                        tracing::warn!(%error, "the Twilio socket broke");
-                        break EndReason::ProtocolError;
-                    }
+                    Some(Err(error)) => match socket::end_reason(&error) {
+                        EndReason::FrameTooLarge => {
+                            call.malformed_from_twilio("a frame over 64 KiB");
+                            break EndReason::FrameTooLarge;
+                        }
+                        reason => {
+                            tracing::warn!(%error, "the Twilio socket broke");
+                            break reason;
+                        }
+                    },
                 };
                 match step {
                     Step::Continue => {}

@@ -2,15 +2,20 @@
 //! ws/wss URL with no parameters) before any socket exists; the call's token is checked later,
 //! on Twilio's `start`, by the bridge.
 
+use std::pin::Pin;
 use std::time::Duration;
 
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::error::PayloadError;
+use actix_web::web::Bytes;
+use actix_web::{FromRequest, HttpRequest, HttpResponse, dev, web};
+use futures_util::Stream;
 use tracing::Instrument;
 
 use crate::bridge::{self, BridgeSettings, CallSummary, MAX_TWILIO_FRAME};
 use crate::metrics::EndReason;
 use crate::state::AppState;
 use crate::twilio::signature::SignedBody;
+use crate::twilio::socket::FrameLimit;
 use crate::twilio::webhook;
 
 pub async fn stream(
@@ -24,6 +29,7 @@ pub async fn stream(
         tracing::warn!("refused a stream upgrade: as many stream sockets are open as call slots");
         return Ok(HttpResponse::ServiceUnavailable().finish());
     };
+    let body = limit_frames(&req, body).await?;
     let (response, session, messages) = actix_ws::handle(&req, body)?;
     let messages = messages
         .max_frame_size(MAX_TWILIO_FRAME)
@@ -60,6 +66,15 @@ pub async fn stream(
         .instrument(span),
     );
     Ok(response)
+}
+
+/// The upgrade's body (the socket's incoming bytes) behind `FrameLimit`, so that a frame
+/// declaring more than `MAX_TWILIO_FRAME` is refused at its header rather than buffered.
+async fn limit_frames(req: &HttpRequest, body: web::Payload) -> actix_web::Result<web::Payload> {
+    let limited: Pin<Box<dyn Stream<Item = Result<Bytes, PayloadError>>>> =
+        Box::pin(FrameLimit::new(body.into_inner(), MAX_TWILIO_FRAME));
+    // `web::Payload` has no public constructor; its extractor takes the body as it is.
+    web::Payload::from_request(req, &mut dev::Payload::from(limited)).await
 }
 
 /// Long enough for the apology after `</Connect>` to be heard.

@@ -4,5 +4,6 @@
 pub mod media;
 pub mod rest;
 pub mod signature;
+pub mod socket;
 pub mod twiml;
 pub mod webhook;

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -18,8 +18,7 @@ use crate::helpers::{ACCOUNT_SID, Client, PUBLIC_BASE_URL, twilio_signature};
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 pub struct FakeTwilio {
-    sink: SplitSink<Socket, Message>,
-    stream: SplitStream<Socket>,
+    socket: Socket,
     pub stream_sid: String,
 }
 
@@ -59,10 +58,8 @@ impl FakeTwilio {
                 .insert("x-twilio-signature", signature.parse().unwrap());
         }
         let (socket, _) = tokio_tungstenite::connect_async(request).await?;
-        let (sink, stream) = socket.split();
         Ok(Self {
-            sink,
-            stream,
+            socket,
             stream_sid: String::new(),
         })
     }
@@ -80,14 +77,24 @@ impl FakeTwilio {
     }
 
     pub async fn send_text(&mut self, text: String) {
-        self.sink
+        self.socket
             .send(Message::text(text))
             .await
             .expect("socket open");
     }
 
     pub async fn send_raw(&mut self, message: Message) {
-        self.sink.send(message).await.expect("socket open");
+        self.socket.send(message).await.expect("socket open");
+    }
+
+    /// Writes `bytes` to the TCP stream as they are, below the WebSocket framing: a frame header
+    /// without its payload, or a payload trickled in pieces, as no WebSocket library would.
+    /// Returns `false` once the server has closed the connection.
+    pub async fn write_bytes(&mut self, bytes: &[u8]) -> bool {
+        let MaybeTlsStream::Plain(tcp) = self.socket.get_mut() else {
+            unreachable!("the test app speaks plain ws://")
+        };
+        tcp.write_all(bytes).await.is_ok() && tcp.flush().await.is_ok()
     }
 
     pub async fn start(&mut self, call_sid: &str, token: &str, account_sid: &str) {
@@ -135,7 +142,7 @@ impl FakeTwilio {
         let next_text = async {
             loop {
                 let message = self
-                    .stream
+                    .socket
                     .next()
                     .await
                     .expect("the socket is open")
@@ -156,7 +163,7 @@ impl FakeTwilio {
     pub async fn closed_within(&mut self, within: Duration) -> Option<Option<u16>> {
         tokio::time::timeout(within, async {
             loop {
-                match self.stream.next().await {
+                match self.socket.next().await {
                     Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
                     None | Some(Err(_)) => return None,
                     Some(Ok(_)) => continue,

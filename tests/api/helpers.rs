@@ -212,3 +212,20 @@ pub fn parse_twiml(xml: &str) -> Twiml {
     }
     twiml
 }
+
+/// The header of a final text frame declaring `length` payload bytes, masked with `mask` (a
+/// client's frames must be, a server's must not): the bytes a peer sends before its payload.
+pub fn text_frame_header(length: u64, mask: Option<[u8; 4]>) -> Vec<u8> {
+    use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let header = FrameHeader {
+        opcode: OpCode::Data(Data::Text),
+        mask,
+        ..FrameHeader::default()
+    };
+    let mut bytes = Vec::new();
+    header
+        .format(length, &mut bytes)
+        .expect("a header formats into memory");
+    bytes
+}

@@ -399,6 +399,64 @@ async fn an_oversized_frame_closes_only_that_call_with_1009() {
     assert_eq!(victim_session.recv().await["audio"], frame(4, 0));
 }
 
+/// What a peer sends after an oversized frame header: a few KiB, never the declared payload.
+const TRICKLE: [u8; 1024] = [b'x'; 1024];
+
+#[tokio::test]
+async fn a_frame_declaring_more_than_64_kib_is_refused_at_its_header() {
+    let fake = FakeOpenAi::start().await;
+    let app = app_with(&fake, &[]).await;
+    let (mut attacker, mut session) = connected_call(&app, &fake, "CA1017").await;
+    assert!(
+        attacker
+            .write_bytes(&text_frame_header(256 << 20, Some([1, 2, 3, 4])))
+            .await
+    );
+    for _ in 0..4 {
+        if !attacker.write_bytes(&TRICKLE).await {
+            break;
+        }
+    }
+    assert_eq!(
+        attacker.closed_within(Duration::from_secs(5)).await,
+        Some(Some(1009)),
+        "closed after the header and a few KiB, not once 256 MiB have arrived"
+    );
+    assert!(
+        session.closed_within(Duration::from_secs(1)).await,
+        "the OpenAI session ends with the call"
+    );
+    assert_eq!(
+        app.state
+            .metrics
+            .calls_ended(callbridge::metrics::EndReason::FrameTooLarge),
+        1
+    );
+}
+
+#[tokio::test]
+async fn an_openai_frame_declaring_more_than_1_mib_is_refused_at_its_header() {
+    let fake = FakeOpenAi::start().await;
+    let app = app_with(&fake, &[]).await;
+    let (mut twilio, mut session) = connected_call(&app, &fake, "CA1018").await;
+    session.write_bytes(&text_frame_header(2 << 20, None));
+    for _ in 0..4 {
+        session.write_bytes(&TRICKLE);
+    }
+    assert_eq!(
+        twilio.closed_within(Duration::from_secs(5)).await,
+        Some(Some(1011)),
+        "the call ends (and the apology plays) after the header and a few KiB"
+    );
+    assert!(session.closed_within(Duration::from_secs(1)).await);
+    assert_eq!(
+        app.state
+            .metrics
+            .calls_ended(callbridge::metrics::EndReason::AgentFailed),
+        1
+    );
+}
+
 #[tokio::test]
 async fn fifty_concurrent_calls_keep_their_audio_separate() {
     let fake = FakeOpenAi::start().await;
