@@ -74,10 +74,12 @@ pub enum EndReason {
     ProtocolError,
     /// Twilio's side sent a frame over 64 KiB; the stream was closed with 1009.
     FrameTooLarge,
+    /// Twilio's side sent a text frame that is not UTF-8; the stream was closed with 1007.
+    InvalidText,
 }
 
 impl EndReason {
-    pub const ALL: [EndReason; 8] = [
+    pub const ALL: [EndReason; 9] = [
         Self::CallerHungUp,
         Self::AgentFailed,
         Self::AgentUnreachable,
@@ -86,6 +88,7 @@ impl EndReason {
         Self::Unauthorized,
         Self::ProtocolError,
         Self::FrameTooLarge,
+        Self::InvalidText,
     ];
 
     pub fn label(self) -> &'static str {
@@ -98,6 +101,7 @@ impl EndReason {
             Self::Unauthorized => "unauthorized",
             Self::ProtocolError => "protocol_error",
             Self::FrameTooLarge => "frame_too_large",
+            Self::InvalidText => "invalid_text",
         }
     }
 }

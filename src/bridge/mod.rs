@@ -374,6 +374,7 @@ async fn finish<TS, AS>(
         EndReason::Unauthorized => CloseCode::Policy,
         EndReason::ProtocolError => CloseCode::Protocol,
         EndReason::FrameTooLarge => CloseCode::Size,
+        EndReason::InvalidText => CloseCode::Invalid,
         EndReason::Shutdown => CloseCode::Restart,
         EndReason::AgentFailed | EndReason::AgentUnreachable | EndReason::Timeout => {
             CloseCode::Error

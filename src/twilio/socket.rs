@@ -12,6 +12,7 @@
 
 use std::io::{self, Cursor};
 use std::pin::Pin;
+use std::str::Utf8Error;
 use std::task::{Context, Poll, ready};
 
 use actix_web::error::PayloadError;
@@ -130,8 +131,10 @@ where
 }
 
 /// How a call ends when its Media Streams socket fails with `error`: a frame over the limit
-/// (whether actix-ws or `FrameLimit` noticed) is `FrameTooLarge`, anything else a
-/// `ProtocolError`.
+/// (whether actix-ws or `FrameLimit` noticed) is `FrameTooLarge`, a text frame that is not UTF-8
+/// is `InvalidText`, anything else a `ProtocolError`. (actix-ws reports invalid UTF-8 in a
+/// *fragmented* text message as a bare string, which stays a `ProtocolError`; Twilio never
+/// fragments its messages.)
 pub fn end_reason(error: &ProtocolError) -> EndReason {
     let ProtocolError::Io(error) = error else {
         return match error {
@@ -144,6 +147,8 @@ pub fn end_reason(error: &ProtocolError) -> EndReason {
     };
     if matches!(inner.downcast_ref(), Some(PayloadError::Overflow)) {
         EndReason::FrameTooLarge
+    } else if inner.is::<Utf8Error>() {
+        EndReason::InvalidText
     } else {
         EndReason::ProtocolError
     }
@@ -253,6 +258,12 @@ mod tests {
             end_reason(&ProtocolError::Overflow),
             EndReason::FrameTooLarge
         );
+        let truncated_sequence = vec![0xC3, 0x28];
+        let utf8 = String::from_utf8(truncated_sequence)
+            .unwrap_err()
+            .utf8_error();
+        let invalid = ProtocolError::Io(io::Error::new(io::ErrorKind::InvalidData, utf8));
+        assert_eq!(end_reason(&invalid), EndReason::InvalidText);
         let reserved = ProtocolError::Io(io::Error::new(io::ErrorKind::InvalidData, "bits"));
         assert_eq!(end_reason(&reserved), EndReason::ProtocolError);
         assert_eq!(

@@ -435,6 +435,21 @@ async fn a_frame_declaring_more_than_64_kib_is_refused_at_its_header() {
 }
 
 #[tokio::test]
+async fn a_text_frame_that_is_not_utf8_closes_the_stream_with_1007() {
+    let fake = FakeOpenAi::start().await;
+    let app = app_with(&fake, &[]).await;
+    let (mut twilio, _session) = connected_call(&app, &fake, "CA1019").await;
+    // An all-zero mask leaves the payload as written: a truncated two-byte sequence.
+    let mut frame = text_frame_header(2, Some([0; 4]));
+    frame.extend([0xC3, 0x28]);
+    assert!(twilio.write_bytes(&frame).await);
+    assert_eq!(
+        twilio.closed_within(Duration::from_secs(5)).await,
+        Some(Some(1007))
+    );
+}
+
+#[tokio::test]
 async fn an_openai_frame_declaring_more_than_1_mib_is_refused_at_its_header() {
     let fake = FakeOpenAi::start().await;
     let app = app_with(&fake, &[]).await;
