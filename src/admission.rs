@@ -15,12 +15,12 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use tokio::sync::watch;
-use tokio::time::Instant;
 
 use crate::store::Store;
 
 /// How long Twilio has to open the stream after we answered `/voice`.
 pub const STREAM_TOKEN_TTL: Duration = Duration::from_secs(60);
+const STREAM_TOKEN_TTL_MS: i64 = STREAM_TOKEN_TTL.as_millis() as i64;
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -40,8 +40,10 @@ pub enum RedeemError {
     Store(#[from] anyhow::Error),
 }
 
+/// A reservation expires on the application's clock, the one the stored token's expiry is
+/// measured by, so both end at the same moment.
 struct PendingStream {
-    expires_at: Instant,
+    expires_at_ms: i64,
 }
 
 /// Counts that a drain waits on: both must reach zero before the process may exit.
@@ -124,9 +126,9 @@ impl Admission {
 
     /// Reserves a slot and returns a new token for Twilio to present in `start`; the caller
     /// stores it, bound to the CallSid, with `STREAM_TOKEN_TTL`.
-    pub fn issue(&self, now: Instant) -> Result<String, Refusal> {
+    pub fn issue(&self, now_ms: i64) -> Result<String, Refusal> {
         let mut pending = self.lock_pending();
-        pending.retain(|_, p| p.expires_at > now);
+        pending.retain(|_, p| p.expires_at_ms > now_ms);
         let live = self.occupancy.borrow().live;
         if pending.len() + live >= self.max_calls {
             self.publish_pending(pending.len());
@@ -136,7 +138,7 @@ impl Admission {
         pending.insert(
             token.clone(),
             PendingStream {
-                expires_at: now + STREAM_TOKEN_TTL,
+                expires_at_ms: now_ms + STREAM_TOKEN_TTL_MS,
             },
         );
         self.publish_pending(pending.len());
@@ -175,14 +177,23 @@ impl Admission {
         })
     }
 
+    /// The counts as last published: reservations that expired since the last `issue`,
+    /// `expire` or `occupancy_at` are still in them.
     pub fn occupancy(&self) -> Occupancy {
         *self.occupancy.borrow()
     }
 
-    /// Drops expired tokens so a drain does not wait for calls that will never connect.
-    pub fn expire(&self, now: Instant) {
+    /// The counts at `now_ms`, with expired reservations gone: what a metrics scrape or a
+    /// capacity check must see even when no `/voice` came since they expired.
+    pub fn occupancy_at(&self, now_ms: i64) -> Occupancy {
+        self.expire(now_ms);
+        self.occupancy()
+    }
+
+    /// Drops expired reservations so a drain does not wait for calls that will never connect.
+    pub fn expire(&self, now_ms: i64) {
         let mut pending = self.lock_pending();
-        pending.retain(|_, p| p.expires_at > now);
+        pending.retain(|_, p| p.expires_at_ms > now_ms);
         self.publish_pending(pending.len());
     }
 
@@ -234,7 +245,7 @@ mod tests {
         call_sid: &str,
         ttl_ms: i64,
     ) -> String {
-        let token = admission.issue(Instant::now()).unwrap();
+        let token = admission.issue(now_ms()).unwrap();
         store
             .issue_stream_token(&token, call_sid, 0, now_ms() + ttl_ms)
             .await
@@ -328,7 +339,7 @@ mod tests {
     #[test]
     fn tokens_are_unique() {
         let admission = Admission::new(1000);
-        let now = Instant::now();
+        let now = now_ms();
         let tokens: std::collections::HashSet<_> =
             (0..500).map(|_| admission.issue(now).unwrap()).collect();
         assert_eq!(tokens.len(), 500);
@@ -337,14 +348,14 @@ mod tests {
     #[test]
     fn capacity_counts_pending_calls_and_frees_expired_or_released_reservations() {
         let admission = Admission::new(2);
-        let now = Instant::now();
+        let now = now_ms();
         let first = admission.issue(now).unwrap();
         admission.issue(now).unwrap();
         assert_eq!(admission.issue(now), Err(Refusal::Full(2)));
         admission.release(&first);
         let third = admission.issue(now).unwrap();
         assert_eq!(admission.issue(now), Err(Refusal::Full(2)));
-        let later = now + STREAM_TOKEN_TTL + Duration::from_secs(1);
+        let later = now + STREAM_TOKEN_TTL_MS + 1_000;
         assert!(
             admission.issue(later).is_ok(),
             "expired reservations are released"
@@ -356,9 +367,9 @@ mod tests {
                 live: 0
             }
         );
-        admission.expire(later + STREAM_TOKEN_TTL);
+        assert_eq!(admission.occupancy().pending, 1, "nothing expired yet");
         assert_eq!(
-            admission.occupancy(),
+            admission.occupancy_at(later + STREAM_TOKEN_TTL_MS),
             Occupancy {
                 pending: 0,
                 live: 0

@@ -107,7 +107,7 @@ async fn supervise(state: Arc<AppState>, server: ServerHandle) {
 async fn wait_until_idle(state: &AppState) {
     let mut occupancy = state.admission.subscribe();
     loop {
-        state.admission.expire(Instant::now());
+        state.admission.expire(state.clock.now_ms());
         if occupancy.borrow_and_update().is_idle() {
             return;
         }

@@ -23,7 +23,6 @@ use futures_util::SinkExt;
 use futures_util::StreamExt;
 use futures_util::sink::SinkMapErr;
 use serde_json::{Value, json};
-use tokio::time::Instant;
 use tokio_tungstenite::tungstenite;
 use tokio_util::sync::CancellationToken;
 
@@ -228,7 +227,7 @@ impl Harness {
             .expect("the test database opens");
         let token = state
             .admission
-            .issue(Instant::now())
+            .issue(SystemClock.now_ms())
             .expect("a free call slot");
         let ttl_ms = i64::try_from(STREAM_TOKEN_TTL.as_millis()).unwrap();
         state

@@ -3,7 +3,6 @@
 use actix_web::{HttpResponse, web};
 use askama::Template;
 use serde::Deserialize;
-use tokio::time::Instant;
 use tracing_actix_web::RootSpan;
 
 use crate::admission::STREAM_TOKEN_TTL;
@@ -65,7 +64,8 @@ pub async fn voice(
             });
         }
     }
-    let candidate = match state.admission.issue(Instant::now()) {
+    let now = state.clock.now_ms();
+    let candidate = match state.admission.issue(now) {
         Ok(token) => token,
         Err(refusal) => {
             state.metrics.calls_refused_busy.inc();
@@ -75,7 +75,6 @@ pub async fn voice(
             });
         }
     };
-    let now = state.clock.now_ms();
     let ttl_ms = i64::try_from(STREAM_TOKEN_TTL.as_millis()).unwrap_or(i64::MAX);
     let token = match state
         .store

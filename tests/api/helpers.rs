@@ -1,5 +1,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
 use callbridge::clock::{Clock, SystemClock};
 use callbridge::config::Config;
@@ -95,6 +97,28 @@ pub async fn spawn_app_with_clock(config: Config, clock: Arc<dyn Clock>) -> Test
         client: Client::new(address),
         state,
         server,
+    }
+}
+
+/// A clock that only moves when a test says so.
+pub struct ManualClock(AtomicI64);
+
+impl Default for ManualClock {
+    /// 2027-01-15: any fixed moment will do.
+    fn default() -> Self {
+        Self(AtomicI64::new(1_800_000_000_000))
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+impl ManualClock {
+    pub fn advance(&self, by: Duration) {
+        self.0.fetch_add(by.as_millis() as i64, Ordering::SeqCst);
     }
 }
 

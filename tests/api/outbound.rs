@@ -22,21 +22,6 @@ const USER: &str = "+5511999990000";
 const CONTENT_SID: &str = "HX0123456789abcdef0123456789abcdef";
 const DAY: Duration = Duration::from_secs(86_400);
 
-/// A clock that only moves when a test says so.
-struct ManualClock(AtomicI64);
-
-impl Clock for ManualClock {
-    fn now_ms(&self) -> i64 {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
-impl ManualClock {
-    fn advance(&self, by: Duration) {
-        self.0.fetch_add(by.as_millis() as i64, Ordering::SeqCst);
-    }
-}
-
 /// Matches a form body with exactly these fields (order of different names is free, as in
 /// any form; repeated names must appear in this order).
 struct ExactForm(Vec<(String, String)>);
@@ -100,7 +85,7 @@ async fn outbound_app(extra: &[(&str, &str)]) -> Outbound {
     ];
     overrides.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
     let pairs: Vec<(&str, &str)> = overrides.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let clock = Arc::new(ManualClock(AtomicI64::new(1_800_000_000_000)));
+    let clock = Arc::new(ManualClock::default());
     let app = spawn_app_with_clock(test_config(&pairs), clock.clone()).await;
     Outbound { app, twilio, clock }
 }

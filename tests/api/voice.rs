@@ -1,4 +1,8 @@
+use std::sync::Arc;
+use std::time::Duration;
+
 use askama::Template;
+use callbridge::admission::STREAM_TOKEN_TTL;
 use callbridge::twilio::twiml::{ConnectStream, SayHangup};
 
 use crate::helpers::*;
@@ -204,6 +208,23 @@ async fn metrics_are_exposed_in_prometheus_text_format() {
         "{text}"
     );
     assert!(text.contains("# TYPE callbridge_live_calls gauge"));
+}
+
+#[tokio::test]
+async fn the_pending_streams_gauge_falls_when_a_reservation_expires() {
+    let clock = Arc::new(ManualClock::default());
+    let app = spawn_app_with_clock(test_config(&[]), clock.clone()).await;
+    app.answer_call("CA0051").await;
+    let scrape = || async { app.get("/metrics").await.text().await.unwrap() };
+    let text = scrape().await;
+    assert!(text.contains("callbridge_pending_streams 1\n"), "{text}");
+    clock.advance(STREAM_TOKEN_TTL - Duration::from_millis(1));
+    let text = scrape().await;
+    assert!(text.contains("callbridge_pending_streams 1\n"), "{text}");
+    // No other /voice comes: the scrape itself sees the reservation gone.
+    clock.advance(Duration::from_millis(1));
+    let text = scrape().await;
+    assert!(text.contains("callbridge_pending_streams 0\n"), "{text}");
 }
 
 #[test]
