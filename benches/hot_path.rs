@@ -191,7 +191,7 @@ fn signature_validate_voice_form(bencher: Bencher) {
 fn twiml_connect_stream(bencher: Bencher) {
     bencher.bench(|| {
         ConnectStream {
-            stream_url: black_box("wss://abc123.ngrok.app/stream"),
+            stream_url: black_box("wss://abc123.ngrok.app/stream/q5mAbcDEFghiJKLmnoPQRs"),
             parameters: &[
                 ("token", "q5mAbcDEFghiJKLmnoPQRs"),
                 ("from", "whatsapp:+5511999990000"),

@@ -1,14 +1,16 @@
-//! Who may start a media stream, and how many calls this machine carries.
+//! Who may open a media stream, and how many calls this machine carries.
 //!
-//! `/voice` issues a single-use token bound to the CallSid and reserves a call slot with it; the
-//! `/stream` socket redeems the token after Twilio's `start`. Reserving at `/voice` (not at
-//! `/stream`) means capacity is decided before we promise the caller anything, and a token that
-//! is never redeemed gives its slot back when it expires. The token itself lives in the store,
-//! so a call whose webhook and stream land on different machines still connects; the slot
-//! bookkeeping is per machine.
+//! `/voice` issues a single-use token bound to the CallSid, reserves a call slot with it, and
+//! puts it in the stream's URL (`/stream/{token}`), which Twilio signs. The upgrade spends the
+//! token before the socket exists, turning the reservation into the call's live slot, so a
+//! replayed upgrade finds its token spent and opens nothing; Twilio's `start` must then carry the
+//! same token and the CallSid it was issued for. Reserving at `/voice` (not at the upgrade) means
+//! capacity is decided before we promise the caller anything, and a token that is never spent
+//! gives its slot back when it expires. The token itself lives in the store, so a call whose
+//! webhook and stream land on different machines still connects; the slot bookkeeping is per
+//! machine.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,10 +36,17 @@ pub enum RedeemError {
     Unknown,
     #[error("the stream token has expired")]
     Expired,
-    #[error("the stream token belongs to another call")]
-    WrongCall,
     #[error("the stream token cannot be checked: {0:#}")]
     Store(#[from] anyhow::Error),
+}
+
+/// Why Twilio's `start` does not belong to the stream it arrived on.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StartMismatch {
+    #[error("start carries another token than the stream's URL")]
+    WrongToken,
+    #[error("start names another call than the one the token was issued for")]
+    WrongCall,
 }
 
 /// A reservation expires on the application's clock, the one the stored token's expiry is
@@ -63,19 +72,33 @@ pub struct Admission {
     max_calls: usize,
     pending: Mutex<HashMap<String, PendingStream>>,
     occupancy: watch::Sender<Occupancy>,
-    /// Open stream sockets. The upgrade signature is the same for every call and can be
-    /// replayed, so sockets are capped too, not only calls that passed `start`.
-    open_streams: AtomicUsize,
 }
 
-/// An open stream socket, counted until dropped.
-pub struct OpenStream {
-    admission: Arc<Admission>,
+/// A stream whose upgrade spent a valid token: the call the token was issued for, and that
+/// call's slot, held for as long as the socket lives.
+#[derive(Debug)]
+pub struct AdmittedStream {
+    token: String,
+    call_sid: String,
+    pub slot: CallSlot,
 }
 
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        self.admission.open_streams.fetch_sub(1, Ordering::AcqRel);
+impl AdmittedStream {
+    /// The CallSid the token was issued for by `/voice`.
+    pub fn call_sid(&self) -> &str {
+        &self.call_sid
+    }
+
+    /// Twilio's `start` repeats the token as a `<Parameter>` and names the call: both must be
+    /// the ones this stream was admitted for.
+    pub fn check_start(&self, token: &str, call_sid: &str) -> Result<(), StartMismatch> {
+        if token != self.token {
+            Err(StartMismatch::WrongToken)
+        } else if call_sid != self.call_sid {
+            Err(StartMismatch::WrongCall)
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -105,22 +128,6 @@ impl Admission {
             max_calls,
             pending: Mutex::new(HashMap::new()),
             occupancy: watch::Sender::new(Occupancy::default()),
-            open_streams: AtomicUsize::new(0),
-        })
-    }
-
-    /// Admits one more stream socket, unless as many are open as there are call slots: Twilio
-    /// opens one per answered call, so more means replayed upgrades. (A socket that never
-    /// sends `start` is closed after a few seconds by the bridge.)
-    pub fn open_stream(self: &Arc<Self>) -> Option<OpenStream> {
-        let admitted = self
-            .open_streams
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max_calls).then_some(n + 1)
-            })
-            .is_ok();
-        admitted.then(|| OpenStream {
-            admission: Arc::clone(self),
         })
     }
 
@@ -152,28 +159,30 @@ impl Admission {
         self.publish_pending(pending.len());
     }
 
-    /// Consumes the token: it is gone from the store after this, valid or not, so a replayed or
-    /// guessed token can never be tried twice. A valid one turns into a live call slot.
+    /// Spends the token, at the stream's upgrade: it is gone from the store after this, valid
+    /// or not, so a replayed upgrade finds it spent. Atomic in the store, so of two machines
+    /// racing for one token only one gets it. A valid one turns the call's reservation into its
+    /// live slot.
     pub async fn redeem(
         self: &Arc<Self>,
         store: &Store,
         token: &str,
-        call_sid: &str,
         now_ms: i64,
-    ) -> Result<CallSlot, RedeemError> {
+    ) -> Result<AdmittedStream, RedeemError> {
         let bound = store.take_stream_token(token).await?;
         // This machine's reservation (if it issued the token) ends either way.
         self.release(token);
-        let (bound_call_sid, expires_at_ms) = bound.ok_or(RedeemError::Unknown)?;
+        let (call_sid, expires_at_ms) = bound.ok_or(RedeemError::Unknown)?;
         if expires_at_ms <= now_ms {
             return Err(RedeemError::Expired);
         }
-        if bound_call_sid != call_sid {
-            return Err(RedeemError::WrongCall);
-        }
         self.occupancy.send_modify(|o| o.live += 1);
-        Ok(CallSlot {
-            admission: Arc::clone(self),
+        Ok(AdmittedStream {
+            token: token.to_owned(),
+            call_sid,
+            slot: CallSlot {
+                admission: Arc::clone(self),
+            },
         })
     }
 
@@ -261,39 +270,31 @@ mod tests {
             token.len() >= 22,
             "128 bits need at least 22 base64 characters"
         );
-        let slot = admission
-            .redeem(&store, &token, "CA1", now_ms())
-            .await
-            .unwrap();
+        assert_eq!(admission.occupancy().pending, 1);
+        let admitted = admission.redeem(&store, &token, now_ms()).await.unwrap();
+        assert_eq!(admitted.call_sid(), "CA1");
         assert_eq!(
             admission.occupancy(),
             Occupancy {
                 pending: 0,
                 live: 1
-            }
+            },
+            "the reservation became the live slot"
         );
         assert!(matches!(
-            admission.redeem(&store, &token, "CA1", now_ms()).await,
+            admission.redeem(&store, &token, now_ms()).await,
             Err(RedeemError::Unknown)
         ));
-        drop(slot);
+        assert_eq!(admitted.check_start(&token, "CA1"), Ok(()));
         assert_eq!(
-            admission.occupancy(),
-            Occupancy {
-                pending: 0,
-                live: 0
-            }
+            admitted.check_start("another", "CA1"),
+            Err(StartMismatch::WrongToken)
         );
-
-        let token = issue_for(&admission, &store, "CA2", 60_000).await;
-        assert!(matches!(
-            admission.redeem(&store, &token, "CA3", now_ms()).await,
-            Err(RedeemError::WrongCall)
-        ));
-        assert!(matches!(
-            admission.redeem(&store, &token, "CA2", now_ms()).await,
-            Err(RedeemError::Unknown)
-        ));
+        assert_eq!(
+            admitted.check_start(&token, "CA2"),
+            Err(StartMismatch::WrongCall)
+        );
+        drop(admitted);
         assert_eq!(
             admission.occupancy(),
             Occupancy {
@@ -309,9 +310,17 @@ mod tests {
         let token = issue_for(&admission, &store, "CA1", 60_000).await;
         let later = now_ms() + 60_001;
         assert!(matches!(
-            admission.redeem(&store, &token, "CA1", later).await,
+            admission.redeem(&store, &token, later).await,
             Err(RedeemError::Expired)
         ));
+        assert!(
+            matches!(
+                admission.redeem(&store, &token, now_ms()).await,
+                Err(RedeemError::Unknown)
+            ),
+            "an expired token is spent by trying it"
+        );
+        assert_eq!(admission.occupancy(), Occupancy::default());
     }
 
     #[tokio::test]
@@ -319,21 +328,11 @@ mod tests {
         let store = store().await;
         let (webhook_machine, stream_machine) = (Admission::new(10), Admission::new(10));
         let token = issue_for(&webhook_machine, &store, "CA1", 60_000).await;
-        let _slot = stream_machine
-            .redeem(&store, &token, "CA1", now_ms())
+        let _admitted = stream_machine
+            .redeem(&store, &token, now_ms())
             .await
             .unwrap();
         assert_eq!(stream_machine.occupancy().live, 1);
-    }
-
-    #[test]
-    fn open_stream_sockets_are_capped_at_the_call_slots() {
-        let admission = Admission::new(2);
-        let first = admission.open_stream().expect("room");
-        let _second = admission.open_stream().expect("room");
-        assert!(admission.open_stream().is_none());
-        drop(first);
-        assert!(admission.open_stream().is_some());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message as AgentMessage;
 use tokio_util::sync::CancellationToken;
 
-use crate::admission::CallSlot;
+use crate::admission::{AdmittedStream, CallSlot};
 use crate::domain::phone::Masked;
 use crate::metrics::EndReason;
 use crate::openai::client::{AgentDialer, DialError};
@@ -52,6 +52,9 @@ pub struct BridgeSettings {
     pub max_buffered_audio: Duration,
     /// How long closing the OpenAI socket may take once the caller is gone.
     pub close_timeout: Duration,
+    /// A stream that has not sent `start` this long after its upgrade is closed: Twilio sends
+    /// it at once, so the socket is not a call and its slot is better given back.
+    pub start_timeout: Duration,
 }
 
 impl Default for BridgeSettings {
@@ -61,6 +64,7 @@ impl Default for BridgeSettings {
             peer_timeout: Duration::from_secs(20),
             max_buffered_audio: Duration::from_secs(10),
             close_timeout: Duration::from_millis(500),
+            start_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -77,7 +81,7 @@ pub struct CallSummary {
     pub duration: Duration,
     /// The call's capacity slot, held until whoever ran the call is done with it (a last REST
     /// hang-up): a drain waits for every slot, so nothing is cut off halfway.
-    pub slot: Option<CallSlot>,
+    pub slot: CallSlot,
 }
 
 enum Step {
@@ -90,9 +94,10 @@ enum Step {
 struct Call<'a> {
     state: &'a AppState,
     settings: BridgeSettings,
+    /// The call the upgrade's token was issued for, and its slot.
+    admitted: AdmittedStream,
     started: Option<Start>,
     started_at: Option<Instant>,
-    slot: Option<CallSlot>,
     playback: Playback,
     /// Caller audio received before the OpenAI session was ready, in order.
     early_audio: VecDeque<String>,
@@ -123,12 +128,14 @@ pub fn outbound_brief(agent: Option<&str>, context: Option<&str>) -> String {
     brief
 }
 
-/// Runs one call to its end. `twilio_tx`/`twilio_rx` are the Media Stream socket's halves.
+/// Runs one call to its end. `twilio_tx`/`twilio_rx` are the Media Stream socket's halves;
+/// `admitted` is what its upgrade's token was issued for, which `start` must match.
 pub async fn run<TS, TR, D>(
     mut twilio_tx: TS,
     mut twilio_rx: TR,
     dialer: &D,
     state: &AppState,
+    admitted: AdmittedStream,
     close_requested: CancellationToken,
     settings: BridgeSettings,
 ) -> CallSummary
@@ -142,9 +149,9 @@ where
     let mut call = Call {
         state,
         settings: settings.clone(),
+        admitted,
         started: None,
         started_at: None,
-        slot: None,
         playback: Playback::default(),
         early_audio: VecDeque::new(),
         early_audio_bytes: 0,
@@ -178,10 +185,17 @@ where
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut twilio_seen = accepted_at;
     let mut agent_seen = accepted_at;
+    let start_deadline = tokio::time::sleep_until(accepted_at + settings.start_timeout);
+    let mut start_deadline = std::pin::pin!(start_deadline);
 
     let reason = loop {
         tokio::select! {
             () = close_requested.cancelled() => break EndReason::Shutdown,
+
+            () = &mut start_deadline, if call.started.is_none() => {
+                tracing::warn!("Twilio never sent start");
+                break EndReason::Timeout;
+            }
 
             frame = twilio_rx.next() => {
                 twilio_seen = Instant::now();
@@ -283,10 +297,6 @@ where
                     tracing::warn!("Twilio stopped answering");
                     break EndReason::Timeout;
                 }
-                if call.started.is_none() {
-                    tracing::warn!("Twilio never sent start");
-                    break EndReason::Timeout;
-                }
                 if agent_tx.is_some() && now.duration_since(agent_seen) > settings.peer_timeout {
                     tracing::warn!("OpenAI stopped answering");
                     break EndReason::Timeout;
@@ -330,7 +340,7 @@ where
         usage: call.usage,
         transcript: call.transcript,
         duration: call.started_at.map_or(Duration::ZERO, |at| at.elapsed()),
-        slot: call.slot,
+        slot: call.admitted.slot,
     }
 }
 
@@ -450,15 +460,14 @@ impl Call<'_> {
         }
     }
 
-    /// Checks the stream belongs to a call we answered: our account and the single-use token
-    /// `/voice` put in the TwiML. Until this passes nothing reaches OpenAI.
+    /// Checks the stream belongs to a call we answered: our account, and the token and CallSid
+    /// its upgrade was admitted for. Until this passes nothing reaches OpenAI.
     async fn on_start(&mut self, start: Start) -> Step {
         if self.started.is_some() {
             self.malformed_from_twilio("a second start");
             return Step::Continue;
         }
         let span = tracing::Span::current();
-        span.record("call_sid", start.call_sid.as_str());
         span.record("stream_sid", start.stream_sid.as_str());
         if start.account_sid != self.state.config.twilio_account_sid {
             tracing::warn!("refused a stream: start names another Twilio account");
@@ -468,22 +477,9 @@ impl Call<'_> {
             .custom_parameters
             .get("token")
             .map_or("", String::as_str);
-        match self
-            .state
-            .admission
-            .redeem(
-                &self.state.store,
-                token,
-                &start.call_sid,
-                self.state.clock.now_ms(),
-            )
-            .await
-        {
-            Ok(slot) => self.slot = Some(slot),
-            Err(error) => {
-                tracing::warn!(%error, "refused a stream");
-                return Step::End(EndReason::Unauthorized);
-            }
+        if let Err(mismatch) = self.admitted.check_start(token, &start.call_sid) {
+            tracing::warn!(%mismatch, "refused a stream");
+            return Step::End(EndReason::Unauthorized);
         }
         let parameter = |name: &str| start.custom_parameters.get(name).map_or("", String::as_str);
         tracing::info!(

@@ -116,6 +116,7 @@ impl Default for Options {
             settings: BridgeSettings {
                 heartbeat_interval: Duration::from_secs(3600),
                 peer_timeout: Duration::from_secs(7200),
+                start_timeout: Duration::from_secs(3600),
                 ..BridgeSettings::default()
             },
             open_delay: Duration::ZERO,
@@ -235,6 +236,12 @@ impl Harness {
             .issue_stream_token(&token, CALL_SID, 0, SystemClock.now_ms() + ttl_ms)
             .await
             .expect("the stream token is stored");
+        // What the upgrade does before the bridge runs.
+        let admitted = state
+            .admission
+            .redeem(&state.store, &token, SystemClock.now_ms())
+            .await
+            .expect("the token is valid");
 
         let (twilio_in, twilio_rx) = mpsc::unbounded();
         let (twilio_tx, twilio_out) = mpsc::unbounded();
@@ -258,6 +265,7 @@ impl Harness {
                     twilio_rx,
                     &dialer,
                     &state,
+                    admitted,
                     close,
                     options.settings,
                 )
@@ -335,8 +343,8 @@ impl Harness {
         self.start_as(ACCOUNT_SID, CALL_SID, &token).await;
     }
 
-    /// Sends `connected` and `start`, and returns once the bridge has checked the token: either
-    /// the call started or it ended. The check reads the database, so it runs on real time.
+    /// Sends `connected` and `start`, and returns once the bridge has checked it: either the
+    /// call started or it ended. Starting reads the database, so it runs on real time.
     async fn start_as(&mut self, account_sid: &str, call_sid: &str, token: &str) {
         self.twilio(json!({"event": "connected", "protocol": "Call", "version": "1.0.0"}));
         self.twilio(start_event(account_sid, call_sid, token));
@@ -791,6 +799,12 @@ async fn a_stream_that_fails_the_start_check_never_opens_a_session() {
 
         let summary = h.ended().await;
         assert_eq!(summary.end_reason, EndReason::Unauthorized, "{case}");
+        assert_eq!(
+            h.state.admission.occupancy().live,
+            1,
+            "{case}: held until the route is done"
+        );
+        drop(summary);
         assert_eq!(h.opens(), 0, "{case}: the session was opened");
         assert_eq!(
             h.twilio_pending(),
@@ -1235,11 +1249,21 @@ async fn answered_heartbeats_keep_a_quiet_call_up() {
 }
 
 #[tokio::test]
-async fn a_stream_that_never_starts_times_out_at_the_first_beat() {
-    let mut h = Harness::with(heartbeat_options()).await;
+async fn a_stream_that_never_starts_is_closed_at_the_start_timeout() {
+    let start_timeout = BridgeSettings::default().start_timeout;
+    let mut h = Harness::with(Options {
+        settings: BridgeSettings {
+            start_timeout,
+            ..Options::default().settings
+        },
+        ..Options::default()
+    })
+    .await;
     h.twilio(json!({"event": "connected", "protocol": "Call", "version": "1.0.0"}));
-    h.advance(BEAT).await;
-    assert!(!h.is_running());
+    h.advance(start_timeout - Duration::from_millis(1)).await;
+    assert!(h.is_running());
+    h.advance(Duration::from_millis(1)).await;
+    assert!(!h.is_running(), "closed at the start timeout exactly");
     assert_eq!(h.ended().await.end_reason, EndReason::Timeout);
     assert_eq!(h.opens(), 0);
     assert_eq!(h.twilio_pending(), [twilio_close(CloseCode::Error)]);

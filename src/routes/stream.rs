@@ -1,6 +1,7 @@
-//! `GET /stream`: the Media Streams WebSocket. The upgrade itself is signature-checked (over the
-//! ws/wss URL with no parameters) before any socket exists; the call's token is checked later,
-//! on Twilio's `start`, by the bridge.
+//! `GET /stream/{token}`: the Media Streams WebSocket. Twilio signs the upgrade over the stream's
+//! full URL, token included, so a signed upgrade names the call it is for; the token is spent
+//! before the socket exists, so a replay of the upgrade is refused with 403 and opens nothing.
+//! Twilio's `start` is then checked against the token by the bridge.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use actix_web::{FromRequest, HttpRequest, HttpResponse, dev, web};
 use futures_util::Stream;
 use tracing::Instrument;
 
+use crate::admission::RedeemError;
 use crate::bridge::{self, BridgeSettings, CallSummary, MAX_TWILIO_FRAME};
 use crate::metrics::EndReason;
 use crate::state::AppState;
@@ -21,24 +23,40 @@ use crate::twilio::webhook;
 pub async fn stream(
     req: HttpRequest,
     body: web::Payload,
+    token: web::Path<String>,
     state: web::Data<AppState>,
 ) -> actix_web::Result<HttpResponse> {
     let url = state.config.public_base_url.websocket_url(req.path());
     webhook::verify(&req, &state, &url, SignedBody::Form(&[]))?;
-    let Some(open_stream) = state.admission.open_stream() else {
-        tracing::warn!("refused a stream upgrade: as many stream sockets are open as call slots");
-        return Ok(HttpResponse::ServiceUnavailable().finish());
-    };
     let body = limit_frames(&req, body).await?;
+    // A request that is no WebSocket upgrade is refused here, before it can spend the token.
     let (response, session, messages) = actix_ws::handle(&req, body)?;
+    let admitted = match state
+        .admission
+        .redeem(&state.store, &token, state.clock.now_ms())
+        .await
+    {
+        Ok(admitted) => admitted,
+        Err(RedeemError::Store(error)) => {
+            tracing::error!(error = format!("{error:#}"), "cannot check a stream token");
+            return Ok(HttpResponse::ServiceUnavailable().finish());
+        }
+        Err(refusal) => {
+            tracing::warn!(%refusal, "refused a stream upgrade");
+            return Ok(HttpResponse::Forbidden().finish());
+        }
+    };
     let messages = messages
         .max_frame_size(MAX_TWILIO_FRAME)
         .aggregate_continuations()
         .max_continuation_size(MAX_TWILIO_FRAME);
     let state = state.into_inner();
+    // A root of its own: the call outlives the upgrade request, whose span carries the URL and
+    // so the token.
     let span = tracing::info_span!(
+        parent: None,
         "call",
-        call_sid = tracing::field::Empty,
+        call_sid = admitted.call_sid(),
         stream_sid = tracing::field::Empty
     );
     // The socket halves are tied to this worker's thread, so the call runs as a local task.
@@ -49,6 +67,7 @@ pub async fn stream(
                 messages,
                 &state.dialer,
                 &state,
+                admitted,
                 state.lifecycle.close_calls_token(),
                 BridgeSettings::default(),
             )
@@ -61,7 +80,6 @@ pub async fn stream(
                 "call ended"
             );
             make_sure_the_call_ends(&state, &summary).await;
-            drop(open_stream);
         }
         .instrument(span),
     );

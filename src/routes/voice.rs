@@ -114,7 +114,12 @@ pub async fn voice(
         direction = %call.direction,
         "answering call with a media stream"
     );
-    let stream_url = state.config.public_base_url.websocket_url("/stream");
+    // Twilio signs the upgrade over this URL, so the token in it makes each call's upgrade
+    // unique: a replay of one finds its token spent.
+    let stream_url = state
+        .config
+        .public_base_url
+        .websocket_url(&format!("/stream/{token}"));
     twiml_response(&ConnectStream {
         stream_url: &stream_url,
         parameters: &[

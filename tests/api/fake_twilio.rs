@@ -35,22 +35,30 @@ pub fn agent_audio(ms: usize, seed: u8) -> String {
     STANDARD.encode(vec![seed; ms * 8])
 }
 
+/// The stream URL `/voice` hands Twilio for `token`'s call, which Twilio signs as it is.
+pub fn stream_url(token: &str) -> String {
+    format!(
+        "{}/stream/{token}",
+        PUBLIC_BASE_URL.replacen("https", "wss", 1)
+    )
+}
+
 impl FakeTwilio {
-    pub async fn connect(app: &Client) -> Self {
-        let signature = twilio_signature(
-            &format!("{}/stream", PUBLIC_BASE_URL.replacen("https", "wss", 1)),
-            &[],
-        );
-        Self::connect_signed(app, Some(&signature))
+    /// Opens the stream of the call `token` was issued for, signed as Twilio signs it.
+    pub async fn connect(app: &Client, token: &str) -> Self {
+        let signature = twilio_signature(&stream_url(token), &[]);
+        Self::connect_signed(app, &format!("/stream/{token}"), Some(&signature))
             .await
             .expect("upgrade accepted")
     }
 
+    /// Upgrades `path` on the app with `signature` as the `X-Twilio-Signature`.
     pub async fn connect_signed(
         app: &Client,
+        path: &str,
         signature: Option<&str>,
     ) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
-        let url = format!("{}/stream", app.address.replacen("http", "ws", 1));
+        let url = format!("{}{path}", app.address.replacen("http", "ws", 1));
         let mut request = url.into_client_request().unwrap();
         if let Some(signature) = signature {
             request
@@ -64,10 +72,27 @@ impl FakeTwilio {
         })
     }
 
+    /// The HTTP status an upgrade to `path` is refused with; panics if it is accepted.
+    pub async fn refused_upgrade(app: &Client, path: &str, signature: Option<&str>) -> u16 {
+        match Self::connect_signed(app, path, signature).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                response.status().as_u16()
+            }
+            Err(other) => panic!("the upgrade to {path} failed without an answer: {other}"),
+            Ok(_) => panic!("the upgrade to {path} was accepted"),
+        }
+    }
+
+    /// The HTTP status a genuine (signed) upgrade for `token` is refused with.
+    pub async fn refused_stream(app: &Client, token: &str) -> u16 {
+        let signature = twilio_signature(&stream_url(token), &[]);
+        Self::refused_upgrade(app, &format!("/stream/{token}"), Some(&signature)).await
+    }
+
     /// Answers `call_sid` through `/voice`, opens the stream and starts it with the token.
     pub async fn start_call(app: &Client, call_sid: &str) -> Self {
         let token = app.answer_call(call_sid).await;
-        let mut twilio = Self::connect(app).await;
+        let mut twilio = Self::connect(app, &token).await;
         twilio.start(call_sid, &token, ACCOUNT_SID).await;
         twilio
     }

@@ -25,6 +25,17 @@ pub struct TestApp {
     pub server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
+impl TestApp {
+    /// Waits until every bridge has ended and given its call slot back.
+    pub async fn wait_until_no_call_is_live(&self) {
+        let mut occupancy = self.state.admission.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), occupancy.wait_for(|o| o.live == 0))
+            .await
+            .expect("every call ended within 10 s")
+            .expect("the admission is alive");
+    }
+}
+
 impl std::ops::Deref for TestApp {
     type Target = Client;
 

@@ -666,7 +666,7 @@ async fn an_outbound_calls_context_reaches_the_agent_before_its_first_response()
             .unwrap(),
     );
     assert_eq!(twiml.parameters["direction"], "outbound-api");
-    let mut twilio = FakeTwilio::connect(&o.app).await;
+    let mut twilio = FakeTwilio::connect(&o.app, &twiml.parameters["token"]).await;
     twilio
         .start(&call_sid(1), &twiml.parameters["token"], ACCOUNT_SID)
         .await;

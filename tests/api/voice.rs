@@ -31,18 +31,19 @@ async fn signed_voice_webhook_gets_twiml_that_connects_the_stream() {
             "Hangup"
         ]
     );
-    assert_eq!(
-        twiml.stream_url.as_deref(),
-        Some("wss://callbridge.test/stream")
-    );
-    assert_eq!(twiml.parameters["from"], "whatsapp:+5511999990000");
-    assert_eq!(twiml.parameters["to"], "whatsapp:+558551234567");
-    assert_eq!(twiml.parameters["direction"], "inbound");
     let token = &twiml.parameters["token"];
     assert!(
         token.len() >= 22,
         "token {token:?} carries at least 128 bits"
     );
+    assert_eq!(
+        twiml.stream_url,
+        Some(format!("wss://callbridge.test/stream/{token}")),
+        "each call's upgrade is signed over its own URL"
+    );
+    assert_eq!(twiml.parameters["from"], "whatsapp:+5511999990000");
+    assert_eq!(twiml.parameters["to"], "whatsapp:+558551234567");
+    assert_eq!(twiml.parameters["direction"], "inbound");
     assert_eq!(app.state.admission.occupancy().pending, 1);
 }
 
@@ -60,8 +61,11 @@ async fn plain_phone_number_calls_are_answered_and_http_base_urls_give_ws() {
     assert_eq!(response.status(), 200);
     let twiml = parse_twiml(&response.text().await.unwrap());
     assert_eq!(
-        twiml.stream_url.as_deref(),
-        Some("ws://localhost:8080/stream")
+        twiml.stream_url,
+        Some(format!(
+            "ws://localhost:8080/stream/{}",
+            twiml.parameters["token"]
+        ))
     );
     assert_eq!(twiml.parameters["from"], "+14158675309");
     assert_eq!(twiml.parameters["direction"], "outbound-api");
