@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use askama::Template;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use callbridge::bridge::playback::{Playback, base64_decoded_len};
+use callbridge::call::playback::{Playback, base64_decoded_len};
 use callbridge::openai::events::{self, AudioRef, ServerEvent};
 use callbridge::twilio::media::{self, Inbound};
 use callbridge::twilio::signature::{self, SignedBody};
@@ -191,7 +191,7 @@ fn signature_validate_voice_form(bencher: Bencher) {
 fn twiml_connect_stream(bencher: Bencher) {
     bencher.bench(|| {
         ConnectStream {
-            stream_url: black_box("wss://abc123.ngrok.app/stream"),
+            stream_url: black_box("wss://abc123.ngrok.app/stream/q5mAbcDEFghiJKLmnoPQRs"),
             parameters: &[
                 ("token", "q5mAbcDEFghiJKLmnoPQRs"),
                 ("from", "whatsapp:+5511999990000"),

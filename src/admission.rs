@@ -1,26 +1,29 @@
-//! Who may start a media stream, and how many calls this machine carries.
+//! Who may open a media stream, and how many calls this machine carries.
 //!
-//! `/voice` issues a single-use token bound to the CallSid and reserves a call slot with it; the
-//! `/stream` socket redeems the token after Twilio's `start`. Reserving at `/voice` (not at
-//! `/stream`) means capacity is decided before we promise the caller anything, and a token that
-//! is never redeemed gives its slot back when it expires. The token itself lives in the store,
-//! so a call whose webhook and stream land on different machines still connects; the slot
-//! bookkeeping is per machine.
+//! `/voice` issues a single-use token bound to the CallSid, reserves a call slot with it, and
+//! puts it in the stream's URL (`/stream/{token}`), which Twilio signs. The upgrade spends the
+//! token before the socket exists, turning the reservation into the call's live slot, so a
+//! replayed upgrade finds its token spent and opens nothing; Twilio's `start` must then carry the
+//! same token and the CallSid it was issued for. Reserving at `/voice` (not at the upgrade) means
+//! capacity is decided before we promise the caller anything, and a token that is never spent
+//! gives its slot back when it expires. The token itself lives in the store, so a call whose
+//! webhook and stream land on different machines still connects; the slot bookkeeping is per
+//! machine.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use tokio::sync::watch;
-use tokio::time::Instant;
 
 use crate::store::Store;
+use crate::twilio::ids::CallSid;
 
 /// How long Twilio has to open the stream after we answered `/voice`.
 pub const STREAM_TOKEN_TTL: Duration = Duration::from_secs(60);
+const STREAM_TOKEN_TTL_MS: i64 = STREAM_TOKEN_TTL.as_millis() as i64;
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -34,14 +37,23 @@ pub enum RedeemError {
     Unknown,
     #[error("the stream token has expired")]
     Expired,
-    #[error("the stream token belongs to another call")]
-    WrongCall,
     #[error("the stream token cannot be checked: {0:#}")]
     Store(#[from] anyhow::Error),
 }
 
+/// Why Twilio's `start` does not belong to the stream it arrived on.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StartMismatch {
+    #[error("start carries another token than the stream's URL")]
+    WrongToken,
+    #[error("start names another call than the one the token was issued for")]
+    WrongCall,
+}
+
+/// A reservation expires on the application's clock, the one the stored token's expiry is
+/// measured by, so both end at the same moment.
 struct PendingStream {
-    expires_at: Instant,
+    expires_at_ms: i64,
 }
 
 /// Counts that a drain waits on: both must reach zero before the process may exit.
@@ -61,20 +73,38 @@ pub struct Admission {
     max_calls: usize,
     pending: Mutex<HashMap<String, PendingStream>>,
     occupancy: watch::Sender<Occupancy>,
-    /// Open stream sockets. The upgrade signature is the same for every call and can be
-    /// replayed, so sockets are capped too, not only calls that passed `start`.
-    open_streams: AtomicUsize,
 }
 
-/// An open stream socket, counted until dropped.
-pub struct OpenStream {
-    admission: Arc<Admission>,
+/// What a stream's upgrade was authorised for, by the token it spent: Twilio's `start` on that
+/// socket must match it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamGrant {
+    /// The single-use token from the stream's URL.
+    pub token: String,
+    /// The call `/voice` issued the token for.
+    pub call_sid: CallSid,
 }
 
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        self.admission.open_streams.fetch_sub(1, Ordering::AcqRel);
+impl StreamGrant {
+    /// Twilio's `start` repeats the token as a `<Parameter>` and names the call: both must be
+    /// the ones this stream was admitted for.
+    pub fn check_start(&self, token: &str, call_sid: &CallSid) -> Result<(), StartMismatch> {
+        if token != self.token {
+            Err(StartMismatch::WrongToken)
+        } else if *call_sid != self.call_sid {
+            Err(StartMismatch::WrongCall)
+        } else {
+            Ok(())
+        }
     }
+}
+
+/// A stream whose upgrade spent a valid token: what it was granted, and the call's slot, held
+/// for as long as the call runs.
+#[derive(Debug)]
+pub struct AdmittedStream {
+    pub grant: StreamGrant,
+    pub slot: CallSlot,
 }
 
 /// Proof that a call holds a slot; dropping it (when the bridge task ends, however it ends)
@@ -103,30 +133,14 @@ impl Admission {
             max_calls,
             pending: Mutex::new(HashMap::new()),
             occupancy: watch::Sender::new(Occupancy::default()),
-            open_streams: AtomicUsize::new(0),
-        })
-    }
-
-    /// Admits one more stream socket, unless as many are open as there are call slots: Twilio
-    /// opens one per answered call, so more means replayed upgrades. (A socket that never
-    /// sends `start` is closed after a few seconds by the bridge.)
-    pub fn open_stream(self: &Arc<Self>) -> Option<OpenStream> {
-        let admitted = self
-            .open_streams
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max_calls).then_some(n + 1)
-            })
-            .is_ok();
-        admitted.then(|| OpenStream {
-            admission: Arc::clone(self),
         })
     }
 
     /// Reserves a slot and returns a new token for Twilio to present in `start`; the caller
     /// stores it, bound to the CallSid, with `STREAM_TOKEN_TTL`.
-    pub fn issue(&self, now: Instant) -> Result<String, Refusal> {
+    pub fn issue(&self, now_ms: i64) -> Result<String, Refusal> {
         let mut pending = self.lock_pending();
-        pending.retain(|_, p| p.expires_at > now);
+        pending.retain(|_, p| p.expires_at_ms > now_ms);
         let live = self.occupancy.borrow().live;
         if pending.len() + live >= self.max_calls {
             self.publish_pending(pending.len());
@@ -136,7 +150,7 @@ impl Admission {
         pending.insert(
             token.clone(),
             PendingStream {
-                expires_at: now + STREAM_TOKEN_TTL,
+                expires_at_ms: now_ms + STREAM_TOKEN_TTL_MS,
             },
         );
         self.publish_pending(pending.len());
@@ -150,39 +164,56 @@ impl Admission {
         self.publish_pending(pending.len());
     }
 
-    /// Consumes the token: it is gone from the store after this, valid or not, so a replayed or
-    /// guessed token can never be tried twice. A valid one turns into a live call slot.
+    /// Spends the token, at the stream's upgrade: it is gone from the store after this, valid
+    /// or not, so a replayed upgrade finds it spent. Atomic in the store, so of two machines
+    /// racing for one token only one gets it. A valid one turns the call's reservation into its
+    /// live slot.
     pub async fn redeem(
         self: &Arc<Self>,
         store: &Store,
         token: &str,
-        call_sid: &str,
         now_ms: i64,
-    ) -> Result<CallSlot, RedeemError> {
+    ) -> Result<AdmittedStream, RedeemError> {
         let bound = store.take_stream_token(token).await?;
         // This machine's reservation (if it issued the token) ends either way.
         self.release(token);
-        let (bound_call_sid, expires_at_ms) = bound.ok_or(RedeemError::Unknown)?;
+        let (call_sid, expires_at_ms) = bound.ok_or(RedeemError::Unknown)?;
         if expires_at_ms <= now_ms {
             return Err(RedeemError::Expired);
         }
-        if bound_call_sid != call_sid {
-            return Err(RedeemError::WrongCall);
-        }
+        // Only `/voice` stores tokens, for CallSids it parsed; anything else is a corrupt row.
+        let call_sid = CallSid::parse(&call_sid).map_err(|why| {
+            RedeemError::Store(anyhow::anyhow!("a stored stream token is bound to {why}"))
+        })?;
         self.occupancy.send_modify(|o| o.live += 1);
-        Ok(CallSlot {
-            admission: Arc::clone(self),
+        Ok(AdmittedStream {
+            grant: StreamGrant {
+                token: token.to_owned(),
+                call_sid,
+            },
+            slot: CallSlot {
+                admission: Arc::clone(self),
+            },
         })
     }
 
+    /// The counts as last published: reservations that expired since the last `issue`,
+    /// `expire` or `occupancy_at` are still in them.
     pub fn occupancy(&self) -> Occupancy {
         *self.occupancy.borrow()
     }
 
-    /// Drops expired tokens so a drain does not wait for calls that will never connect.
-    pub fn expire(&self, now: Instant) {
+    /// The counts at `now_ms`, with expired reservations gone: what a metrics scrape or a
+    /// capacity check must see even when no `/voice` came since they expired.
+    pub fn occupancy_at(&self, now_ms: i64) -> Occupancy {
+        self.expire(now_ms);
+        self.occupancy()
+    }
+
+    /// Drops expired reservations so a drain does not wait for calls that will never connect.
+    pub fn expire(&self, now_ms: i64) {
         let mut pending = self.lock_pending();
-        pending.retain(|_, p| p.expires_at > now);
+        pending.retain(|_, p| p.expires_at_ms > now_ms);
         self.publish_pending(pending.len());
     }
 
@@ -217,6 +248,9 @@ mod tests {
     use super::*;
     use crate::clock::{Clock, SystemClock};
 
+    const CA1: &str = "CA00000000000000000000000000000001";
+    const CA2: &str = "CA00000000000000000000000000000002";
+
     fn now_ms() -> i64 {
         SystemClock.now_ms()
     }
@@ -234,7 +268,7 @@ mod tests {
         call_sid: &str,
         ttl_ms: i64,
     ) -> String {
-        let token = admission.issue(Instant::now()).unwrap();
+        let token = admission.issue(now_ms()).unwrap();
         store
             .issue_stream_token(&token, call_sid, 0, now_ms() + ttl_ms)
             .await
@@ -245,44 +279,37 @@ mod tests {
     #[tokio::test]
     async fn a_token_is_single_use_and_bound_to_its_call() {
         let (admission, store) = (Admission::new(10), store().await);
-        let token = issue_for(&admission, &store, "CA1", 60_000).await;
+        let token = issue_for(&admission, &store, CA1, 60_000).await;
         assert!(
             token.len() >= 22,
             "128 bits need at least 22 base64 characters"
         );
-        let slot = admission
-            .redeem(&store, &token, "CA1", now_ms())
-            .await
-            .unwrap();
+        assert_eq!(admission.occupancy().pending, 1);
+        let admitted = admission.redeem(&store, &token, now_ms()).await.unwrap();
+        assert_eq!(admitted.grant.call_sid.as_str(), CA1);
         assert_eq!(
             admission.occupancy(),
             Occupancy {
                 pending: 0,
                 live: 1
-            }
+            },
+            "the reservation became the live slot"
         );
         assert!(matches!(
-            admission.redeem(&store, &token, "CA1", now_ms()).await,
+            admission.redeem(&store, &token, now_ms()).await,
             Err(RedeemError::Unknown)
         ));
-        drop(slot);
+        let (ca1, ca2) = (CallSid::parse(CA1).unwrap(), CallSid::parse(CA2).unwrap());
+        assert_eq!(admitted.grant.check_start(&token, &ca1), Ok(()));
         assert_eq!(
-            admission.occupancy(),
-            Occupancy {
-                pending: 0,
-                live: 0
-            }
+            admitted.grant.check_start("another", &ca1),
+            Err(StartMismatch::WrongToken)
         );
-
-        let token = issue_for(&admission, &store, "CA2", 60_000).await;
-        assert!(matches!(
-            admission.redeem(&store, &token, "CA3", now_ms()).await,
-            Err(RedeemError::WrongCall)
-        ));
-        assert!(matches!(
-            admission.redeem(&store, &token, "CA2", now_ms()).await,
-            Err(RedeemError::Unknown)
-        ));
+        assert_eq!(
+            admitted.grant.check_start(&token, &ca2),
+            Err(StartMismatch::WrongCall)
+        );
+        drop(admitted);
         assert_eq!(
             admission.occupancy(),
             Occupancy {
@@ -295,40 +322,38 @@ mod tests {
     #[tokio::test]
     async fn expired_tokens_are_refused() {
         let (admission, store) = (Admission::new(10), store().await);
-        let token = issue_for(&admission, &store, "CA1", 60_000).await;
+        let token = issue_for(&admission, &store, CA1, 60_000).await;
         let later = now_ms() + 60_001;
         assert!(matches!(
-            admission.redeem(&store, &token, "CA1", later).await,
+            admission.redeem(&store, &token, later).await,
             Err(RedeemError::Expired)
         ));
+        assert!(
+            matches!(
+                admission.redeem(&store, &token, now_ms()).await,
+                Err(RedeemError::Unknown)
+            ),
+            "an expired token is spent by trying it"
+        );
+        assert_eq!(admission.occupancy(), Occupancy::default());
     }
 
     #[tokio::test]
     async fn a_token_issued_by_another_machine_is_honoured() {
         let store = store().await;
         let (webhook_machine, stream_machine) = (Admission::new(10), Admission::new(10));
-        let token = issue_for(&webhook_machine, &store, "CA1", 60_000).await;
-        let _slot = stream_machine
-            .redeem(&store, &token, "CA1", now_ms())
+        let token = issue_for(&webhook_machine, &store, CA1, 60_000).await;
+        let _admitted = stream_machine
+            .redeem(&store, &token, now_ms())
             .await
             .unwrap();
         assert_eq!(stream_machine.occupancy().live, 1);
     }
 
     #[test]
-    fn open_stream_sockets_are_capped_at_the_call_slots() {
-        let admission = Admission::new(2);
-        let first = admission.open_stream().expect("room");
-        let _second = admission.open_stream().expect("room");
-        assert!(admission.open_stream().is_none());
-        drop(first);
-        assert!(admission.open_stream().is_some());
-    }
-
-    #[test]
     fn tokens_are_unique() {
         let admission = Admission::new(1000);
-        let now = Instant::now();
+        let now = now_ms();
         let tokens: std::collections::HashSet<_> =
             (0..500).map(|_| admission.issue(now).unwrap()).collect();
         assert_eq!(tokens.len(), 500);
@@ -337,14 +362,14 @@ mod tests {
     #[test]
     fn capacity_counts_pending_calls_and_frees_expired_or_released_reservations() {
         let admission = Admission::new(2);
-        let now = Instant::now();
+        let now = now_ms();
         let first = admission.issue(now).unwrap();
         admission.issue(now).unwrap();
         assert_eq!(admission.issue(now), Err(Refusal::Full(2)));
         admission.release(&first);
         let third = admission.issue(now).unwrap();
         assert_eq!(admission.issue(now), Err(Refusal::Full(2)));
-        let later = now + STREAM_TOKEN_TTL + Duration::from_secs(1);
+        let later = now + STREAM_TOKEN_TTL_MS + 1_000;
         assert!(
             admission.issue(later).is_ok(),
             "expired reservations are released"
@@ -356,9 +381,9 @@ mod tests {
                 live: 0
             }
         );
-        admission.expire(later + STREAM_TOKEN_TTL);
+        assert_eq!(admission.occupancy().pending, 1, "nothing expired yet");
         assert_eq!(
-            admission.occupancy(),
+            admission.occupancy_at(later + STREAM_TOKEN_TTL_MS),
             Occupancy {
                 pending: 0,
                 live: 0

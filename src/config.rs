@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
+use crate::call::core::CallSettings;
 use crate::domain::phone::E164;
-use crate::twilio::ids::{AccountSid, ContentSid};
 use crate::store::machines::MachineId;
+use crate::twilio::ids::{AccountSid, ContentSid};
 
 pub const DEFAULT_TWILIO_API_BASE_URL: &str = "https://api.twilio.com";
 pub const DEFAULT_OPENAI_REALTIME_URL: &str = "wss://api.openai.com/v1/realtime";
@@ -53,6 +54,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// How long a Twilio REST request may take; not an environment variable (tests shorten it).
     pub twilio_request_timeout: Duration,
+    /// Each call's heartbeat, timeouts and ending grace; not environment variables (tests
+    /// shorten them).
+    pub call: CallSettings,
     /// `FLY_MACHINE_ID`: a name that survives restarts, so a restarted machine records the
     /// calls it was cut off from at once. Without it each process start gets a random one.
     pub machine_id: Option<MachineId>,
@@ -353,6 +357,7 @@ impl Config {
             request_timeout,
             log_format,
             twilio_request_timeout: crate::twilio::rest::DEFAULT_REQUEST_TIMEOUT,
+            call: CallSettings::default(),
             machine_id,
         })
     }

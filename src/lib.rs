@@ -1,11 +1,10 @@
 //! callbridge: answers Twilio (WhatsApp) calls with an OpenAI Realtime voice agent.
 //!
 //! Twilio's voice webhook (`routes::voice`) answers with TwiML that connects the call to our
-//! `/stream` WebSocket; the bridge passes µ-law audio straight through to an OpenAI Realtime
+//! `/stream/{token}` WebSocket; the bridge passes µ-law audio straight through to an OpenAI Realtime
 //! session and back. `startup::Application` wires it together from a `config::Config`.
 
 pub mod admission;
-pub mod bridge;
 pub mod call;
 pub mod clock;
 pub mod config;

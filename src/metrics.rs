@@ -152,7 +152,7 @@ impl Metrics {
         gauge(
             &mut out,
             "callbridge_pending_streams",
-            "Calls answered by /voice whose media stream has not started yet.",
+            "Calls answered by /voice whose media stream has not opened yet.",
             occupancy.pending as u64,
         );
         gauge(

@@ -196,7 +196,7 @@ async fn record_exit(state: &AppState) {
 async fn wait_until_idle(state: &AppState) {
     let mut occupancy = state.admission.subscribe();
     loop {
-        state.admission.expire(Instant::now());
+        state.admission.expire(state.clock.now_ms());
         if occupancy.borrow_and_update().is_idle() {
             return;
         }

@@ -15,6 +15,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::admission::StreamGrant;
 use crate::call::agent::{AgentSettings, outbound_brief};
 use crate::call::ending::{EndPlan, EndingTimes};
 use crate::call::leg::MediaLeg;
@@ -57,15 +58,6 @@ impl Default for CallSettings {
             ending: EndingTimes::default(),
         }
     }
-}
-
-/// What the stream's upgrade was authorised for: `start` must match it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StreamGrant {
-    /// The single-use token from the stream URL; `start` repeats it as its `token` parameter.
-    pub token: String,
-    /// The call the token was issued to by `/voice`.
-    pub call_sid: CallSid,
 }
 
 /// Everything the core needs to know when the socket opens.
@@ -455,21 +447,17 @@ impl<L: MediaLeg> CallCore<L> {
             self.malformed_from_media("a second start");
             return;
         }
-        let span = tracing::Span::current();
-        span.record("call_sid", start.call_sid.as_str());
-        span.record("stream_sid", start.stream_sid.as_str());
+        tracing::Span::current().record("stream_sid", start.stream_sid.as_str());
         let parameter = |name: &str| start.custom_parameters.get(name).map_or("", String::as_str);
         let refusal = if start.account_sid != self.account_sid {
-            Some("start names another Twilio account")
-        } else if parameter("token") != self.grant.token {
-            Some("start carries another token than the stream URL")
-        } else if start.call_sid != self.grant.call_sid {
-            Some("start names another call than the token was issued for")
+            Err("start names another Twilio account".to_owned())
         } else {
-            None
+            self.grant
+                .check_start(parameter("token"), &start.call_sid)
+                .map_err(|mismatch| mismatch.to_string())
         };
-        if let Some(refusal) = refusal {
-            tracing::warn!(refusal, "refused a stream");
+        if let Err(refusal) = refusal {
+            tracing::warn!(%refusal, "refused a stream");
             self.end(EndReason::Unauthorized, now);
             return;
         }

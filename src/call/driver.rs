@@ -25,8 +25,10 @@ use crate::call::core::{
 };
 use crate::call::ending::{self, EndPlan, EndingTimes};
 use crate::call::leg::{CallControl, TwilioLeg};
+use crate::metrics::EndReason;
 use crate::openai::client::{AgentDialer, DialError};
 use crate::state::AppState;
+use crate::twilio::socket;
 
 type TwilioMessage = actix_ws::Message;
 type LocalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
@@ -340,8 +342,11 @@ fn media_input(
         }
         Some(Ok(AggregatedMessage::Pong(_))) => core.handle(Input::MediaAlive, now),
         Some(Ok(AggregatedMessage::Close(_))) | None => core.handle(Input::MediaClosed, now),
-        Some(Err(ProtocolError::Overflow)) => core.handle(Input::MediaOverflow, now),
-        Some(Err(error)) => core.handle(Input::MediaBroken(error.to_string()), now),
+        Some(Err(error)) => match socket::end_reason(&error) {
+            EndReason::FrameTooLarge => core.handle(Input::MediaOverflow, now),
+            EndReason::InvalidText => core.handle(Input::MediaInvalidText, now),
+            _ => core.handle(Input::MediaBroken(error.to_string()), now),
+        },
     }
 }
 

@@ -22,4 +22,5 @@ pub mod driver;
 pub mod ending;
 pub mod leg;
 pub mod link;
-pub use crate::bridge::{playback, transcript};
+pub mod playback;
+pub mod transcript;

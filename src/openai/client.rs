@@ -19,6 +19,14 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 const READ_BUFFER_BYTES: usize = 4 * 1024;
 
+/// The largest Realtime event accepted. Events are a few KiB (audio deltas, transcripts) and the
+/// largest, `session.created`/`updated`, echo the instructions, bounded by the model's context
+/// (tens of KiB), so 1 MiB is far above any genuine one. tungstenite checks `max_frame_size` at
+/// each frame header, before buffering (and reserves the declared length there);
+/// `max_message_size` only once a frame is complete. Both are set, so no frame over this is
+/// ever buffered and a fragmented event stops growing at it.
+const MAX_AGENT_MESSAGE: usize = 1 << 20;
+
 /// Connecting longer than this means the caller is already listening to silence.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -106,7 +114,8 @@ impl AgentDialer for RealtimeDialer {
         // was most of a call's memory and its largest CPU cost (profiled in the benchmark).
         // Realtime events are a few KiB, and larger ones still arrive over several reads.
         let config = WebSocketConfig::default()
-            .max_message_size(Some(16 << 20))
+            .max_frame_size(Some(MAX_AGENT_MESSAGE))
+            .max_message_size(Some(MAX_AGENT_MESSAGE))
             .read_buffer_size(READ_BUFFER_BYTES);
         let handshake =
             tokio_tungstenite::client_async_with_config(request, transport, Some(config));

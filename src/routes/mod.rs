@@ -21,7 +21,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(metrics::metrics))
         .route("/voice", web::post().to(voice::voice))
         .route("/voice/status", web::post().to(voice::status))
-        .route("/stream", web::get().to(stream::stream))
+        .route("/stream/{token}", web::get().to(stream::stream))
         .route("/messaging", web::post().to(messaging::messaging))
         .route(
             "/call-permissions",

@@ -151,7 +151,7 @@ pub async fn place_call(
     if state.lifecycle.is_draining() {
         return Err(ApiError::Unavailable("it is shutting down"));
     }
-    let occupancy = state.admission.occupancy();
+    let occupancy = state.admission.occupancy_at(state.clock.now_ms());
     if occupancy.live + occupancy.pending >= state.config.max_concurrent_calls {
         return Err(ApiError::Unavailable("all call slots are taken"));
     }

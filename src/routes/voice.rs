@@ -3,7 +3,6 @@
 use actix_web::{HttpResponse, web};
 use askama::Template;
 use serde::Deserialize;
-use tokio::time::Instant;
 use tracing_actix_web::RootSpan;
 
 use crate::admission::STREAM_TOKEN_TTL;
@@ -77,7 +76,8 @@ pub async fn voice(
             });
         }
     }
-    let candidate = match state.admission.issue(Instant::now()) {
+    let now = state.clock.now_ms();
+    let candidate = match state.admission.issue(now) {
         Ok(token) => token,
         Err(refusal) => {
             state.metrics.calls_refused_busy.inc();
@@ -87,7 +87,6 @@ pub async fn voice(
             });
         }
     };
-    let now = state.clock.now_ms();
     let ttl_ms = i64::try_from(STREAM_TOKEN_TTL.as_millis()).unwrap_or(i64::MAX);
     let token = match state
         .store
@@ -127,7 +126,12 @@ pub async fn voice(
         direction = %call.direction,
         "answering call with a media stream"
     );
-    let stream_url = state.config.public_base_url.websocket_url("/stream");
+    // Twilio signs the upgrade over this URL, so the token in it makes each call's upgrade
+    // unique: a replay of one finds its token spent.
+    let stream_url = state
+        .config
+        .public_base_url
+        .websocket_url(&format!("/stream/{token}"));
     twiml_response(&ConnectStream {
         stream_url: &stream_url,
         parameters: &[

@@ -17,7 +17,7 @@ use anyhow::Context;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
 
-use crate::bridge::transcript::TranscriptLine;
+use crate::call::transcript::TranscriptLine;
 use machines::MachineId;
 use models::{CallDetail, CallEvent, CallRecord, ListCursor, StatusUpdate, StoredLine};
 

@@ -149,7 +149,7 @@ async fn write_batch(store: &Store, batch: &[Record], metrics: &Metrics) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bridge::transcript::{Speaker, TranscriptLine};
+    use crate::call::transcript::{Speaker, TranscriptLine};
     use crate::clock::SystemClock;
 
     fn event(n: usize) -> Record {

@@ -5,5 +5,6 @@ pub mod ids;
 pub mod media;
 pub mod rest;
 pub mod signature;
+pub mod socket;
 pub mod twiml;
 pub mod webhook;

@@ -142,7 +142,7 @@ mod tests {
     #[test]
     fn connect_stream_snapshot() {
         let xml = ConnectStream {
-            stream_url: "wss://abc.ngrok.app/stream",
+            stream_url: "wss://abc.ngrok.app/stream/q5mAbcDEFghiJKLmnoPQRs",
             parameters: &[
                 ("token", "q5mAbcDEFghiJKLmnoPQRs"),
                 ("from", "whatsapp:+5511999990000"),

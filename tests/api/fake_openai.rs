@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex, mpsc};
 use tokio_tungstenite::tungstenite::Message;
@@ -26,7 +27,13 @@ pub struct FakeOpenAi {
 pub struct FakeSession {
     pub path_and_query: String,
     received: mpsc::UnboundedReceiver<Message>,
-    outgoing: mpsc::UnboundedSender<Message>,
+    outgoing: mpsc::UnboundedSender<Outgoing>,
+}
+
+/// What a test has the fake send: a WebSocket message, or bytes written below the framing.
+enum Outgoing {
+    Message(Message),
+    Bytes(Vec<u8>),
 }
 
 impl FakeOpenAi {
@@ -69,9 +76,9 @@ impl FakeOpenAi {
                     let Ok(socket) = tokio_tungstenite::accept_hdr_async(tcp, check).await else {
                         return;
                     };
-                    let (mut sink, mut stream) = socket.split();
+                    let mut socket = socket;
                     let (received_tx, received) = mpsc::unbounded_channel();
-                    let (outgoing, mut outgoing_rx) = mpsc::unbounded_channel::<Message>();
+                    let (outgoing, mut outgoing_rx) = mpsc::unbounded_channel::<Outgoing>();
                     let _ = session_tx.send(FakeSession {
                         path_and_query,
                         received,
@@ -79,12 +86,17 @@ impl FakeOpenAi {
                     });
                     loop {
                         tokio::select! {
-                            incoming = stream.next() => match incoming {
+                            incoming = socket.next() => match incoming {
                                 Some(Ok(message)) => { let _ = received_tx.send(message); }
                                 _ => break,
                             },
                             out = outgoing_rx.recv() => match out {
-                                Some(message) => { if sink.send(message).await.is_err() { break } }
+                                Some(Outgoing::Message(message)) => {
+                                    if socket.send(message).await.is_err() { break }
+                                }
+                                Some(Outgoing::Bytes(bytes)) => {
+                                    if socket.get_mut().write_all(&bytes).await.is_err() { break }
+                                }
                                 // The test dropped its handle: drop the connection abruptly.
                                 None => break,
                             },
@@ -141,8 +153,14 @@ impl FakeSession {
 
     pub fn send_raw(&self, message: Message) {
         self.outgoing
-            .send(message)
+            .send(Outgoing::Message(message))
             .expect("the fake session is running");
+    }
+
+    /// Writes `bytes` to the TCP stream as they are, below the WebSocket framing: a frame header
+    /// without its payload, or a payload trickled in pieces. Ignored once the socket is gone.
+    pub fn write_bytes(&self, bytes: &[u8]) {
+        let _ = self.outgoing.send(Outgoing::Bytes(bytes.to_vec()));
     }
 
     /// Resolves when the bridge closed the socket (close frame or EOF), or fails after `within`.

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -18,8 +18,7 @@ use crate::helpers::{ACCOUNT_SID, Client, PUBLIC_BASE_URL, twilio_signature};
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 pub struct FakeTwilio {
-    sink: SplitSink<Socket, Message>,
-    stream: SplitStream<Socket>,
+    socket: Socket,
     pub stream_sid: String,
 }
 
@@ -36,22 +35,30 @@ pub fn agent_audio(ms: usize, seed: u8) -> String {
     STANDARD.encode(vec![seed; ms * 8])
 }
 
+/// The stream URL `/voice` hands Twilio for `token`'s call, which Twilio signs as it is.
+pub fn stream_url(token: &str) -> String {
+    format!(
+        "{}/stream/{token}",
+        PUBLIC_BASE_URL.replacen("https", "wss", 1)
+    )
+}
+
 impl FakeTwilio {
-    pub async fn connect(app: &Client) -> Self {
-        let signature = twilio_signature(
-            &format!("{}/stream", PUBLIC_BASE_URL.replacen("https", "wss", 1)),
-            &[],
-        );
-        Self::connect_signed(app, Some(&signature))
+    /// Opens the stream of the call `token` was issued for, signed as Twilio signs it.
+    pub async fn connect(app: &Client, token: &str) -> Self {
+        let signature = twilio_signature(&stream_url(token), &[]);
+        Self::connect_signed(app, &format!("/stream/{token}"), Some(&signature))
             .await
             .expect("upgrade accepted")
     }
 
+    /// Upgrades `path` on the app with `signature` as the `X-Twilio-Signature`.
     pub async fn connect_signed(
         app: &Client,
+        path: &str,
         signature: Option<&str>,
     ) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
-        let url = format!("{}/stream", app.address.replacen("http", "ws", 1));
+        let url = format!("{}{path}", app.address.replacen("http", "ws", 1));
         let mut request = url.into_client_request().unwrap();
         if let Some(signature) = signature {
             request
@@ -59,18 +66,33 @@ impl FakeTwilio {
                 .insert("x-twilio-signature", signature.parse().unwrap());
         }
         let (socket, _) = tokio_tungstenite::connect_async(request).await?;
-        let (sink, stream) = socket.split();
         Ok(Self {
-            sink,
-            stream,
+            socket,
             stream_sid: String::new(),
         })
+    }
+
+    /// The HTTP status an upgrade to `path` is refused with; panics if it is accepted.
+    pub async fn refused_upgrade(app: &Client, path: &str, signature: Option<&str>) -> u16 {
+        match Self::connect_signed(app, path, signature).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                response.status().as_u16()
+            }
+            Err(other) => panic!("the upgrade to {path} failed without an answer: {other}"),
+            Ok(_) => panic!("the upgrade to {path} was accepted"),
+        }
+    }
+
+    /// The HTTP status a genuine (signed) upgrade for `token` is refused with.
+    pub async fn refused_stream(app: &Client, token: &str) -> u16 {
+        let signature = twilio_signature(&stream_url(token), &[]);
+        Self::refused_upgrade(app, &format!("/stream/{token}"), Some(&signature)).await
     }
 
     /// Answers `call_sid` through `/voice`, opens the stream and starts it with the token.
     pub async fn start_call(app: &Client, call_sid: &str) -> Self {
         let token = app.answer_call(call_sid).await;
-        let mut twilio = Self::connect(app).await;
+        let mut twilio = Self::connect(app, &token).await;
         twilio.start(call_sid, &token, ACCOUNT_SID).await;
         twilio
     }
@@ -80,17 +102,34 @@ impl FakeTwilio {
     }
 
     pub async fn send_text(&mut self, text: String) {
-        self.sink
+        self.socket
             .send(Message::text(text))
             .await
             .expect("socket open");
     }
 
     pub async fn send_raw(&mut self, message: Message) {
-        self.sink.send(message).await.expect("socket open");
+        self.socket.send(message).await.expect("socket open");
+    }
+
+    /// Writes `bytes` to the TCP stream as they are, below the WebSocket framing: a frame header
+    /// without its payload, or a payload trickled in pieces, as no WebSocket library would.
+    /// Returns `false` once the server has closed the connection.
+    pub async fn write_bytes(&mut self, bytes: &[u8]) -> bool {
+        let MaybeTlsStream::Plain(tcp) = self.socket.get_mut() else {
+            unreachable!("the test app speaks plain ws://")
+        };
+        tcp.write_all(bytes).await.is_ok() && tcp.flush().await.is_ok()
     }
 
     pub async fn start(&mut self, call_sid: &str, token: &str, account_sid: &str) {
+        let parameters = json!({"token": token, "from": "whatsapp:+5511999990000", "to": "whatsapp:+558551234567", "direction": "inbound"});
+        self.start_with(call_sid, account_sid, parameters).await;
+    }
+
+    /// `start` carrying `parameters` as its `customParameters`: Twilio passes the TwiML's
+    /// `<Parameter>`s through unchanged.
+    pub async fn start_with(&mut self, call_sid: &str, account_sid: &str, parameters: Value) {
         self.stream_sid = format!("MZ{}", &call_sid[2..]);
         self.send(json!({"event":"connected","protocol":"Call","version":"1.0.0"}))
             .await;
@@ -103,7 +142,7 @@ impl FakeTwilio {
                 "streamSid": self.stream_sid,
                 "callSid": call_sid,
                 "tracks": ["inbound"],
-                "customParameters": {"token": token, "from": "whatsapp:+5511999990000", "to": "whatsapp:+558551234567", "direction": "inbound"},
+                "customParameters": parameters,
                 "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
             }
         }))
@@ -135,7 +174,7 @@ impl FakeTwilio {
         let next_text = async {
             loop {
                 let message = self
-                    .stream
+                    .socket
                     .next()
                     .await
                     .expect("the socket is open")
@@ -156,7 +195,7 @@ impl FakeTwilio {
     pub async fn closed_within(&mut self, within: Duration) -> Option<Option<u16>> {
         tokio::time::timeout(within, async {
             loop {
-                match self.stream.next().await {
+                match self.socket.next().await {
                     Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
                     None | Some(Err(_)) => return None,
                     Some(Ok(_)) => continue,

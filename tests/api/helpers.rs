@@ -1,5 +1,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
 use callbridge::clock::{Clock, SystemClock};
 use callbridge::config::Config;
@@ -19,28 +21,21 @@ pub struct Client {
     pub http: reqwest::Client,
 }
 
-/// A clock that only moves when a test says so.
-pub struct ManualClock(pub std::sync::atomic::AtomicI64);
-
-impl Clock for ManualClock {
-    fn now_ms(&self) -> i64 {
-        self.0.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
-
-impl ManualClock {
-    pub fn advance(&self, by: std::time::Duration) {
-        self.0.fetch_add(
-            i64::try_from(by.as_millis()).unwrap(),
-            std::sync::atomic::Ordering::SeqCst,
-        );
-    }
-}
-
 pub struct TestApp {
     pub client: Client,
     pub state: Arc<AppState>,
     pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl TestApp {
+    /// Waits until every bridge has ended and given its call slot back.
+    pub async fn wait_until_no_call_is_live(&self) {
+        let mut occupancy = self.state.admission.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), occupancy.wait_for(|o| o.live == 0))
+            .await
+            .expect("every call ended within 10 s")
+            .expect("the admission is alive");
+    }
 }
 
 impl std::ops::Deref for TestApp {
@@ -125,6 +120,29 @@ pub async fn spawn_app_with_clock(config: Config, clock: Arc<dyn Clock>) -> Test
         client: Client::new(address),
         state,
         server,
+    }
+}
+
+/// A clock that only moves when a test says so.
+pub struct ManualClock(AtomicI64);
+
+impl Default for ManualClock {
+    /// 2027-01-15: any fixed moment will do.
+    fn default() -> Self {
+        Self(AtomicI64::new(1_800_000_000_000))
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+impl ManualClock {
+    pub fn advance(&self, by: Duration) {
+        self.0
+            .fetch_add(i64::try_from(by.as_millis()).unwrap(), Ordering::SeqCst);
     }
 }
 
@@ -410,4 +428,27 @@ impl Drop for Binary {
             let _ = self.child.wait();
         }
     }
+}
+
+/// The header of a final text frame declaring `length` payload bytes, masked with `mask` (a
+/// client's frames must be, a server's must not): the bytes a peer sends before its payload.
+pub fn text_frame_header(length: u64, mask: Option<[u8; 4]>) -> Vec<u8> {
+    use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let header = FrameHeader {
+        opcode: OpCode::Data(Data::Text),
+        mask,
+        ..FrameHeader::default()
+    };
+    let mut bytes = Vec::new();
+    header
+        .format(length, &mut bytes)
+        .expect("a header formats into memory");
+    bytes
+}
+
+/// An app whose calls wait `apology_grace` (not 10 s) before the REST hang-up of a failed call.
+pub fn with_apology_grace(mut config: Config, apology_grace: std::time::Duration) -> Config {
+    config.call.ending.apology_grace = apology_grace;
+    config
 }

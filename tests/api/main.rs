@@ -2,6 +2,7 @@
 //! One test binary (zero2prod's layout) so the crate is linked once.
 
 mod calls;
+mod endings;
 mod fake_openai;
 mod fake_twilio;
 mod hardening;

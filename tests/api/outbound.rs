@@ -90,7 +90,7 @@ async fn outbound_app(extra: &[(&str, &str)]) -> Outbound {
     ];
     overrides.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
     let pairs: Vec<(&str, &str)> = overrides.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let clock = Arc::new(ManualClock(AtomicI64::new(1_800_000_000_000)));
+    let clock = Arc::new(ManualClock::default());
     let app = spawn_app_with_clock(test_config(&pairs), clock.clone()).await;
     Outbound { app, twilio, clock }
 }
@@ -690,9 +690,10 @@ async fn an_outbound_calls_context_reaches_the_agent_before_its_first_response()
             .unwrap(),
     );
     assert_eq!(twiml.parameters["direction"], "outbound-api");
-    let mut twilio = FakeTwilio::connect(&o.app).await;
+    let mut twilio = FakeTwilio::connect(&o.app, &twiml.parameters["token"]).await;
+    let parameters = serde_json::to_value(&twiml.parameters).unwrap();
     twilio
-        .start(&call_sid(1), &twiml.parameters["token"], ACCOUNT_SID)
+        .start_with(&call_sid(1), ACCOUNT_SID, parameters)
         .await;
 
     let mut session = fake.next_session().await;

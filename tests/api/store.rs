@@ -1,7 +1,7 @@
 //! The store against every database a deployment can use: always SQLite, and Postgres when
 //! `CALLBRIDGE_TEST_POSTGRES_URL` names a server (`.ci/run` starts one).
 
-use callbridge::bridge::transcript::{Speaker, TranscriptLine};
+use callbridge::call::transcript::{Speaker, TranscriptLine};
 use callbridge::clock::{Clock, SystemClock};
 use callbridge::store::machines::{HEARTBEAT_INTERVAL, LEASE, MachineId, keep_lease};
 use callbridge::store::models::{CallRecord, ListCursor, StatusUpdate};
@@ -662,7 +662,7 @@ fn ended(reason: &'static str, call_sid: &str, at_ms: i64) -> Record {
 #[tokio::test]
 async fn calls_of_a_machine_whose_lease_ran_out_are_recorded_as_lost() {
     for url in fresh_databases().await {
-        let clock = ManualClock(std::sync::atomic::AtomicI64::new(1_800_000_000_000));
+        let clock = ManualClock::default();
         let a = machine(&url, "machine-a", &clock).await;
         let b = machine(&url, "machine-b", &clock).await;
         call_carried_by(&a, "CA_A", clock.now_ms()).await;
@@ -705,7 +705,7 @@ async fn calls_of_a_machine_whose_lease_ran_out_are_recorded_as_lost() {
 #[tokio::test]
 async fn a_restarted_machine_records_what_it_carried_as_lost_before_it_serves() {
     for url in fresh_databases().await {
-        let clock = ManualClock(std::sync::atomic::AtomicI64::new(1_800_000_000_000));
+        let clock = ManualClock::default();
         let before = machine(&url, "machine-a", &clock).await;
         call_carried_by(&before, "CA1", clock.now_ms()).await;
         call_carried_by(&before, "CA2", clock.now_ms()).await;
@@ -739,7 +739,7 @@ async fn a_restarted_machine_records_what_it_carried_as_lost_before_it_serves() 
 #[tokio::test]
 async fn a_machine_that_exits_records_its_live_calls_and_gives_up_its_lease() {
     for url in fresh_databases().await {
-        let clock = ManualClock(std::sync::atomic::AtomicI64::new(1_800_000_000_000));
+        let clock = ManualClock::default();
         let leaving = machine(&url, "machine-a", &clock).await;
         let staying = machine(&url, "machine-b", &clock).await;
         call_carried_by(&leaving, "CA1", clock.now_ms()).await;

@@ -1,12 +1,14 @@
 //! The bridge end to end: the real app on port 0, a fake Twilio client and a fake OpenAI server.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use callbridge::admission::{Occupancy, STREAM_TOKEN_TTL};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::fake_openai::{FakeOpenAi, FakeSession};
-use crate::fake_twilio::{FakeTwilio, agent_audio, frame};
+use crate::fake_twilio::{FakeTwilio, agent_audio, frame, stream_url};
 use crate::helpers::*;
 
 pub async fn app_with(fake: &FakeOpenAi, extra: &[(&str, &str)]) -> TestApp {
@@ -226,43 +228,42 @@ async fn speech_while_the_agent_is_silent_does_nothing() {
     assert_eq!(app.state.metrics.truncates.get(), 0);
 }
 
+const OTHER_ACCOUNT_SID: &str = "ACffffffffffffffffffffffffffffffff";
+
 #[tokio::test]
-async fn a_wrong_token_or_account_closes_the_stream_without_an_openai_session() {
+async fn a_start_that_does_not_match_its_upgrade_closes_the_stream_without_an_openai_session() {
     let fake = FakeOpenAi::start().await;
     let app = app_with(&fake, &[]).await;
 
     let token = app.answer_call(&call_sid(1005)).await;
-    let mut twilio = FakeTwilio::connect(&app).await;
-    twilio
+    let mut wrong_token = FakeTwilio::connect(&app, &token).await;
+    wrong_token
         .start(&call_sid(1005), "not-the-token", ACCOUNT_SID)
         .await;
     assert_eq!(
-        twilio.closed_within(Duration::from_secs(5)).await,
+        wrong_token.closed_within(Duration::from_secs(5)).await,
         Some(Some(1008))
     );
 
-    let mut other_call = FakeTwilio::connect(&app).await;
-    other_call.start(&call_sid(9999), &token, ACCOUNT_SID).await;
-    assert!(
-        other_call
-            .closed_within(Duration::from_secs(5))
-            .await
-            .is_some()
-    );
-
     let token = app.answer_call(&call_sid(1006)).await;
-    let mut wrong_account = FakeTwilio::connect(&app).await;
-    wrong_account
-        .start(&call_sid(1006), &token, OTHER_ACCOUNT_SID)
-        .await;
-    assert!(
-        wrong_account
-            .closed_within(Duration::from_secs(5))
-            .await
-            .is_some()
+    let mut other_call = FakeTwilio::connect(&app, &token).await;
+    other_call.start(&call_sid(9999), &token, ACCOUNT_SID).await;
+    assert_eq!(
+        other_call.closed_within(Duration::from_secs(5)).await,
+        Some(Some(1008))
     );
 
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let token = app.answer_call(&call_sid(1020)).await;
+    let mut wrong_account = FakeTwilio::connect(&app, &token).await;
+    wrong_account
+        .start(&call_sid(1020), &token, OTHER_ACCOUNT_SID)
+        .await;
+    assert_eq!(
+        wrong_account.closed_within(Duration::from_secs(5)).await,
+        Some(Some(1008))
+    );
+
+    app.wait_until_no_call_is_live().await;
     assert_eq!(fake.upgrades(), 0, "no Realtime session was ever requested");
     assert_eq!(
         app.state
@@ -270,41 +271,99 @@ async fn a_wrong_token_or_account_closes_the_stream_without_an_openai_session() 
             .calls_ended(callbridge::metrics::EndReason::Unauthorized),
         3
     );
-    assert_eq!(app.state.admission.occupancy().live, 0);
 }
 
 #[tokio::test]
-async fn a_token_cannot_be_replayed() {
+async fn a_wrong_account_start_spends_the_token() {
+    let fake = FakeOpenAi::start().await;
+    let app = app_with(&fake, &[]).await;
+    let token = app.answer_call(&call_sid(1021)).await;
+    let mut wrong_account = FakeTwilio::connect(&app, &token).await;
+    wrong_account
+        .start(&call_sid(1021), &token, OTHER_ACCOUNT_SID)
+        .await;
+    assert_eq!(
+        wrong_account.closed_within(Duration::from_secs(5)).await,
+        Some(Some(1008))
+    );
+    assert_eq!(
+        FakeTwilio::refused_stream(&app, &token).await,
+        403,
+        "no correct start can follow with the same token"
+    );
+    assert_eq!(fake.upgrades(), 0);
+}
+
+#[tokio::test]
+async fn a_replayed_upgrade_is_refused_before_the_socket_exists() {
     let fake = FakeOpenAi::start().await;
     let app = app_with(&fake, &[]).await;
     let token = app.answer_call(&call_sid(1007)).await;
-    let mut first = FakeTwilio::connect(&app).await;
+    let mut first = FakeTwilio::connect(&app, &token).await;
     first.start(&call_sid(1007), &token, ACCOUNT_SID).await;
     fake.next_session().await;
-    let mut replay = FakeTwilio::connect(&app).await;
-    replay.start(&call_sid(1007), &token, ACCOUNT_SID).await;
-    assert!(replay.closed_within(Duration::from_secs(5)).await.is_some());
+    for _ in 0..3 {
+        assert_eq!(FakeTwilio::refused_stream(&app, &token).await, 403);
+    }
+    assert_eq!(
+        app.state.admission.occupancy().live,
+        1,
+        "replays hold no slot"
+    );
     assert_eq!(fake.upgrades(), 1);
 }
 
 #[tokio::test]
-async fn unsigned_or_forged_upgrades_are_refused_before_the_socket_exists() {
+async fn unsigned_or_forged_upgrades_are_refused_and_spend_no_token() {
     let fake = FakeOpenAi::start().await;
     let app = app_with(&fake, &[]).await;
-    assert!(FakeTwilio::connect_signed(&app, None).await.is_err());
-    let signed_for_https = twilio_signature(&format!("{PUBLIC_BASE_URL}/stream"), &[]);
+    let token = app.answer_call(&call_sid(1022)).await;
+    let path = format!("/stream/{token}");
+    assert_eq!(FakeTwilio::refused_upgrade(&app, &path, None).await, 403);
+    let forgeries = [
+        // Signed as a webhook, over https.
+        twilio_signature(&format!("{PUBLIC_BASE_URL}{path}"), &[]),
+        // The one signature every call's upgrade used to share.
+        twilio_signature("wss://callbridge.test/stream", &[]),
+        // Another call's upgrade.
+        twilio_signature(&stream_url("another-token"), &[]),
+    ];
+    for forged in &forgeries {
+        assert_eq!(
+            FakeTwilio::refused_upgrade(&app, &path, Some(forged)).await,
+            403
+        );
+    }
+    assert_eq!(app.state.metrics.signature_failures.get(), 4);
+    // None of them spent the token: Twilio's own upgrade (in its default-port form) opens.
+    let with_port = twilio_signature(&format!("wss://callbridge.test:443{path}"), &[]);
     assert!(
-        FakeTwilio::connect_signed(&app, Some(&signed_for_https))
-            .await
-            .is_err()
-    );
-    assert_eq!(app.state.metrics.signature_failures.get(), 2);
-    let with_port = twilio_signature("wss://callbridge.test:443/stream", &[]);
-    assert!(
-        FakeTwilio::connect_signed(&app, Some(&with_port))
+        FakeTwilio::connect_signed(&app, &path, Some(&with_port))
             .await
             .is_ok()
     );
+}
+
+#[tokio::test]
+async fn unknown_and_expired_tokens_and_the_tokenless_route_open_nothing() {
+    let fake = FakeOpenAi::start().await;
+    let clock = Arc::new(ManualClock::default());
+    let config = test_config(&[("OPENAI_REALTIME_URL", fake.url.as_str())]);
+    let app = spawn_app_with_clock(config, clock.clone()).await;
+    assert_eq!(FakeTwilio::refused_stream(&app, "never-issued").await, 403);
+    let token = app.answer_call(&call_sid(1023)).await;
+    clock.advance(STREAM_TOKEN_TTL);
+    assert_eq!(
+        FakeTwilio::refused_stream(&app, &token).await,
+        403,
+        "expired"
+    );
+    let tokenless = twilio_signature("wss://callbridge.test/stream", &[]);
+    assert_eq!(
+        FakeTwilio::refused_upgrade(&app, "/stream", Some(&tokenless)).await,
+        404
+    );
+    assert_eq!(app.state.admission.occupancy(), Occupancy::default());
 }
 
 #[tokio::test]
@@ -315,12 +374,7 @@ async fn twilio_stop_closes_the_openai_socket_within_a_second() {
     twilio.stop(&call_sid(1008)).await;
     assert!(session.closed_within(Duration::from_secs(1)).await);
     let _ = twilio.closed_within(Duration::from_secs(2)).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(
-        app.state.admission.occupancy().live,
-        0,
-        "the call slot is released"
-    );
+    app.wait_until_no_call_is_live().await;
 }
 
 #[tokio::test]
@@ -400,6 +454,79 @@ async fn an_oversized_frame_closes_only_that_call_with_1009() {
     );
     victim.media(0, &frame(4, 0)).await;
     assert_eq!(victim_session.recv().await["audio"], frame(4, 0));
+}
+
+/// What a peer sends after an oversized frame header: a few KiB, never the declared payload.
+const TRICKLE: [u8; 1024] = [b'x'; 1024];
+
+#[tokio::test]
+async fn a_frame_declaring_more_than_64_kib_is_refused_at_its_header() {
+    let fake = FakeOpenAi::start().await;
+    let app = app_with(&fake, &[]).await;
+    let (mut attacker, mut session) = connected_call(&app, &fake, &call_sid(1017)).await;
+    assert!(
+        attacker
+            .write_bytes(&text_frame_header(256 << 20, Some([1, 2, 3, 4])))
+            .await
+    );
+    for _ in 0..4 {
+        if !attacker.write_bytes(&TRICKLE).await {
+            break;
+        }
+    }
+    assert_eq!(
+        attacker.closed_within(Duration::from_secs(5)).await,
+        Some(Some(1009)),
+        "closed after the header and a few KiB, not once 256 MiB have arrived"
+    );
+    assert!(
+        session.closed_within(Duration::from_secs(1)).await,
+        "the OpenAI session ends with the call"
+    );
+    assert_eq!(
+        app.state
+            .metrics
+            .calls_ended(callbridge::metrics::EndReason::FrameTooLarge),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_text_frame_that_is_not_utf8_closes_the_stream_with_1007() {
+    let fake = FakeOpenAi::start().await;
+    let app = app_with(&fake, &[]).await;
+    let (mut twilio, _session) = connected_call(&app, &fake, &call_sid(1019)).await;
+    // An all-zero mask leaves the payload as written: a truncated two-byte sequence.
+    let mut frame = text_frame_header(2, Some([0; 4]));
+    frame.extend([0xC3, 0x28]);
+    assert!(twilio.write_bytes(&frame).await);
+    assert_eq!(
+        twilio.closed_within(Duration::from_secs(5)).await,
+        Some(Some(1007))
+    );
+}
+
+#[tokio::test]
+async fn an_openai_frame_declaring_more_than_1_mib_is_refused_at_its_header() {
+    let fake = FakeOpenAi::start().await;
+    let app = app_with(&fake, &[]).await;
+    let (mut twilio, mut session) = connected_call(&app, &fake, &call_sid(1018)).await;
+    session.write_bytes(&text_frame_header(2 << 20, None));
+    for _ in 0..4 {
+        session.write_bytes(&TRICKLE);
+    }
+    assert_eq!(
+        twilio.closed_within(Duration::from_secs(5)).await,
+        Some(Some(1011)),
+        "the call ends (and the apology plays) after the header and a few KiB"
+    );
+    assert!(session.closed_within(Duration::from_secs(1)).await);
+    assert_eq!(
+        app.state
+            .metrics
+            .calls_ended(callbridge::metrics::EndReason::AgentFailed),
+        1
+    );
 }
 
 #[tokio::test]
@@ -501,29 +628,42 @@ async fn draining_waits_for_live_calls_then_closes_them() {
 }
 
 #[tokio::test]
-async fn replayed_upgrades_cannot_hold_more_sockets_than_call_slots() {
+async fn replayed_upgrades_of_an_idle_stream_take_no_call_slot() {
     let fake = FakeOpenAi::start().await;
     let app = app_with(&fake, &[("MAX_CONCURRENT_CALLS", "2")]).await;
-    let _first = FakeTwilio::connect(&app).await;
-    let _second = FakeTwilio::connect(&app).await;
-    let signature = twilio_signature("wss://callbridge.test/stream", &[]);
-    assert!(
-        FakeTwilio::connect_signed(&app, Some(&signature))
-            .await
-            .is_err(),
-        "a third socket is refused"
-    );
-    drop(_first);
-    // The bridge notices the closed socket and frees its place.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while FakeTwilio::connect_signed(&app, Some(&signature))
-        .await
-        .is_err()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the place was never freed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let idle_token = app.answer_call(&call_sid(1024)).await;
+    let _idle = FakeTwilio::connect(&app, &idle_token).await;
+    for _ in 0..12 {
+        assert_eq!(FakeTwilio::refused_stream(&app, &idle_token).await, 403);
     }
+    assert_eq!(
+        app.state.admission.occupancy(),
+        Occupancy {
+            pending: 0,
+            live: 1
+        }
+    );
+    // The other slot is a real call's; only a third call hears the busy message.
+    let (_twilio, _session) = connected_call(&app, &fake, &call_sid(1025)).await;
+    let busy = app
+        .post_signed("/voice", &voice_form(&call_sid(1026)))
+        .await;
+    let twiml = parse_twiml(&busy.text().await.unwrap());
+    assert_eq!(twiml.say, [callbridge::twilio::twiml::BUSY]);
+}
+
+#[tokio::test]
+async fn a_stream_that_never_starts_is_closed_after_5_seconds_and_gives_its_slot_back() {
+    let fake = FakeOpenAi::start().await;
+    let app = app_with(&fake, &[]).await;
+    let token = app.answer_call(&call_sid(1027)).await;
+    let opened = std::time::Instant::now();
+    let mut idle = FakeTwilio::connect(&app, &token).await;
+    assert_eq!(
+        idle.closed_within(Duration::from_secs(15)).await,
+        Some(Some(1011))
+    );
+    assert!(opened.elapsed() >= Duration::from_secs(5), "not before 5 s");
+    app.wait_until_no_call_is_live().await;
+    assert_eq!(fake.upgrades(), 0);
 }

@@ -1,4 +1,8 @@
+use std::sync::Arc;
+use std::time::Duration;
+
 use askama::Template;
+use callbridge::admission::STREAM_TOKEN_TTL;
 use callbridge::twilio::twiml::{ConnectStream, SayHangup};
 
 use crate::helpers::*;
@@ -27,18 +31,19 @@ async fn signed_voice_webhook_gets_twiml_that_connects_the_stream() {
             "Hangup"
         ]
     );
-    assert_eq!(
-        twiml.stream_url.as_deref(),
-        Some("wss://callbridge.test/stream")
-    );
-    assert_eq!(twiml.parameters["from"], "whatsapp:+5511999990000");
-    assert_eq!(twiml.parameters["to"], "whatsapp:+558551234567");
-    assert_eq!(twiml.parameters["direction"], "inbound");
     let token = &twiml.parameters["token"];
     assert!(
         token.len() >= 22,
         "token {token:?} carries at least 128 bits"
     );
+    assert_eq!(
+        twiml.stream_url,
+        Some(format!("wss://callbridge.test/stream/{token}")),
+        "each call's upgrade is signed over its own URL"
+    );
+    assert_eq!(twiml.parameters["from"], "whatsapp:+5511999990000");
+    assert_eq!(twiml.parameters["to"], "whatsapp:+558551234567");
+    assert_eq!(twiml.parameters["direction"], "inbound");
     assert_eq!(app.state.admission.occupancy().pending, 1);
 }
 
@@ -57,8 +62,11 @@ async fn plain_phone_number_calls_are_answered_and_http_base_urls_give_ws() {
     assert_eq!(response.status(), 200);
     let twiml = parse_twiml(&response.text().await.unwrap());
     assert_eq!(
-        twiml.stream_url.as_deref(),
-        Some("ws://localhost:8080/stream")
+        twiml.stream_url,
+        Some(format!(
+            "ws://localhost:8080/stream/{}",
+            twiml.parameters["token"]
+        ))
     );
     assert_eq!(twiml.parameters["from"], "+14158675309");
     assert_eq!(twiml.parameters["direction"], "outbound-api");
@@ -229,6 +237,23 @@ async fn control_characters_in_a_caller_id_are_dropped_from_the_twiml() {
     let twiml = parse_twiml(&xml);
     assert_eq!(twiml.parameters["from"], "whatsapp:+5511999990000\t");
     assert_eq!(twiml.parameters["to"], "whatsapp:[2J+558551234567");
+}
+
+#[tokio::test]
+async fn the_pending_streams_gauge_falls_when_a_reservation_expires() {
+    let clock = Arc::new(ManualClock::default());
+    let app = spawn_app_with_clock(test_config(&[]), clock.clone()).await;
+    app.answer_call(&call_sid(51)).await;
+    let scrape = || async { app.get("/metrics").await.text().await.unwrap() };
+    let text = scrape().await;
+    assert!(text.contains("callbridge_pending_streams 1\n"), "{text}");
+    clock.advance(STREAM_TOKEN_TTL - Duration::from_millis(1));
+    let text = scrape().await;
+    assert!(text.contains("callbridge_pending_streams 1\n"), "{text}");
+    // No other /voice comes: the scrape itself sees the reservation gone.
+    clock.advance(Duration::from_millis(1));
+    let text = scrape().await;
+    assert!(text.contains("callbridge_pending_streams 0\n"), "{text}");
 }
 
 #[test]

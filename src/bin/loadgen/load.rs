@@ -2,7 +2,8 @@
 //! every 20 ms in real time and timing every frame until its audio comes back.
 //!
 //! Through the bridge, a call is what Twilio does: `POST /voice` (signed) for the TwiML and its
-//! stream token, the signed upgrade to `/stream`, `connected`, `start`, then `media` frames from
+//! stream token, the upgrade to the TwiML's stream URL (`/stream/{token}`, signed over that URL),
+//! `connected`, `start`, then `media` frames from
 //! the first moment (while callbridge is still connecting to OpenAI), every `mark` echoed on
 //! arrival (Twilio echoes once the audio before it has played; the server's work is the
 //! same), `stop` at the end. The floor sends the same frames as
@@ -63,12 +64,8 @@ pub enum Target {
 pub struct Bridge {
     /// `host:port` the server listens on.
     address: String,
-    /// The Media Streams socket on that address.
-    stream_url: String,
     /// The public URL Twilio signs `/voice` requests over.
     voice_url: String,
-    /// The upgrade's signature: always the same, over the public `ws(s)://…/stream` URL.
-    stream_signature: String,
     auth_token: String,
     account_sid: String,
 }
@@ -84,16 +81,9 @@ impl Bridge {
         let address = socket_address(&server)?;
         let public = PublicBaseUrl::parse(public_base_url)
             .map_err(|e| anyhow::anyhow!("--public-base-url {e}"))?;
-        let stream_signature = signature::compute(
-            auth_token.as_bytes(),
-            &public.websocket_url("/stream"),
-            SignedBody::Form(&[]),
-        );
         Ok(Self {
-            stream_url: format!("ws://{address}/stream"),
             address,
             voice_url: public.join("/voice"),
-            stream_signature,
             auth_token: auth_token.to_owned(),
             account_sid: account_sid.to_owned(),
         })
@@ -326,18 +316,23 @@ impl Peer {
 async fn open_media_stream(index: usize, bridge: &Bridge) -> Result<Session, Failure> {
     // Unique per process and call, so runs against one server never reuse a CallSid.
     let call_sid = format!("CA{:08x}{index:024x}", std::process::id());
-    let token = answer_call(bridge, &call_sid)
+    let answer = answer_call(bridge, &call_sid)
         .await
         .map_err(Failure::at("POST /voice"))?;
-    let mut request = bridge
-        .stream_url
-        .as_str()
+    let mut request = answer
+        .upgrade_url(&bridge.address)
+        .map_err(Failure::at("/stream upgrade"))?
         .into_client_request()
         .map_err(Failure::at("/stream upgrade"))?;
+    // Each call's URL holds its own token, so each upgrade has its own signature.
+    let stream_signature = signature::compute(
+        bridge.auth_token.as_bytes(),
+        &answer.stream_url,
+        SignedBody::Form(&[]),
+    );
     request.headers_mut().insert(
         "x-twilio-signature",
-        bridge
-            .stream_signature
+        stream_signature
             .parse()
             .map_err(Failure::at("/stream upgrade"))?,
     );
@@ -361,7 +356,7 @@ async fn open_media_stream(index: usize, bridge: &Bridge) -> Result<Session, Fai
             "callSid": stream.call_sid,
             "tracks": ["inbound"],
             "customParameters": {
-                "token": token,
+                "token": answer.token,
                 "from": CALLER,
                 "to": BUSINESS,
                 "direction": "inbound",
@@ -385,8 +380,23 @@ async fn open_media_stream(index: usize, bridge: &Bridge) -> Result<Session, Fai
 const CALLER: &str = "whatsapp:+5511999990000";
 const BUSINESS: &str = "whatsapp:+558551234567";
 
-/// `POST /voice` as Twilio sends it, signed; returns the stream token from the TwiML.
-async fn answer_call(bridge: &Bridge, call_sid: &str) -> anyhow::Result<String> {
+/// What `/voice` answered: where to open the stream, and the token `start` repeats.
+struct Answer {
+    /// The `<Stream url>`, public (`wss://…/stream/{token}`): what Twilio signs.
+    stream_url: String,
+    token: String,
+}
+
+impl Answer {
+    /// The stream URL's path on the server at `address` (the public host is a proxy's).
+    fn upgrade_url(&self, address: &str) -> anyhow::Result<String> {
+        let public = url::Url::parse(&self.stream_url).context("the <Stream> URL")?;
+        Ok(format!("ws://{address}{}", public.path()))
+    }
+}
+
+/// `POST /voice` as Twilio sends it, signed; returns the stream URL and token from the TwiML.
+async fn answer_call(bridge: &Bridge, call_sid: &str) -> anyhow::Result<Answer> {
     let form: Vec<(String, String)> = [
         ("CallSid", call_sid),
         ("AccountSid", &bridge.account_sid),
@@ -419,10 +429,15 @@ async fn answer_call(bridge: &Bridge, call_sid: &str) -> anyhow::Result<String> 
         status.split(' ').nth(1) == Some("200"),
         "answered {status:?}"
     );
-    // The token is URL-safe base64, so it appears in the attribute unescaped.
+    // The token is URL-safe base64, so it (and the URL holding it) appear unescaped.
     let token = wire::string_after(&response, r#"<Parameter name="token" value=""#)
         .context("the TwiML has no token <Parameter> (busy or draining?)")?;
-    Ok(token.to_owned())
+    let stream_url = wire::string_after(&response, r#"<Stream url=""#)
+        .context("the TwiML has no <Stream url>")?;
+    Ok(Answer {
+        stream_url: stream_url.to_owned(),
+        token: token.to_owned(),
+    })
 }
 
 async fn open_realtime(floor: &Floor) -> Result<Session, Failure> {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::*;
+use crate::admission::StreamGrant;
 use crate::call::ending::RestHangUp;
 use crate::call::leg::TwilioLeg;
 use crate::twilio::ids::{AccountSid, CallSid, StreamSid};

@@ -30,9 +30,10 @@ use tokio_tungstenite::tungstenite;
 use tokio_util::sync::CancellationToken;
 
 use super::{AgentMessage, Peers, TwilioMessage, run};
+use crate::admission::StreamGrant;
 use crate::admission::{CallSlot, STREAM_TOKEN_TTL};
 use crate::call::agent::AgentSettings;
-use crate::call::core::{CallSettings, CallSetup, CallSummary, StreamGrant};
+use crate::call::core::{CallSettings, CallSetup, CallSummary};
 use crate::call::leg::CallControl;
 use crate::call::transcript::Speaker;
 use crate::clock::{Clock, SystemClock};
@@ -236,24 +237,21 @@ impl Drop for Harness {
 }
 
 /// The slot `/voice` reserves and the stream's upgrade turns into a live call, with its token.
-async fn reserve_slot(state: &Arc<AppState>) -> (String, CallSlot) {
-    let token = state
-        .admission
-        .issue(Instant::now())
-        .expect("a free call slot");
-    let ttl_ms = i64::try_from(STREAM_TOKEN_TTL.as_millis()).unwrap();
+async fn reserve_slot(state: &Arc<AppState>) -> (StreamGrant, CallSlot) {
     let now_ms = SystemClock.now_ms();
+    let token = state.admission.issue(now_ms).expect("a free call slot");
+    let ttl_ms = i64::try_from(STREAM_TOKEN_TTL.as_millis()).unwrap();
     state
         .store
         .issue_stream_token(&token, CALL_SID, now_ms, now_ms + ttl_ms)
         .await
         .expect("the stream token is stored");
-    let slot = state
+    let admitted = state
         .admission
-        .redeem(&state.store, &token, CALL_SID, now_ms)
+        .redeem(&state.store, &token, now_ms)
         .await
         .expect("the token is valid");
-    (token, slot)
+    (admitted.grant, admitted.slot)
 }
 
 /// A directory of its own for each harness's database.
@@ -295,13 +293,11 @@ impl Harness {
         let state = AppState::build(config)
             .await
             .expect("the test database opens");
-        let (token, slot) = reserve_slot(&state).await;
+        let (grant, slot) = reserve_slot(&state).await;
+        let token = grant.token.clone();
         let control = Arc::new(options.control);
         let setup = CallSetup {
-            grant: StreamGrant {
-                token: token.clone(),
-                call_sid: CallSid::parse(CALL_SID).unwrap(),
-            },
+            grant,
             account_sid: state.config.twilio_account_sid.clone(),
             agent: AgentSettings::from_config(&state.config),
             settings: options.settings,
