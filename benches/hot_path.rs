@@ -1,17 +1,22 @@
-//! Micro-benchmarks of the work callbridge does per message, without sockets: what the bridge
-//! itself adds on top of WebSocket framing and the kernel. `bench/run.sh` measures the whole
+//! Micro-benchmarks of the work callbridge does per message, without sockets: the call core fed
+//! frames exactly as the driver feeds it, i.e. what callbridge itself adds on top of WebSocket
+//! framing and the kernel. `bench/run.sh` measures the whole
 //! process under load; these numbers say how much of that is our own code.
 //!
 //! Run with `cargo bench --bench hot_path`.
 
-use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::Instant;
 
 use askama::Template;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use callbridge::call::playback::{Playback, base64_decoded_len};
-use callbridge::openai::events::{self, AudioRef, ServerEvent};
-use callbridge::twilio::media::{self, Inbound};
+use callbridge::admission::StreamGrant;
+use callbridge::call::agent::AgentSettings;
+use callbridge::call::core::{Action, CallCore, CallSettings, CallSetup, Input};
+use callbridge::call::leg::TwilioLeg;
+use callbridge::metrics::Metrics;
+use callbridge::twilio::ids::{AccountSid, CallSid};
 use callbridge::twilio::signature::{self, SignedBody};
 use callbridge::twilio::twiml::{self, ConnectStream};
 use divan::{Bencher, black_box};
@@ -20,7 +25,10 @@ fn main() {
     divan::main();
 }
 
+const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
+const CALL_SID: &str = "CA0123456789abcdef0123456789abcdef";
 const STREAM_SID: &str = "MZ18ad3ab5a668481ce02b83e7395059f0";
+const TOKEN: &str = "q5mAbcDEFghiJKLmnoPQRs";
 
 /// 20 ms of µ-law, base64: what every Twilio `media` and every echoed delta carries here.
 fn frame_payload() -> String {
@@ -57,83 +65,97 @@ impl Frames {
     }
 }
 
-/// Caller → agent: a Twilio `media` frame becomes an `input_audio_buffer.append`.
-fn caller_media(text: &str) -> String {
-    match media::parse(text) {
-        Ok(Inbound::Media { payload }) => events::append_audio(&payload),
-        other => panic!("not a media frame: {other:?}"),
+/// A call core mid-answer, as the driver holds it: `start` checked, the session configured, a
+/// response playing.
+fn live_call() -> CallCore<TwilioLeg> {
+    let now = Instant::now();
+    let mut core = CallCore::new(
+        TwilioLeg::default(),
+        CallSetup {
+            grant: StreamGrant {
+                token: TOKEN.to_owned(),
+                call_sid: CallSid::parse(CALL_SID).expect("a CallSid"),
+            },
+            account_sid: AccountSid::parse(ACCOUNT_SID).expect("an AccountSid"),
+            agent: AgentSettings {
+                name: "default".into(),
+                model: "gpt-realtime-1.5".into(),
+                voice: "marin".into(),
+                instructions: "Be brief.".into(),
+                greeting: None,
+            },
+            settings: CallSettings::default(),
+            metrics: Arc::new(Metrics::default()),
+            accepted_at: now,
+            accepted_at_ms: 0,
+        },
+    );
+    let start = format!(
+        r#"{{"event":"start","streamSid":"{STREAM_SID}","start":{{"accountSid":"{ACCOUNT_SID}","streamSid":"{STREAM_SID}","callSid":"{CALL_SID}","customParameters":{{"token":"{TOKEN}","direction":"inbound"}}}}}}"#
+    );
+    let created = r#"{"type":"response.created","response":{"id":"resp_CXeq5rGqjQXXHSBc3cBfb"}}"#;
+    for input in [
+        Input::AgentTransportReady,
+        Input::MediaText(&start),
+        Input::AgentOpened,
+        Input::AgentText(created),
+    ] {
+        core.handle(input, now);
     }
+    drain(&mut core);
+    core
 }
 
-/// Agent → caller: a delta is booked in the playback ledger and becomes `media` + `mark`.
-fn agent_delta(text: &str, playback: &mut Playback) -> (String, String) {
-    let Ok(ServerEvent::AudioDelta(audio, delta)) = events::parse_server_event(text) else {
-        panic!("not an audio delta");
-    };
-    let mark = playback
-        .on_delta(&audio, base64_decoded_len(&delta))
-        .expect("the response was not interrupted");
-    (
-        media::media(STREAM_SID, &delta),
-        media::mark(STREAM_SID, mark),
-    )
-}
-
-/// Twilio echoes a mark once the audio before it has played.
-fn caller_mark_echo(text: &str, playback: &mut Playback) {
-    match media::parse(text) {
-        Ok(Inbound::Mark { name }) => {
-            black_box(playback.on_mark(&name));
-        }
-        other => panic!("not a mark: {other:?}"),
+/// What the driver does with the actions: hand each to its socket (here: let it go).
+fn drain(core: &mut CallCore<TwilioLeg>) -> usize {
+    let mut count = 0;
+    while let Some(action) = core.poll_action() {
+        black_box(&action);
+        count += usize::from(matches!(action, Action::ToAgent(_) | Action::ToMedia(_)));
     }
+    count
 }
 
-/// A ledger in the state of a call mid-answer: the agent item exists and one mark is pending.
-fn speaking_ledger() -> (Playback, String) {
-    let mut playback = Playback::default();
-    playback.response_created("resp_CXeq5rGqjQXXHSBc3cBfb");
-    let audio = AudioRef {
-        response_id: Cow::Borrowed("resp_CXeq5rGqjQXXHSBc3cBfb"),
-        item_id: Cow::Borrowed("item_CXeq5OZRzkzqpSGxoIgpA"),
-        content_index: 0,
-    };
-    let mark = playback.on_delta(&audio, 160).expect("not interrupted");
-    (playback, media::mark(STREAM_SID, mark))
-}
-
+/// Caller → agent: a Twilio `media` frame becomes one `input_audio_buffer.append`.
 #[divan::bench]
 fn twilio_media_to_append(bencher: Bencher) {
     let frames = Frames::new();
-    bencher.bench(|| caller_media(black_box(&frames.media)));
+    let mut core = live_call();
+    let now = Instant::now();
+    bencher.bench_local(|| {
+        core.handle(Input::MediaText(black_box(&frames.media)), now);
+        drain(&mut core)
+    });
 }
 
+/// Agent → caller: a delta is booked in the playback ledger and becomes `media` + `mark`.
 #[divan::bench]
 fn realtime_delta_to_media_and_mark(bencher: Bencher) {
     let frames = Frames::new();
-    bencher
-        .with_inputs(|| speaking_ledger().0)
-        .bench_local_refs(|playback| agent_delta(black_box(&frames.delta), playback));
+    let mut core = live_call();
+    let now = Instant::now();
+    bencher.bench_local(|| {
+        core.handle(Input::AgentText(black_box(&frames.delta)), now);
+        drain(&mut core)
+    });
 }
 
-#[divan::bench]
-fn twilio_mark_echo(bencher: Bencher) {
-    bencher
-        .with_inputs(speaking_ledger)
-        .bench_local_refs(|(playback, echo)| caller_mark_echo(black_box(echo), playback));
-}
-
-/// All three steps of one frame on one long-lived ledger; the mark the bridge sent is fed back
-/// as Twilio's echo (Twilio adds a `sequenceNumber`, which the parser skips either way).
+/// All three steps of one frame on one long-lived call: caller audio in, agent audio out, and
+/// Twilio's echo of the mark that followed it.
 #[divan::bench]
 fn frame_round_trip(bencher: Bencher) {
     let frames = Frames::new();
-    let (mut playback, _) = speaking_ledger();
+    let mut core = live_call();
+    let now = Instant::now();
+    let mut mark = 0u64;
     bencher.bench_local(|| {
-        let append = caller_media(black_box(&frames.media));
-        let (media, mark) = agent_delta(black_box(&frames.delta), &mut playback);
-        caller_mark_echo(&mark, &mut playback);
-        (append, media)
+        core.handle(Input::MediaText(black_box(&frames.media)), now);
+        core.handle(Input::AgentText(black_box(&frames.delta)), now);
+        mark += 1;
+        let echo =
+            format!(r#"{{"event":"mark","streamSid":"{STREAM_SID}","mark":{{"name":"m{mark}"}}}}"#);
+        core.handle(Input::MediaText(&echo), now);
+        drain(&mut core)
     });
 }
 

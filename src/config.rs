@@ -1,4 +1,4 @@
-//! Typed configuration, read once at startup from the environment (SPEC.md "Configuration").
+//! Typed configuration, read once at startup from the environment (README "Configuration").
 //!
 //! Parsing is a pure function over a lookup closure so tests can build a `Config` without ever
 //! touching the process environment (which is `unsafe` to mutate once threads exist).

@@ -1,4 +1,4 @@
-//! Meta's rules for calling a WhatsApp user (research/twilio.md §4.3–4.5), as pure functions of
+//! Meta's rules for calling a WhatsApp user, as pure functions of
 //! stored facts and the current time, so every rule is unit-tested without a database or clock.
 //!
 //! - A business may call a user only while the user's permission is granted: a grant lasts

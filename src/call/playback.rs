@@ -1,4 +1,4 @@
-//! The playback ledger behind barge-in (research/openai-realtime.md §5.3).
+//! The playback ledger behind barge-in.
 //!
 //! OpenAI generates audio faster than real time, so Twilio may hold seconds of it when the
 //! caller starts talking. Only Twilio knows what was played, and it tells us through mark
@@ -15,7 +15,7 @@ use crate::openai::events::AudioRef;
 /// µ-law at 8 kHz mono: one byte per sample.
 pub const BYTES_PER_MS: u64 = 8;
 
-/// Audio after the last echoed mark that the caller has probably heard too (SPEC.md: +50 ms).
+/// Audio after the last echoed mark that the caller has probably heard too: 50 ms.
 const SLACK_BYTES: u64 = 50 * BYTES_PER_MS;
 
 /// Responses interrupted but not yet `response.done`; a handful at most in a sane call.

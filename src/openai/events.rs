@@ -1,4 +1,4 @@
-//! The GA Realtime events the bridge sends and reads (research/openai-realtime.md §2–4).
+//! The GA Realtime events a call sends and reads.
 //!
 //! Server events are parsed into one flat, borrowing struct for the same reason as Twilio's
 //! frames: the audio `delta` is borrowed and copied verbatim into the Twilio `media` message,

@@ -1,4 +1,5 @@
-//! Media Streams messages (research/twilio.md §1.2–1.3).
+//! Twilio Media Streams messages: what Twilio sends on the stream socket (`connected`, `start`,
+//! `media`, `mark`, `dtmf`, `stop`) and what we send back (`media`, `mark`, `clear`).
 //!
 //! Inbound frames are parsed into one flat, borrowing struct rather than a tagged enum: serde's
 //! internally tagged enums buffer every field into an owned map first, which would cost an

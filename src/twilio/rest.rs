@@ -1,4 +1,4 @@
-//! The three Twilio REST calls we need (research/twilio.md §5): create a call, end a call, send
+//! The three Twilio REST calls we need: create a call, end a call, send
 //! a message. Form bodies, Basic auth, JSON answers, Twilio's error JSON parsed into a typed
 //! error. The base URL comes from `TWILIO_API_BASE_URL` so tests can stand a fake in.
 

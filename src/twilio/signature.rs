@@ -1,5 +1,6 @@
 //! `X-Twilio-Signature`: HMAC-SHA1 over the URL Twilio requested plus the sorted form parameters
-//! (research/twilio.md §2). Pure functions, no I/O, so every official vector is a unit test.
+//! (Twilio's webhook security scheme). Pure functions, no I/O, so every official vector is a unit
+//! test.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -180,7 +181,7 @@ mod tests {
         validate(TOKEN, url, body, Some(signature))
     }
 
-    // research/twilio.md §2.4, from twilio-python's test_request_validator.py.
+    // The vector of twilio-python's test_request_validator.py.
     #[test]
     fn official_base_vector() {
         let p = official_params();
