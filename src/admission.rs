@@ -22,8 +22,8 @@ use crate::store::Store;
 use crate::twilio::ids::CallSid;
 
 /// How long Twilio has to open the stream after we answered `/voice`.
-pub const STREAM_TOKEN_TTL: Duration = Duration::from_secs(60);
-const STREAM_TOKEN_TTL_MS: i64 = STREAM_TOKEN_TTL.as_millis() as i64;
+const STREAM_TOKEN_TTL_MS: i64 = 60_000;
+pub const STREAM_TOKEN_TTL: Duration = Duration::from_millis(STREAM_TOKEN_TTL_MS.unsigned_abs());
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {

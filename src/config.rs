@@ -200,6 +200,62 @@ fn long_enough_token(raw: &str) -> Result<(), String> {
     }
 }
 
+/// `AGENT_INSTRUCTIONS`, or the contents of `AGENT_INSTRUCTIONS_FILE`, or the default.
+fn agent_instructions<F: Fn(&str) -> Option<String>>(r: &mut Reader<'_, F>) -> String {
+    match (
+        r.optional("AGENT_INSTRUCTIONS"),
+        r.optional("AGENT_INSTRUCTIONS_FILE"),
+    ) {
+        (Some(_), Some(_)) => {
+            r.problems.push(
+                "AGENT_INSTRUCTIONS and AGENT_INSTRUCTIONS_FILE are both set; keep one".into(),
+            );
+            String::new()
+        }
+        (Some(text), None) => text,
+        (None, Some(path)) => match std::fs::read_to_string(&path) {
+            Ok(text) if !text.trim().is_empty() => text.trim().to_owned(),
+            Ok(_) => {
+                r.problems
+                    .push(format!("AGENT_INSTRUCTIONS_FILE {path:?} is empty"));
+                String::new()
+            }
+            Err(e) => {
+                r.problems.push(format!(
+                    "AGENT_INSTRUCTIONS_FILE {path:?} cannot be read ({e})"
+                ));
+                String::new()
+            }
+        },
+        (None, None) => DEFAULT_AGENT_INSTRUCTIONS.to_owned(),
+    }
+}
+
+fn database_url(raw: &str) -> Result<String, String> {
+    if raw.starts_with("sqlite:")
+        || raw.starts_with("postgres://")
+        || raw.starts_with("postgresql://")
+    {
+        Ok(raw.to_owned())
+    } else {
+        Err("must start with sqlite:// or postgres://".into())
+    }
+}
+
+fn seconds(raw: &str) -> Result<Duration, String> {
+    raw.parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|_| format!("must be a whole number of seconds, got {raw:?}"))
+}
+
+fn log_format(raw: &str) -> Result<LogFormat, String> {
+    match raw.to_ascii_lowercase().as_str() {
+        "pretty" => Ok(LogFormat::Pretty),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(format!("must be \"pretty\" or \"json\", got {raw:?}")),
+    }
+}
+
 impl Config {
     /// Reads the real process environment (after `.env` has been loaded by `main`).
     pub fn from_env() -> Result<Self, ConfigErrors> {
@@ -258,61 +314,20 @@ impl Config {
         let openai_voice = r
             .optional("OPENAI_VOICE")
             .unwrap_or_else(|| DEFAULT_OPENAI_VOICE.to_owned());
-        let agent_instructions = match (
-            r.optional("AGENT_INSTRUCTIONS"),
-            r.optional("AGENT_INSTRUCTIONS_FILE"),
-        ) {
-            (Some(_), Some(_)) => {
-                r.problems.push(
-                    "AGENT_INSTRUCTIONS and AGENT_INSTRUCTIONS_FILE are both set; keep one".into(),
-                );
-                String::new()
-            }
-            (Some(text), None) => text,
-            (None, Some(path)) => match std::fs::read_to_string(&path) {
-                Ok(text) if !text.trim().is_empty() => text.trim().to_owned(),
-                Ok(_) => {
-                    r.problems
-                        .push(format!("AGENT_INSTRUCTIONS_FILE {path:?} is empty"));
-                    String::new()
-                }
-                Err(e) => {
-                    r.problems.push(format!(
-                        "AGENT_INSTRUCTIONS_FILE {path:?} cannot be read ({e})"
-                    ));
-                    String::new()
-                }
-            },
-            (None, None) => DEFAULT_AGENT_INSTRUCTIONS.to_owned(),
-        };
+        let agent_instructions = agent_instructions(&mut r);
         let agent_greeting = r.optional("AGENT_GREETING");
-        let database_url = r.parsed("DATABASE_URL", DEFAULT_DATABASE_URL.to_owned(), |raw| {
-            if raw.starts_with("sqlite:")
-                || raw.starts_with("postgres://")
-                || raw.starts_with("postgresql://")
-            {
-                Ok(raw.to_owned())
-            } else {
-                Err("must start with sqlite:// or postgres://".into())
-            }
-        });
+        let database_url = r.parsed(
+            "DATABASE_URL",
+            DEFAULT_DATABASE_URL.to_owned(),
+            database_url,
+        );
         let outbound_calls_per_day = r.parsed("OUTBOUND_CALLS_PER_DAY", 5u32, positive_number);
         let max_concurrent_calls = r.parsed("MAX_CONCURRENT_CALLS", 1000usize, positive_number);
-        let drain_timeout = r.parsed("DRAIN_TIMEOUT_SECS", Duration::from_secs(300), |raw| {
-            raw.parse::<u64>()
-                .map(Duration::from_secs)
-                .map_err(|_| format!("must be a whole number of seconds, got {raw:?}"))
-        });
+        let drain_timeout = r.parsed("DRAIN_TIMEOUT_SECS", Duration::from_secs(300), seconds);
         let request_timeout = r.parsed("REQUEST_TIMEOUT_SECS", Duration::from_secs(10), |raw| {
             positive_number::<u64>(raw).map(Duration::from_secs)
         });
-        let log_format = r.parsed("LOG_FORMAT", LogFormat::Pretty, |raw| {
-            match raw.to_ascii_lowercase().as_str() {
-                "pretty" => Ok(LogFormat::Pretty),
-                "json" => Ok(LogFormat::Json),
-                _ => Err(format!("must be \"pretty\" or \"json\", got {raw:?}")),
-            }
-        });
+        let log_format = r.parsed("LOG_FORMAT", LogFormat::Pretty, log_format);
 
         let machine_id = r.parsed("FLY_MACHINE_ID", None, |raw| {
             MachineId::parse(raw).map(Some)

@@ -56,7 +56,7 @@ pub async fn list_calls(
         })?),
     };
     let calls = state.store.list_calls(limit, before.as_ref()).await?;
-    let next_before = (calls.len() as i64 == limit)
+    let next_before = (i64::try_from(calls.len()) == Ok(limit))
         .then(|| calls.last().map(|call| ListCursor::after(call).encode()))
         .flatten();
     Ok(HttpResponse::Ok().json(json!({"calls": calls, "next_before": next_before})))

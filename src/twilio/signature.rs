@@ -375,7 +375,7 @@ mod tests {
             let mut shuffled = p.clone();
             let n = shuffled.len();
             if n > 1 {
-                shuffled.rotate_left((seed as usize) % n);
+                shuffled.rotate_left(usize::try_from(seed % n as u64).expect("below n"));
                 shuffled.swap(0, n - 1);
             }
             prop_assert_eq!(check(url, SignedBody::Form(&shuffled), &sig), Ok(()));

@@ -163,7 +163,7 @@ impl Outbound {
         self.messages_succeed().await;
         assert_eq!(self.request_permission().await.status(), 201);
         let reply = self
-            .reply(&reply_sid(self.clock.now_ms() as u64), "ACCEPTED")
+            .reply(&reply_sid(self.clock.now_ms().unsigned_abs()), "ACCEPTED")
             .await;
         assert_eq!(reply.status(), 204);
     }
