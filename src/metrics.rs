@@ -1,62 +1,55 @@
-//! Prometheus metrics, held per application instance (not in a global recorder) so that several
-//! apps in one test process each count only their own calls. Counters are relaxed atomics: the
-//! per-frame path pays one uncontended `fetch_add` and nothing else.
+//! Prometheus metrics, held per application instance (one `Registry` per `Metrics`, no global
+//! recorder) so that several apps in one test process each count only their own calls.
+//!
+//! Every metric is a typed field. Counters bumped per audio frame are plain counters (one
+//! relaxed `fetch_add`, no label lookup); labelled families exist only where the label set is a
+//! closed enum, and their series are created once here, so call sites hold a ready counter and
+//! never look one up.
 
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Metric, Registry, Unit};
 
 use crate::admission::Occupancy;
 
-#[derive(Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    pub fn inc(&self) {
-        self.add(1);
-    }
-
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
+/// What `GET /metrics` answers with: the OpenMetrics text format `render` produces.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Upper bounds in seconds; chosen around what a caller notices (100 ms to a few seconds).
 const LATENCY_BUCKETS: [f64; 12] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-#[derive(Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
+/// A latency histogram fed with `Duration`s and exposed in seconds, so call sites never convert.
+#[derive(Clone, Debug)]
+pub struct Latency(Histogram);
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self(Histogram::new(LATENCY_BUCKETS))
+    }
 }
 
-impl Histogram {
+impl Latency {
     pub fn observe(&self, value: Duration) {
-        let seconds = value.as_secs_f64();
-        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
-            if seconds <= *bound {
-                bucket.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        let micros = u64::try_from(value.as_micros()).unwrap_or(u64::MAX);
-        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+        self.0.observe(value.as_secs_f64());
     }
 
+    /// How many durations were observed (the crate exposes it to tests only).
+    #[cfg(test)]
     pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
+        self.0.count()
     }
 }
 
 /// Why a bridged call ended; a closed set so it can be a label.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EndReason {
     /// Twilio sent `stop` or closed the socket: the caller hung up.
     CallerHungUp,
@@ -106,13 +99,83 @@ impl EndReason {
     }
 }
 
-#[derive(Default)]
+// Label values are written by hand rather than derived: the derive writes the variant name
+// (`CallerHungUp`), and the exposed values are snake_case (`caller_hung_up`).
+impl EncodeLabelValue for EndReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        std::fmt::Write::write_str(encoder, self.label())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EndedLabels {
+    reason: EndReason,
+}
+
+/// Why `/voice` answered with the busy message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum RefusalReason {
+    Capacity,
+    Draining,
+}
+
+impl EncodeLabelValue for RefusalReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        let label = match self {
+            Self::Capacity => "capacity",
+            Self::Draining => "draining",
+        };
+        std::fmt::Write::write_str(encoder, label)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusedLabels {
+    reason: RefusalReason,
+}
+
+/// Who sent a message we could not understand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Peer {
+    Twilio,
+    OpenAi,
+}
+
+impl EncodeLabelValue for Peer {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        let label = match self {
+            Self::Twilio => "twilio",
+            Self::OpenAi => "openai",
+        };
+        std::fmt::Write::write_str(encoder, label)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct MalformedLabels {
+    peer: Peer,
+}
+
+/// One field per metric. Counters are registered without `_total`: the encoder appends it, so
+/// `calls_started` is exposed as `callbridge_calls_started_total`.
 pub struct Metrics {
+    registry: Registry,
+    // Gauges are set at scrape time (`render`) from `Admission::occupancy()` and the drain flag:
+    // those are the source of truth and cheap to read, so a snapshot per scrape is exact. Simpler
+    // than the alternatives: mirroring every change would put `Metrics` in every place a slot or
+    // reservation changes (expiry included), and a custom collector would have to own the
+    // `Admission` and `Lifecycle`, which are built after `Metrics`.
+    live_calls: Gauge,
+    pending_streams: Gauge,
+    draining: Gauge,
     pub signature_failures: Counter,
     pub webhooks_refused: Counter,
+    /// `calls_refused_total{reason="capacity"}`.
     pub calls_refused_busy: Counter,
+    /// `calls_refused_total{reason="draining"}`.
     pub calls_refused_draining: Counter,
     pub calls_started: Counter,
+    /// `calls_ended_total{reason=…}`, indexed by `EndReason as usize`.
     calls_ended: [Counter; EndReason::ALL.len()],
     pub frames_from_caller: Counter,
     pub frames_to_caller: Counter,
@@ -121,14 +184,99 @@ pub struct Metrics {
     pub barge_ins: Counter,
     pub truncates: Counter,
     pub dropped_interrupted_deltas: Counter,
+    /// `malformed_messages_total{peer="twilio"}`.
     pub malformed_from_twilio: Counter,
+    /// `malformed_messages_total{peer="openai"}`.
     pub malformed_from_openai: Counter,
     pub openai_errors: Counter,
     pub store_records_dropped: Counter,
     pub store_transcript_waits: Counter,
     pub store_write_failures: Counter,
-    pub openai_connect: Histogram,
-    pub first_agent_audio: Histogram,
+    pub openai_connect: Latency,
+    pub first_agent_audio: Latency,
+}
+
+impl Default for Metrics {
+    /// One registration line per metric, in the order they are exposed (kept unformatted so
+    /// each stays one line).
+    #[rustfmt::skip]
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("callbridge");
+        let r = &mut registry;
+        let live_calls = register(r, "live_calls", "Calls currently bridged", Gauge::default());
+        let pending_streams = register(r, "pending_streams", "Calls answered by /voice whose media stream has not opened yet", Gauge::default());
+        let draining = register(r, "draining", "1 while the server is draining for shutdown", Gauge::default());
+        let signature_failures = register(r, "signature_failures", "Twilio requests refused for a missing or wrong X-Twilio-Signature", Counter::default());
+        let webhooks_refused = register(r, "webhooks_refused", "Correctly signed Twilio webhooks refused: fields Twilio would not send (such as a malformed or missing id) or another account's", Counter::default());
+        let calls_refused = register(r, "calls_refused", "Calls answered with the busy message", Family::<RefusedLabels, Counter>::default());
+        let calls_started = register(r, "calls_started", "Media streams that passed the token check and were bridged", Counter::default());
+        let calls_ended = register(r, "calls_ended", "Bridged or refused media streams, by why they ended", Family::<EndedLabels, Counter>::default());
+        let frames_from_caller = register(r, "frames_from_caller", "Twilio media frames forwarded to OpenAI", Counter::default());
+        let frames_to_caller = register(r, "frames_to_caller", "OpenAI audio deltas forwarded to Twilio", Counter::default());
+        let frames_buffered_before_agent = register(r, "frames_buffered_before_agent", "Caller frames held while the OpenAI session was opening", Counter::default());
+        let frames_dropped_buffer_full = register(r, "frames_dropped_buffer_full", "Caller frames dropped because the pre-session buffer was full", Counter::default());
+        let barge_ins = register(r, "barge_ins", "Times the caller interrupted agent audio", Counter::default());
+        let truncates = register(r, "truncates", "conversation.item.truncate events sent", Counter::default());
+        let dropped_interrupted_deltas = register(r, "dropped_interrupted_deltas", "Agent audio deltas dropped because their response was interrupted", Counter::default());
+        let malformed = register(r, "malformed_messages", "Messages that could not be understood, by sender; each was ignored", Family::<MalformedLabels, Counter>::default());
+        let openai_errors = register(r, "openai_errors", "Error events received from OpenAI Realtime", Counter::default());
+        let store_records_dropped = register(r, "store_records_dropped", "Call records dropped because the database writer was too far behind", Counter::default());
+        let store_transcript_waits = register(r, "store_transcript_waits", "Transcript lines that waited for room in the database writer's queue", Counter::default());
+        let store_write_failures = register(r, "store_write_failures", "Records the database refused after retries", Counter::default());
+        let openai_connect = register_seconds(r, "openai_connect", "Time from Twilio's start (token accepted) to the OpenAI session being open: the wait the pre-connect could not hide");
+        let first_agent_audio = register_seconds(r, "first_agent_audio", "Time from Twilio start to the first agent audio sent to the caller");
+        Self {
+            registry,
+            live_calls,
+            pending_streams,
+            draining,
+            signature_failures,
+            webhooks_refused,
+            calls_refused_busy: calls_refused.get_or_create_owned(&RefusedLabels {
+                reason: RefusalReason::Capacity,
+            }),
+            calls_refused_draining: calls_refused.get_or_create_owned(&RefusedLabels {
+                reason: RefusalReason::Draining,
+            }),
+            calls_started,
+            calls_ended: EndReason::ALL
+                .map(|reason| calls_ended.get_or_create_owned(&EndedLabels { reason })),
+            frames_from_caller,
+            frames_to_caller,
+            frames_buffered_before_agent,
+            frames_dropped_buffer_full,
+            barge_ins,
+            truncates,
+            dropped_interrupted_deltas,
+            malformed_from_twilio: malformed.get_or_create_owned(&MalformedLabels {
+                peer: Peer::Twilio,
+            }),
+            malformed_from_openai: malformed.get_or_create_owned(&MalformedLabels {
+                peer: Peer::OpenAi,
+            }),
+            openai_errors,
+            store_records_dropped,
+            store_transcript_waits,
+            store_write_failures,
+            openai_connect,
+            first_agent_audio,
+        }
+    }
+}
+
+/// Registers `metric` and returns the handle the application keeps (metrics are shared
+/// handles: the clone in the registry and the one returned count the same thing). `help` has
+/// no final full stop: the encoder adds one.
+fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+/// As `register`, for a latency histogram; the encoder appends `_seconds` to the name.
+fn register_seconds(registry: &mut Registry, name: &str, help: &str) -> Latency {
+    let latency = Latency::default();
+    registry.register_with_unit(name, help, Unit::Seconds, latency.0.clone());
+    latency
 }
 
 impl Metrics {
@@ -140,230 +288,204 @@ impl Metrics {
         self.calls_ended[reason as usize].get()
     }
 
-    /// Prometheus text exposition format 0.0.4.
-    pub fn render(&self, occupancy: Occupancy, draining: bool) -> String {
-        let mut out = String::with_capacity(4096);
-        gauge(
-            &mut out,
-            "callbridge_live_calls",
-            "Calls currently bridged.",
-            occupancy.live as u64,
-        );
-        gauge(
-            &mut out,
-            "callbridge_pending_streams",
-            "Calls answered by /voice whose media stream has not opened yet.",
-            occupancy.pending as u64,
-        );
-        gauge(
-            &mut out,
-            "callbridge_draining",
-            "1 while the server is draining for shutdown.",
-            u64::from(draining),
-        );
-        counter(
-            &mut out,
-            "callbridge_signature_failures_total",
-            "Twilio requests refused for a missing or wrong X-Twilio-Signature.",
-            &self.signature_failures,
-        );
-        counter(
-            &mut out,
-            "callbridge_webhooks_refused_total",
-            "Correctly signed Twilio webhooks refused: fields Twilio would not send (such as a malformed or missing id) or another account's.",
-            &self.webhooks_refused,
-        );
-        let _ = writeln!(
-            out,
-            "# HELP callbridge_calls_refused_total Calls answered with the busy message."
-        );
-        let _ = writeln!(out, "# TYPE callbridge_calls_refused_total counter");
-        let _ = writeln!(
-            out,
-            "callbridge_calls_refused_total{{reason=\"capacity\"}} {}",
-            self.calls_refused_busy.get()
-        );
-        let _ = writeln!(
-            out,
-            "callbridge_calls_refused_total{{reason=\"draining\"}} {}",
-            self.calls_refused_draining.get()
-        );
-        counter(
-            &mut out,
-            "callbridge_calls_started_total",
-            "Media streams that passed the token check and were bridged.",
-            &self.calls_started,
-        );
-        let _ = writeln!(
-            out,
-            "# HELP callbridge_calls_ended_total Bridged or refused media streams, by why they ended."
-        );
-        let _ = writeln!(out, "# TYPE callbridge_calls_ended_total counter");
-        for reason in EndReason::ALL {
-            let _ = writeln!(
-                out,
-                "callbridge_calls_ended_total{{reason=\"{}\"}} {}",
-                reason.label(),
-                self.calls_ended(reason)
-            );
-        }
-        counter(
-            &mut out,
-            "callbridge_frames_from_caller_total",
-            "Twilio media frames forwarded to OpenAI.",
-            &self.frames_from_caller,
-        );
-        counter(
-            &mut out,
-            "callbridge_frames_to_caller_total",
-            "OpenAI audio deltas forwarded to Twilio.",
-            &self.frames_to_caller,
-        );
-        counter(
-            &mut out,
-            "callbridge_frames_buffered_before_agent_total",
-            "Caller frames held while the OpenAI session was opening.",
-            &self.frames_buffered_before_agent,
-        );
-        counter(
-            &mut out,
-            "callbridge_frames_dropped_buffer_full_total",
-            "Caller frames dropped because the pre-session buffer was full.",
-            &self.frames_dropped_buffer_full,
-        );
-        counter(
-            &mut out,
-            "callbridge_barge_ins_total",
-            "Times the caller interrupted agent audio.",
-            &self.barge_ins,
-        );
-        counter(
-            &mut out,
-            "callbridge_truncates_total",
-            "conversation.item.truncate events sent.",
-            &self.truncates,
-        );
-        counter(
-            &mut out,
-            "callbridge_dropped_interrupted_deltas_total",
-            "Agent audio deltas dropped because their response was interrupted.",
-            &self.dropped_interrupted_deltas,
-        );
-        let _ = writeln!(
-            out,
-            "# HELP callbridge_malformed_messages_total Messages that could not be understood, by sender; each was ignored."
-        );
-        let _ = writeln!(out, "# TYPE callbridge_malformed_messages_total counter");
-        let _ = writeln!(
-            out,
-            "callbridge_malformed_messages_total{{peer=\"twilio\"}} {}",
-            self.malformed_from_twilio.get()
-        );
-        let _ = writeln!(
-            out,
-            "callbridge_malformed_messages_total{{peer=\"openai\"}} {}",
-            self.malformed_from_openai.get()
-        );
-        counter(
-            &mut out,
-            "callbridge_openai_errors_total",
-            "Error events received from OpenAI Realtime.",
-            &self.openai_errors,
-        );
-        counter(
-            &mut out,
-            "callbridge_store_records_dropped_total",
-            "Call records dropped because the database writer was too far behind.",
-            &self.store_records_dropped,
-        );
-        counter(
-            &mut out,
-            "callbridge_store_transcript_waits_total",
-            "Transcript lines that waited for room in the database writer's queue.",
-            &self.store_transcript_waits,
-        );
-        counter(
-            &mut out,
-            "callbridge_store_write_failures_total",
-            "Records the database refused after retries.",
-            &self.store_write_failures,
-        );
-        histogram(
-            &mut out,
-            "callbridge_openai_connect_seconds",
-            "Time from Twilio's start (token accepted) to the OpenAI session being open: the wait the pre-connect could not hide.",
-            &self.openai_connect,
-        );
-        histogram(
-            &mut out,
-            "callbridge_first_agent_audio_seconds",
-            "Time from Twilio start to the first agent audio sent to the caller.",
-            &self.first_agent_audio,
-        );
-        out
+    /// OpenMetrics text format (`CONTENT_TYPE`), ending with `# EOF`. Fails only if a metric
+    /// cannot be encoded, which writing into a `String` never causes.
+    pub fn render(&self, occupancy: Occupancy, draining: bool) -> Result<String, std::fmt::Error> {
+        self.live_calls.set(gauge_value(occupancy.live));
+        self.pending_streams.set(gauge_value(occupancy.pending));
+        self.draining.set(i64::from(draining));
+        let mut out = String::with_capacity(8192);
+        encode(&mut out, &self.registry)?;
+        Ok(out)
     }
 }
 
-fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-    );
-}
-
-fn counter(out: &mut String, name: &str, help: &str, value: &Counter) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-        value.get()
-    );
-}
-
-fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-    for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&h.buckets) {
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{le=\"{bound}\"}} {}",
-            bucket.load(Ordering::Relaxed)
-        );
-    }
-    let count = h.count();
-    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-    let sum = h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-    let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+fn gauge_value(count: usize) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn render(metrics: &Metrics) -> String {
+        metrics.render(Occupancy::default(), false).unwrap()
+    }
+
     #[test]
-    fn histogram_buckets_are_cumulative() {
-        let h = Histogram::default();
-        h.observe(Duration::from_millis(3));
-        h.observe(Duration::from_millis(200));
-        h.observe(Duration::from_secs(60));
+    fn histogram_buckets_are_cumulative_and_in_seconds() {
         let metrics = Metrics::default();
-        let mut out = String::new();
-        histogram(&mut out, "x", "help", &h);
-        assert!(out.contains("x_bucket{le=\"0.005\"} 1\n"));
-        assert!(out.contains("x_bucket{le=\"0.25\"} 2\n"));
-        assert!(out.contains("x_bucket{le=\"30\"} 2\n"));
-        assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"));
-        assert!(out.contains("x_count 3\n"));
-        assert!(out.contains("x_sum 60.203\n"));
-        metrics.call_ended(EndReason::Timeout);
-        let text = metrics.render(
-            Occupancy {
-                pending: 2,
-                live: 1,
-            },
-            true,
+        metrics.openai_connect.observe(Duration::from_millis(3));
+        metrics.openai_connect.observe(Duration::from_millis(200));
+        metrics.openai_connect.observe(Duration::from_secs(60));
+        let text = render(&metrics);
+        let name = "callbridge_openai_connect_seconds";
+        assert!(
+            text.contains(&format!("# TYPE {name} histogram\n")),
+            "{text}"
         );
-        assert!(text.contains("callbridge_calls_ended_total{reason=\"timeout\"} 1\n"));
-        assert!(text.contains("callbridge_live_calls 1\n"));
-        assert!(text.contains("callbridge_pending_streams 2\n"));
-        assert!(text.contains("callbridge_draining 1\n"));
+        assert!(text.contains(&format!("{name}_bucket{{le=\"0.005\"}} 1\n")));
+        assert!(text.contains(&format!("{name}_bucket{{le=\"0.1\"}} 1\n")));
+        assert!(text.contains(&format!("{name}_bucket{{le=\"0.25\"}} 2\n")));
+        assert!(text.contains(&format!("{name}_bucket{{le=\"30.0\"}} 2\n")));
+        assert!(text.contains(&format!("{name}_bucket{{le=\"+Inf\"}} 3\n")));
+        assert!(text.contains(&format!("{name}_count 3\n")));
+        let sum: f64 = sample(&text, &format!("{name}_sum")).parse().unwrap();
+        assert!((sum - 60.203).abs() < 1e-9, "{sum}");
+        assert_eq!(
+            text.matches(&format!("{name}_bucket{{")).count(),
+            LATENCY_BUCKETS.len() + 1,
+            "every configured bound and +Inf"
+        );
+    }
+
+    #[test]
+    fn calls_ended_are_counted_per_reason_and_every_reason_is_exposed() {
+        let metrics = Metrics::default();
+        metrics.call_ended(EndReason::Timeout);
+        metrics.call_ended(EndReason::Timeout);
+        metrics.call_ended(EndReason::CallerHungUp);
+        assert_eq!(metrics.calls_ended(EndReason::Timeout), 2);
+        let text = render(&metrics);
+        for reason in EndReason::ALL {
+            let expected = match reason {
+                EndReason::Timeout => 2,
+                EndReason::CallerHungUp => 1,
+                _ => 0,
+            };
+            let series = format!(
+                "callbridge_calls_ended_total{{reason=\"{}\"}}",
+                reason.label()
+            );
+            assert_eq!(sample(&text, &series), expected.to_string(), "{series}");
+        }
+    }
+
+    #[test]
+    fn labelled_counters_expose_their_label_values() {
+        let metrics = Metrics::default();
+        metrics.calls_refused_busy.inc();
+        metrics.calls_refused_draining.inc();
+        metrics.calls_refused_draining.inc();
+        metrics.malformed_from_openai.inc();
+        let text = render(&metrics);
+        assert_eq!(
+            sample(&text, "callbridge_calls_refused_total{reason=\"capacity\"}"),
+            "1"
+        );
+        assert_eq!(
+            sample(&text, "callbridge_calls_refused_total{reason=\"draining\"}"),
+            "2"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "callbridge_malformed_messages_total{peer=\"twilio\"}"
+            ),
+            "0"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "callbridge_malformed_messages_total{peer=\"openai\"}"
+            ),
+            "1"
+        );
+    }
+
+    #[test]
+    fn gauges_are_the_occupancy_and_drain_state_at_scrape_time() {
+        let metrics = Metrics::default();
+        let text = metrics
+            .render(
+                Occupancy {
+                    pending: 2,
+                    live: 1,
+                },
+                true,
+            )
+            .unwrap();
+        assert!(
+            text.contains("# TYPE callbridge_live_calls gauge\n"),
+            "{text}"
+        );
+        assert_eq!(sample(&text, "callbridge_live_calls"), "1");
+        assert_eq!(sample(&text, "callbridge_pending_streams"), "2");
+        assert_eq!(sample(&text, "callbridge_draining"), "1");
+        // The next scrape reflects the new occupancy, not what an earlier scrape saw.
+        let text = metrics
+            .render(
+                Occupancy {
+                    pending: 0,
+                    live: 3,
+                },
+                false,
+            )
+            .unwrap();
+        assert_eq!(sample(&text, "callbridge_live_calls"), "3");
+        assert_eq!(sample(&text, "callbridge_pending_streams"), "0");
+        assert_eq!(sample(&text, "callbridge_draining"), "0");
+    }
+
+    #[test]
+    fn every_documented_sample_is_exposed_and_the_exposition_ends_with_eof() {
+        let text = render(&Metrics::default());
+        for name in [
+            "callbridge_live_calls",
+            "callbridge_pending_streams",
+            "callbridge_draining",
+            "callbridge_signature_failures_total",
+            "callbridge_webhooks_refused_total",
+            "callbridge_calls_started_total",
+            "callbridge_frames_from_caller_total",
+            "callbridge_frames_to_caller_total",
+            "callbridge_frames_buffered_before_agent_total",
+            "callbridge_frames_dropped_buffer_full_total",
+            "callbridge_barge_ins_total",
+            "callbridge_truncates_total",
+            "callbridge_dropped_interrupted_deltas_total",
+            "callbridge_openai_errors_total",
+            "callbridge_store_records_dropped_total",
+            "callbridge_store_transcript_waits_total",
+            "callbridge_store_write_failures_total",
+            "callbridge_openai_connect_seconds_count",
+            "callbridge_first_agent_audio_seconds_count",
+        ] {
+            assert_eq!(sample(&text, name), "0", "{name}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(
+            !text.contains("..\n"),
+            "help texts end with one full stop: {text}"
+        );
+    }
+
+    #[test]
+    fn each_instance_counts_only_its_own_events() {
+        let first = Metrics::default();
+        let second = Metrics::default();
+        first.frames_from_caller.inc();
+        first.call_ended(EndReason::Shutdown);
+        assert_eq!(
+            sample(&render(&first), "callbridge_frames_from_caller_total"),
+            "1"
+        );
+        assert_eq!(
+            sample(&render(&second), "callbridge_frames_from_caller_total"),
+            "0"
+        );
+        assert_eq!(second.calls_ended(EndReason::Shutdown), 0);
+    }
+
+    /// The value of the one sample named exactly `series` (name plus labels, if any).
+    fn sample<'t>(text: &'t str, series: &str) -> &'t str {
+        let mut values = text
+            .lines()
+            .filter_map(|line| line.strip_prefix(series)?.strip_prefix(' '));
+        let value = values
+            .next()
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"));
+        assert!(values.next().is_none(), "{series} appears twice");
+        value
     }
 }

@@ -1,13 +1,17 @@
 use actix_web::{HttpResponse, web};
 
+use crate::metrics::CONTENT_TYPE;
 use crate::state::AppState;
 
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    let body = state.metrics.render(
+    match state.metrics.render(
         state.admission.occupancy_at(state.clock.now_ms()),
         state.lifecycle.is_draining(),
-    );
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(body)
+    ) {
+        Ok(body) => HttpResponse::Ok().content_type(CONTENT_TYPE).body(body),
+        Err(error) => {
+            tracing::error!(%error, "metrics could not be encoded");
+            HttpResponse::InternalServerError().finish()
+        }
+    }
 }

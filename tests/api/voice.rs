@@ -200,17 +200,15 @@ async fn draining_fails_readiness_and_turns_new_calls_away() {
 }
 
 #[tokio::test]
-async fn metrics_are_exposed_in_prometheus_text_format() {
+async fn metrics_are_exposed_in_openmetrics_text_format() {
     let app = spawn_app(&[]).await;
     app.post_form("/voice", &voice_form(&call_sid(31)), None)
         .await;
     let response = app.get("/metrics").await;
     assert_eq!(response.status(), 200);
-    assert!(
-        response.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/plain")
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
     );
     let text = response.text().await.unwrap();
     assert!(
@@ -218,6 +216,7 @@ async fn metrics_are_exposed_in_prometheus_text_format() {
         "{text}"
     );
     assert!(text.contains("# TYPE callbridge_live_calls gauge"));
+    assert!(text.ends_with("# EOF\n"), "{text}");
 }
 
 #[tokio::test]
