@@ -24,3 +24,6 @@ pub mod leg;
 pub mod link;
 pub mod playback;
 pub mod transcript;
+
+#[cfg(test)]
+mod test_frames;

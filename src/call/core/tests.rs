@@ -10,13 +10,13 @@ use super::*;
 use crate::admission::StreamGrant;
 use crate::call::ending::RestHangUp;
 use crate::call::leg::TwilioLeg;
+use crate::call::test_frames::{STREAM_SID, start_event};
 use crate::twilio::ids::{AccountSid, CallSid, StreamSid};
 
 const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
 const OTHER_ACCOUNT_SID: &str = "ACffffffffffffffffffffffffffffffff";
 const CALL_SID: &str = "CA0123456789abcdef0123456789abcdef";
 const OTHER_CALL_SID: &str = "CAffffffffffffffffffffffffffffffff";
-const STREAM_SID: &str = "MZ0123456789abcdef0123456789abcdef";
 const TOKEN: &str = "q5mAbcDEFghiJKLmnoPQRs";
 
 struct Harness {
@@ -95,19 +95,7 @@ impl Harness {
         token: &str,
         direction: &str,
     ) -> Vec<Action> {
-        self.twilio(json!({
-            "event": "start",
-            "sequenceNumber": "1",
-            "streamSid": STREAM_SID,
-            "start": {
-                "accountSid": account_sid,
-                "streamSid": STREAM_SID,
-                "callSid": call_sid,
-                "tracks": ["inbound"],
-                "customParameters": {"token": token, "from": "whatsapp:+5511999990000", "direction": direction},
-                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
-            }
-        }))
+        self.twilio(start_event(account_sid, call_sid, token, direction))
     }
 
     fn start(&mut self) -> Vec<Action> {

@@ -35,6 +35,7 @@ use crate::admission::{CallSlot, STREAM_TOKEN_TTL};
 use crate::call::agent::AgentSettings;
 use crate::call::core::{CallSettings, CallSetup, CallSummary};
 use crate::call::leg::CallControl;
+use crate::call::test_frames::{STREAM_SID, start_event};
 use crate::call::transcript::Speaker;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
@@ -48,7 +49,6 @@ const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
 const OTHER_ACCOUNT_SID: &str = "ACffffffffffffffffffffffffffffffff";
 const CALL_SID: &str = "CA0123456789abcdef0123456789abcdef";
 const OTHER_CALL_SID: &str = "CAffffffffffffffffffffffffffffffff";
-const STREAM_SID: &str = "MZ0123456789abcdef0123456789abcdef";
 /// The longest a test waits for the bridge (virtual time, so it costs nothing).
 const PATIENCE: Duration = Duration::from_secs(60);
 /// Heartbeat used by the heartbeat tests; the others effectively turn it off.
@@ -406,7 +406,7 @@ impl Harness {
     /// Sends `connected` and `start`, and lets the call handle them.
     async fn start_as(&mut self, account_sid: &str, call_sid: &str, token: &str) {
         self.twilio(json!({"event": "connected", "protocol": "Call", "version": "1.0.0"}));
-        self.twilio(start_event(account_sid, call_sid, token));
+        self.twilio(start_event(account_sid, call_sid, token, "inbound"));
         self.settle().await;
     }
 
@@ -666,27 +666,6 @@ fn audio(seed: usize, bytes: usize) -> String {
         .map(|i| u8::try_from((seed * 37 + i) % 256).expect("below 256"))
         .collect();
     BASE64.encode(raw)
-}
-
-fn start_event(account_sid: &str, call_sid: &str, token: &str) -> Value {
-    json!({
-        "event": "start",
-        "sequenceNumber": "1",
-        "streamSid": STREAM_SID,
-        "start": {
-            "accountSid": account_sid,
-            "streamSid": STREAM_SID,
-            "callSid": call_sid,
-            "tracks": ["inbound"],
-            "customParameters": {
-                "token": token,
-                "from": "whatsapp:+5511999990000",
-                "to": "whatsapp:+558551234567",
-                "direction": "inbound"
-            },
-            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
-        }
-    })
 }
 
 fn append(payload: &str) -> Value {
@@ -1110,7 +1089,12 @@ async fn garbage_from_twilio_is_counted_and_ignored() {
     h.twilio_text("this is not JSON");
     h.twilio_frame(AggregatedMessage::Binary(vec![0xff, 0x00].into()));
     h.twilio(json!({"event": "some-future-event", "streamSid": STREAM_SID}));
-    h.twilio(start_event(ACCOUNT_SID, CALL_SID, "second-start"));
+    h.twilio(start_event(
+        ACCOUNT_SID,
+        CALL_SID,
+        "second-start",
+        "inbound",
+    ));
     h.twilio(json!({"event": "media", "streamSid": STREAM_SID}));
     h.twilio(
         json!({"event": "dtmf", "streamSid": STREAM_SID, "dtmf": {"track": "inbound_track", "digit": "5"}}),
