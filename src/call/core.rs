@@ -26,6 +26,7 @@ use crate::domain::phone::Masked;
 use crate::metrics::{EndReason, Metrics};
 use crate::openai::events::{self, ErrorSeverity, ServerEvent, SessionSettings, Usage};
 use crate::store::Record;
+use crate::twilio::call::Direction;
 use crate::twilio::ids::{AccountSid, CallSid, StreamSid};
 use crate::twilio::media::{Inbound, Start};
 
@@ -469,8 +470,9 @@ impl<L: MediaLeg> CallCore<L> {
         );
         self.leg.started(start.stream_sid.as_str());
         self.metrics.calls_started.inc();
-        // Only `POST /calls` stores a context, so only its (outbound) calls look one up.
-        self.context = if parameter("direction").starts_with("outbound") {
+        // Only `POST /calls` stores a context, so only the calls it placed look one up.
+        let placed_by_us = parameter("direction").parse() == Ok(Direction::OutboundApi);
+        self.context = if placed_by_us {
             CallContext::Pending(self.spawn(SideTask::LookupCallContext {
                 call_sid: start.call_sid.clone(),
             }))

@@ -11,6 +11,7 @@ use crate::consent::{self, REQUEST_WINDOW_MS};
 use crate::domain::phone::{E164, Masked};
 use crate::state::AppState;
 use crate::store::permissions::OutboundCall;
+use crate::twilio::call::CallStatus;
 use crate::twilio::ids::{CallSid, ContentSid};
 use crate::twilio::rest::ERROR_NO_CALL_PERMISSION;
 
@@ -226,6 +227,12 @@ async fn place_under_lease(
         }
         Err(error) => return Err(error.into()),
     };
+    // Twilio creates every REST call `queued`. The call is placed whatever its answer says, so
+    // a status this code does not know is recorded as that; the status callbacks then move it on.
+    let status = call.status.parse().unwrap_or_else(|refusal| {
+        tracing::warn!(%refusal, "Twilio answered a new call with an unknown status; recording it as queued");
+        CallStatus::Queued
+    });
     state
         .store
         .record_outbound_call(&OutboundCall {
@@ -234,7 +241,7 @@ async fn place_under_lease(
             to: &to,
             agent: body.agent.as_deref(),
             context: body.context.as_deref(),
-            status: &call.status,
+            status,
             at_ms: now,
         })
         .await?;

@@ -10,6 +10,7 @@ use crate::domain::phone::{E164, Masked};
 use crate::state::AppState;
 use crate::store::NewCall;
 use crate::store::models::StatusUpdate;
+use crate::twilio::call::{CallStatus, Direction};
 use crate::twilio::ids::{AccountSid, CallSid};
 use crate::twilio::rest::ERROR_NO_CALL_PERMISSION;
 use crate::twilio::twiml::{self, ConnectStream, SayHangup};
@@ -27,13 +28,13 @@ pub struct VoiceRequest {
     #[serde(default)]
     to: String,
     #[serde(default)]
-    direction: String,
+    direction: Option<Direction>,
     #[serde(default = "ringing")]
-    call_status: String,
+    call_status: CallStatus,
 }
 
-fn ringing() -> String {
-    "ringing".to_owned()
+fn ringing() -> CallStatus {
+    CallStatus::Ringing
 }
 
 impl TwilioForm for VoiceRequest {
@@ -111,19 +112,20 @@ pub async fn voice(
     }
     let record = NewCall {
         call_sid: call.call_sid.as_str(),
-        direction: &call.direction,
+        direction: call.direction,
         from: &call.from,
         to: &call.to,
-        status: &call.call_status,
+        status: call.call_status,
         at_ms: now,
     };
     if let Err(error) = state.store.record_call(&record).await {
         tracing::error!(error = format!("{error:#}"), "cannot record the call");
     }
+    let direction = call.direction.map_or("", Direction::as_str);
     tracing::info!(
         from = %Masked(&call.from),
         to = %Masked(&call.to),
-        direction = %call.direction,
+        direction,
         "answering call with a media stream"
     );
     // Twilio signs the upgrade over this URL, so the token in it makes each call's upgrade
@@ -138,7 +140,7 @@ pub async fn voice(
             ("token", &token),
             ("from", &call.from),
             ("to", &call.to),
-            ("direction", &call.direction),
+            ("direction", direction),
         ],
         apology: twiml::APOLOGY,
     })
@@ -149,13 +151,13 @@ pub async fn voice(
 pub struct StatusCallback {
     call_sid: CallSid,
     account_sid: AccountSid,
-    call_status: String,
+    call_status: CallStatus,
     #[serde(default)]
     sequence_number: Option<String>,
     #[serde(default)]
     call_duration: Option<String>,
     #[serde(default)]
-    direction: String,
+    direction: Option<Direction>,
     #[serde(default)]
     from: String,
     #[serde(default)]
@@ -179,7 +181,7 @@ pub async fn status(
     SignedForm(event): SignedForm<StatusCallback>,
 ) -> HttpResponse {
     span.record("call_sid", event.call_sid.as_str());
-    let refused_for_permission = event.call_status == "failed"
+    let refused_for_permission = event.call_status == CallStatus::Failed
         && event.error_code.as_deref() == Some(ERROR_NO_CALL_PERMISSION.to_string().as_str());
     let update = StatusUpdate {
         sequence_number: event
@@ -224,12 +226,12 @@ pub async fn status(
 /// Meta revokes a user's permission after four unanswered calls in a row; an answered call
 /// starts the count again.
 async fn count_outbound_outcome(state: &AppState, update: &StatusUpdate) -> anyhow::Result<()> {
-    if update.direction != "outbound-api" {
+    if update.direction != Some(Direction::OutboundApi) {
         return Ok(());
     }
-    let answered = match update.status.as_str() {
-        "completed" => true,
-        "no-answer" | "busy" => false,
+    let answered = match update.status {
+        CallStatus::Completed => true,
+        CallStatus::NoAnswer | CallStatus::Busy => false,
         _ => return Ok(()),
     };
     let user = E164::from_address(&update.to)?;

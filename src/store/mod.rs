@@ -14,14 +14,15 @@ use std::sync::Once;
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor, Row};
 
 use crate::call::transcript::TranscriptLine;
+use crate::twilio::call::{CallProgress, CallStatus, Direction};
 use machines::MachineId;
 use models::{CallDetail, CallEvent, CallRecord, ListCursor, StatusUpdate, StoredLine};
 
-/// The columns `call_from_row` reads, as a literal so queries stay static SQL.
+/// The columns `CallRow` reads, as a literal so queries stay static SQL.
 macro_rules! call_columns {
     () => {
         "call_sid, stream_sid, direction, from_number, to_number, agent, status, created_at, \
@@ -42,10 +43,10 @@ pub enum Backend {
 #[derive(Debug, Clone)]
 pub struct NewCall<'a> {
     pub call_sid: &'a str,
-    pub direction: &'a str,
+    pub direction: Option<Direction>,
     pub from: &'a str,
     pub to: &'a str,
-    pub status: &'a str,
+    pub status: CallStatus,
     pub at_ms: i64,
 }
 
@@ -93,15 +94,92 @@ pub struct Store {
     machine: MachineId,
 }
 
-/// Where a status stands in a call's life; a callback never moves a call to a lower rank.
-pub fn status_rank(status: &str) -> i64 {
-    match status {
-        "queued" | "initiated" => 0,
-        "ringing" => 1,
-        "in-progress" | "answered" => 2,
-        "completed" | "busy" | "failed" | "no-answer" | "canceled" => 3,
-        _ => 0,
+/// A `calls` row as `call_columns!` selects it.
+#[derive(sqlx::FromRow)]
+struct CallRow {
+    call_sid: String,
+    stream_sid: Option<String>,
+    direction: String,
+    from_number: String,
+    to_number: String,
+    agent: Option<String>,
+    status: String,
+    created_at: i64,
+    answered_at: Option<i64>,
+    ended_at: Option<i64>,
+    duration_secs: Option<i64>,
+    end_reason: Option<String>,
+    openai_session_id: Option<String>,
+    input_tokens: i64,
+    output_tokens: i64,
+    total_tokens: i64,
+}
+
+impl CallRow {
+    /// Only this code writes the status and direction, from parsed values; text that is neither
+    /// names the call, so the row can be found and mended.
+    fn into_record(self) -> anyhow::Result<CallRecord> {
+        let call_sid = self.call_sid;
+        let status = self
+            .status
+            .parse()
+            .with_context(|| format!("call {call_sid} has an unknown stored status"))?;
+        let direction = match self.direction.as_str() {
+            UNKNOWN_DIRECTION => None,
+            text => Some(
+                text.parse()
+                    .with_context(|| format!("call {call_sid} has an unknown stored direction"))?,
+            ),
+        };
+        Ok(CallRecord {
+            call_sid,
+            stream_sid: self.stream_sid,
+            direction,
+            from: self.from_number,
+            to: self.to_number,
+            agent: self.agent,
+            status,
+            created_at_ms: self.created_at,
+            answered_at_ms: self.answered_at,
+            ended_at_ms: self.ended_at,
+            duration_secs: self.duration_secs,
+            end_reason: self.end_reason,
+            openai_session_id: self.openai_session_id,
+            input_tokens: self.input_tokens,
+            output_tokens: self.output_tokens,
+            total_tokens: self.total_tokens,
+        })
     }
+}
+
+/// A `transcript_lines` row: `truncated` is stored as 0 or 1 (the schema has no boolean type
+/// both databases share, and sqlx's `Any` decodes a `bool` from a real boolean only).
+#[derive(sqlx::FromRow)]
+struct LineRow {
+    sequence: i64,
+    speaker: String,
+    text: String,
+    offset_ms: i64,
+    truncated: i64,
+}
+
+impl From<LineRow> for StoredLine {
+    fn from(row: LineRow) -> Self {
+        Self {
+            sequence: row.sequence,
+            speaker: row.speaker,
+            text: row.text,
+            offset_ms: row.offset_ms,
+            truncated: row.truncated != 0,
+        }
+    }
+}
+
+/// What `calls.direction` holds while no webhook has said (the column's default).
+const UNKNOWN_DIRECTION: &str = "";
+
+fn stored_direction(direction: Option<Direction>) -> &'static str {
+    direction.map_or(UNKNOWN_DIRECTION, Direction::as_str)
 }
 
 fn random_id() -> String {
@@ -186,9 +264,10 @@ impl Store {
     /// no new stream may be opened for it.
     pub async fn stream_started_or_ended(&self, call_sid: &str) -> anyhow::Result<bool> {
         let row = sqlx::query(
-            "SELECT 1 FROM calls WHERE call_sid = $1 AND (stream_sid IS NOT NULL OR status_rank = 3)",
+            "SELECT 1 FROM calls WHERE call_sid = $1 AND (stream_sid IS NOT NULL OR status_rank = $2)",
         )
         .bind(call_sid)
+        .bind(CallProgress::Ended.rank())
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.is_some())
@@ -225,11 +304,11 @@ impl Store {
              to_number = CASE WHEN calls.to_number = '' THEN $4 ELSE calls.to_number END",
         )
         .bind(call.call_sid)
-        .bind(call.direction)
+        .bind(stored_direction(call.direction))
         .bind(storable(call.from).into_owned())
         .bind(storable(call.to).into_owned())
-        .bind(call.status)
-        .bind(status_rank(call.status))
+        .bind(call.status.as_str())
+        .bind(call.status.progress().rank())
         .bind(call.at_ms)
         .execute(&self.pool)
         .await?;
@@ -246,7 +325,7 @@ impl Store {
         )
         .bind(random_id())
         .bind(&update.call_sid)
-        .bind(&update.status)
+        .bind(update.status.as_str())
         .bind(update.sequence_number)
         .bind(update.duration_secs.map(|d| format!("duration {d}s")))
         .bind(update.at_ms)
@@ -258,35 +337,35 @@ impl Store {
             tx.rollback().await?;
             return Ok(false);
         }
-        let rank = status_rank(&update.status);
+        let progress = update.status.progress();
         let sequence = update.sequence_number.unwrap_or(0);
         sqlx::query(
             "INSERT INTO calls (call_sid, direction, from_number, to_number, status, status_rank, status_sequence, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (call_sid) DO NOTHING",
         )
         .bind(&update.call_sid)
-        .bind(&update.direction)
+        .bind(stored_direction(update.direction))
         .bind(storable(&update.from).into_owned())
         .bind(storable(&update.to).into_owned())
-        .bind(&update.status)
-        .bind(rank)
+        .bind(update.status.as_str())
+        .bind(progress.rank())
         .bind(sequence)
         .bind(update.at_ms)
         .execute(&mut *tx)
         .await?;
-        let final_status = rank == 3;
         sqlx::query(
             "UPDATE calls SET status = $1, status_rank = $2, status_sequence = $3, \
-             answered_at = CASE WHEN $2 = 2 AND answered_at IS NULL THEN $4 ELSE answered_at END, \
-             ended_at = CASE WHEN $5 = 1 THEN COALESCE(ended_at, $4) ELSE ended_at END, \
-             duration_secs = COALESCE($6, duration_secs) \
-             WHERE call_sid = $7 AND (status_rank < $2 OR (status_rank = $2 AND status_sequence <= $3))",
+             answered_at = CASE WHEN $4 = 1 AND answered_at IS NULL THEN $5 ELSE answered_at END, \
+             ended_at = CASE WHEN $6 = 1 THEN COALESCE(ended_at, $5) ELSE ended_at END, \
+             duration_secs = COALESCE($7, duration_secs) \
+             WHERE call_sid = $8 AND (status_rank < $2 OR (status_rank = $2 AND status_sequence <= $3))",
         )
-        .bind(&update.status)
-        .bind(rank)
+        .bind(update.status.as_str())
+        .bind(progress.rank())
         .bind(sequence)
+        .bind(i64::from(progress == CallProgress::Answered))
         .bind(update.at_ms)
-        .bind(i64::from(final_status))
+        .bind(i64::from(progress == CallProgress::Ended))
         .bind(update.duration_secs)
         .bind(&update.call_sid)
         .execute(&mut *tx)
@@ -372,7 +451,7 @@ impl Store {
     }
 
     pub async fn call(&self, call_sid: &str) -> anyhow::Result<Option<CallDetail>> {
-        let Some(row) = sqlx::query(concat!(
+        let Some(row) = sqlx::query_as::<_, CallRow>(concat!(
             "SELECT ",
             call_columns!(),
             " FROM calls WHERE call_sid = $1"
@@ -383,44 +462,25 @@ impl Store {
         else {
             return Ok(None);
         };
-        let call = call_from_row(&row)?;
-        let mut events = sqlx::query(
+        let call = row.into_record()?;
+        let mut events = sqlx::query_as::<_, CallEvent>(
             "SELECT kind, name, sequence_number, detail, at FROM call_events WHERE call_sid = $1 \
              ORDER BY at, COALESCE(sequence_number, 0), id",
         )
         .bind(call_sid)
         .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(|row| {
-            Ok(CallEvent {
-                kind: row.try_get(0)?,
-                name: row.try_get(1)?,
-                sequence_number: row.try_get(2)?,
-                detail: row.try_get(3)?,
-                at_ms: row.try_get(4)?,
-            })
-        })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        .await?;
         order_status_events(&mut events);
-        let transcript = sqlx::query(
+        let transcript = sqlx::query_as::<_, LineRow>(
             "SELECT sequence, speaker, text, offset_ms, truncated FROM transcript_lines \
              WHERE call_sid = $1 ORDER BY sequence",
         )
         .bind(call_sid)
         .fetch_all(&self.pool)
         .await?
-        .iter()
-        .map(|row| {
-            Ok(StoredLine {
-                sequence: row.try_get(0)?,
-                speaker: row.try_get(1)?,
-                text: row.try_get(2)?,
-                offset_ms: row.try_get(3)?,
-                truncated: row.try_get::<i64, _>(4)? != 0,
-            })
-        })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        .into_iter()
+        .map(StoredLine::from)
+        .collect();
         Ok(Some(CallDetail {
             call,
             events,
@@ -436,7 +496,7 @@ impl Store {
     ) -> anyhow::Result<Vec<CallRecord>> {
         let rows = match before {
             Some(cursor) => {
-                sqlx::query(concat!(
+                sqlx::query_as::<_, CallRow>(concat!(
                     "SELECT ",
                     call_columns!(),
                     " FROM calls WHERE created_at < $1 OR (created_at = $1 AND call_sid < $2) \
@@ -449,7 +509,7 @@ impl Store {
                 .await?
             }
             None => {
-                sqlx::query(concat!(
+                sqlx::query_as::<_, CallRow>(concat!(
                     "SELECT ",
                     call_columns!(),
                     " FROM calls ORDER BY created_at DESC, call_sid DESC LIMIT $1"
@@ -459,29 +519,8 @@ impl Store {
                 .await?
             }
         };
-        Ok(rows.iter().map(call_from_row).collect::<Result<_, _>>()?)
+        rows.into_iter().map(CallRow::into_record).collect()
     }
-}
-
-fn call_from_row(row: &AnyRow) -> Result<CallRecord, sqlx::Error> {
-    Ok(CallRecord {
-        call_sid: row.try_get(0)?,
-        stream_sid: row.try_get(1)?,
-        direction: row.try_get(2)?,
-        from: row.try_get(3)?,
-        to: row.try_get(4)?,
-        agent: row.try_get(5)?,
-        status: row.try_get(6)?,
-        created_at_ms: row.try_get(7)?,
-        answered_at_ms: row.try_get(8)?,
-        ended_at_ms: row.try_get(9)?,
-        duration_secs: row.try_get(10)?,
-        end_reason: row.try_get(11)?,
-        openai_session_id: row.try_get(12)?,
-        input_tokens: row.try_get(13)?,
-        output_tokens: row.try_get(14)?,
-        total_tokens: row.try_get(15)?,
-    })
 }
 
 /// Status callbacks can arrive out of order; Twilio's `SequenceNumber` is their true order. They

@@ -2,16 +2,19 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use serde::Serialize;
+use serde::{Serialize, Serializer};
+
+use crate::twilio::call::{CallStatus, Direction};
 
 /// A status callback from Twilio, as stored.
 #[derive(Debug, Clone)]
 pub struct StatusUpdate {
     pub call_sid: String,
-    pub status: String,
+    pub status: CallStatus,
     pub sequence_number: Option<i64>,
     pub duration_secs: Option<i64>,
-    pub direction: String,
+    /// `None` when the callback did not say.
+    pub direction: Option<Direction>,
     pub from: String,
     pub to: String,
     pub at_ms: i64,
@@ -21,11 +24,13 @@ pub struct StatusUpdate {
 pub struct CallRecord {
     pub call_sid: String,
     pub stream_sid: Option<String>,
-    pub direction: String,
+    /// `None` while no webhook has said; shown as `""`, as it is stored.
+    #[serde(serialize_with = "direction_or_empty")]
+    pub direction: Option<Direction>,
     pub from: String,
     pub to: String,
     pub agent: Option<String>,
-    pub status: String,
+    pub status: CallStatus,
     pub created_at_ms: i64,
     pub answered_at_ms: Option<i64>,
     pub ended_at_ms: Option<i64>,
@@ -37,12 +42,13 @@ pub struct CallRecord {
     pub total_tokens: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
 pub struct CallEvent {
     pub kind: String,
     pub name: String,
     pub sequence_number: Option<i64>,
     pub detail: Option<String>,
+    #[sqlx(rename = "at")]
     pub at_ms: i64,
 }
 
@@ -60,6 +66,13 @@ pub struct CallDetail {
     pub call: CallRecord,
     pub events: Vec<CallEvent>,
     pub transcript: Vec<StoredLine>,
+}
+
+fn direction_or_empty<S: Serializer>(
+    direction: &Option<Direction>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(direction.map_or("", Direction::as_str))
 }
 
 /// Position in the newest-first list; opaque to API clients.

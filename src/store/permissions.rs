@@ -1,13 +1,12 @@
 //! Call permissions and outbound calls: the compliance record Meta's rules are checked against.
 
-use sqlx::Row;
-
 use super::Store;
 pub use crate::consent::Reply;
 use crate::consent::{
     self, GRANT_VALIDITY_MS, IgnoredReply, Permission, PermissionState, REQUEST_SPACING_MS,
     ReplyEffect, SentRequest, UNANSWERED_CALLS_BEFORE_REVOCATION,
 };
+use crate::twilio::call::{CallProgress, CallStatus, Direction};
 
 /// What became of a permission reply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,13 +30,38 @@ pub struct OutboundCall<'a> {
     pub to: &'a str,
     pub agent: Option<&'a str>,
     pub context: Option<&'a str>,
-    pub status: &'a str,
+    pub status: CallStatus,
     pub at_ms: i64,
+}
+
+/// A `call_permissions` row, as `permission` reads it.
+#[derive(sqlx::FromRow)]
+struct PermissionRow {
+    state: String,
+    answered_at: Option<i64>,
+    expires_at: Option<i64>,
+    consecutive_unanswered: i64,
+}
+
+/// The request a reply answers.
+#[derive(sqlx::FromRow)]
+struct RequestRow {
+    message_sid: String,
+    requested_at: i64,
+    /// `None` while the request is open.
+    closed_at: Option<i64>,
+}
+
+/// What `POST /calls` gave an outbound call.
+#[derive(sqlx::FromRow)]
+struct BriefRow {
+    agent: Option<String>,
+    context: Option<String>,
 }
 
 impl Store {
     pub async fn permission(&self, user: &str) -> anyhow::Result<Option<Permission>> {
-        let row = sqlx::query(
+        let row = sqlx::query_as::<_, PermissionRow>(
             "SELECT state, answered_at, expires_at, consecutive_unanswered FROM call_permissions \
              WHERE user_number = $1",
         )
@@ -45,13 +69,12 @@ impl Store {
         .fetch_optional(self.pool())
         .await?;
         let Some(row) = row else { return Ok(None) };
-        let state: String = row.try_get(0)?;
         Ok(Some(Permission {
-            state: PermissionState::parse(&state)
-                .ok_or_else(|| anyhow::anyhow!("unknown permission state {state:?}"))?,
-            answered_at_ms: row.try_get(1)?,
-            expires_at_ms: row.try_get(2)?,
-            consecutive_unanswered: row.try_get(3)?,
+            state: PermissionState::parse(&row.state)
+                .ok_or_else(|| anyhow::anyhow!("unknown permission state {:?}", row.state))?,
+            answered_at_ms: row.answered_at,
+            expires_at_ms: row.expires_at,
+            consecutive_unanswered: row.consecutive_unanswered,
         }))
     }
 
@@ -60,17 +83,13 @@ impl Store {
         user: &str,
         since_ms: i64,
     ) -> anyhow::Result<Vec<i64>> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_scalar(
             "SELECT requested_at FROM permission_requests WHERE user_number = $1 AND requested_at > $2",
         )
         .bind(user)
         .bind(since_ms)
         .fetch_all(self.pool())
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|row| row.try_get(0))
-            .collect::<Result<_, _>>()?)
+        .await?)
     }
 
     /// Takes this user's one request of the day, atomically: of two requests racing (even on
@@ -152,11 +171,12 @@ impl Store {
 
     /// When this user's last request was sent, if ever.
     pub async fn last_permission_request(&self, user: &str) -> anyhow::Result<Option<i64>> {
-        let row = sqlx::query("SELECT requested_at FROM call_permissions WHERE user_number = $1")
-            .bind(user)
-            .fetch_optional(self.pool())
-            .await?;
-        Ok(row.and_then(|row| row.get(0)))
+        let requested_at: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT requested_at FROM call_permissions WHERE user_number = $1")
+                .bind(user)
+                .fetch_optional(self.pool())
+                .await?;
+        Ok(requested_at.flatten())
     }
 
     /// Records the user's button press and applies it by Meta's rules (`consent::reply_effect`).
@@ -189,31 +209,27 @@ impl Store {
             return Ok(ReplyOutcome::Repeated);
         }
         let answered = match replied_to {
-            Some(request_sid) => sqlx::query(
+            Some(request_sid) => sqlx::query_as::<_, RequestRow>(
                 "SELECT message_sid, requested_at, closed_at FROM permission_requests \
                  WHERE message_sid = $1 AND user_number = $2",
             )
             .bind(request_sid)
             .bind(user),
-            None => sqlx::query(
+            None => sqlx::query_as::<_, RequestRow>(
                 "SELECT message_sid, requested_at, closed_at FROM permission_requests \
                  WHERE user_number = $1 ORDER BY requested_at DESC LIMIT 1",
             )
             .bind(user),
         }
         .fetch_optional(&mut *tx)
-        .await?;
-        let answered = match answered {
-            Some(row) => {
-                let request_sid: String = row.try_get(0)?;
-                let request = SentRequest {
-                    sent_at_ms: row.try_get(1)?,
-                    open: row.try_get::<Option<i64>, _>(2)?.is_none(),
-                };
-                Some((request_sid, request))
-            }
-            None => None,
-        };
+        .await?
+        .map(|row| {
+            let request = SentRequest {
+                sent_at_ms: row.requested_at,
+                open: row.closed_at.is_none(),
+            };
+            (row.message_sid, request)
+        });
         let mut effect =
             consent::reply_effect(reply, answered.as_ref().map(|(_, request)| request), at_ms);
         if let (ReplyEffect::Grant, Some((request_sid, _))) = (effect, &answered) {
@@ -333,15 +349,16 @@ impl Store {
         to: &str,
         since_ms: i64,
     ) -> anyhow::Result<i64> {
-        let row = sqlx::query(
-            "SELECT COUNT(*) FROM calls WHERE to_number = $1 AND direction = 'outbound-api' \
-             AND (answered_at > $2 OR (answered_at IS NULL AND status_rank < 3 AND created_at > $2))",
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(*) FROM calls WHERE to_number = $1 AND direction = $3 \
+             AND (answered_at > $2 OR (answered_at IS NULL AND status_rank < $4 AND created_at > $2))",
         )
         .bind(to)
         .bind(since_ms)
+        .bind(Direction::OutboundApi.as_str())
+        .bind(CallProgress::Ended.rank())
         .fetch_one(self.pool())
-        .await?;
-        Ok(row.try_get(0)?)
+        .await?)
     }
 
     /// Takes the user's placing lease until `until_ms`; `false` if another request holds it.
@@ -376,16 +393,17 @@ impl Store {
     pub async fn record_outbound_call(&self, call: &OutboundCall<'_>) -> anyhow::Result<()> {
         sqlx::query(
             "INSERT INTO calls (call_sid, direction, from_number, to_number, agent, context, status, status_rank, created_at) \
-             VALUES ($1, 'outbound-api', $2, $3, $4, $5, $6, $7, $8) \
-             ON CONFLICT (call_sid) DO UPDATE SET agent = $4, context = $5, from_number = $2, to_number = $3",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (call_sid) DO UPDATE SET agent = $5, context = $6, from_number = $3, to_number = $4",
         )
         .bind(call.call_sid)
+        .bind(Direction::OutboundApi.as_str())
         .bind(call.from)
         .bind(call.to)
         .bind(call.agent)
         .bind(call.context)
-        .bind(call.status)
-        .bind(super::status_rank(call.status))
+        .bind(call.status.as_str())
+        .bind(call.status.progress().rank())
         .bind(call.at_ms)
         .execute(self.pool())
         .await?;
@@ -397,12 +415,13 @@ impl Store {
         &self,
         call_sid: &str,
     ) -> anyhow::Result<Option<(Option<String>, Option<String>)>> {
-        let row = sqlx::query(
-            "SELECT agent, context FROM calls WHERE call_sid = $1 AND direction = 'outbound-api'",
+        let row = sqlx::query_as::<_, BriefRow>(
+            "SELECT agent, context FROM calls WHERE call_sid = $1 AND direction = $2",
         )
         .bind(call_sid)
+        .bind(Direction::OutboundApi.as_str())
         .fetch_optional(self.pool())
         .await?;
-        Ok(row.map(|row| (row.get(0), row.get(1))))
+        Ok(row.map(|row| (row.agent, row.context)))
     }
 }

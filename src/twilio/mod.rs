@@ -1,6 +1,7 @@
-//! Everything that speaks Twilio's protocols: request signatures, resource ids, TwiML, and the
-//! signed-webhook extractor used by every route Twilio calls.
+//! Everything that speaks Twilio's protocols: request signatures, resource ids, call statuses and
+//! directions, TwiML, and the signed-webhook extractor used by every route Twilio calls.
 
+pub mod call;
 pub mod ids;
 pub mod media;
 pub mod rest;

@@ -339,3 +339,26 @@ async fn sigkill_mid_call_loses_at_most_the_last_second_of_transcript_and_the_ca
     assert!(call.ended_at_ms.is_some());
     drop(restarted);
 }
+
+/// A call known only from a status callback that named no direction reads back as stored: its
+/// status exactly as Twilio wrote it, its direction empty.
+#[tokio::test]
+async fn a_call_known_only_from_a_status_callback_reads_back_as_twilio_wrote_it() {
+    let app = spawn_app(&[("CALLBRIDGE_API_TOKEN", API_TOKEN)]).await;
+    let callback = form(&[
+        ("CallSid", &call_sid(3200)),
+        ("AccountSid", ACCOUNT_SID),
+        ("CallStatus", "no-answer"),
+        ("SequenceNumber", "2"),
+    ]);
+    assert_eq!(
+        app.post_signed("/voice/status", &callback).await.status(),
+        204
+    );
+    let page: Value = app.api_get("/calls").await.json().await.unwrap();
+    let call = &page["calls"][0];
+    assert_eq!(
+        (&call["call_sid"], &call["status"], &call["direction"]),
+        (&json!(call_sid(3200)), &json!("no-answer"), &json!(""))
+    );
+}

@@ -1,5 +1,6 @@
 //! Correctly signed requests that Twilio did not send as they arrive: folded captures (text moved
-//! between adjacent parameters, which the signature cannot see), other accounts, malformed ids.
+//! between adjacent parameters, which the signature cannot see), other accounts, malformed ids,
+//! statuses and directions.
 
 use crate::helpers::*;
 
@@ -49,6 +50,14 @@ async fn folded_copies_of_a_signed_voice_request_are_refused_and_open_nothing() 
         (
             "AccountSid swallows ApiVersion",
             swallow_next(&captured, "AccountSid", 1),
+        ),
+        (
+            "CallStatus swallows Direction",
+            swallow_next(&captured, "CallStatus", 1),
+        ),
+        (
+            "Direction swallows From",
+            swallow_next(&captured, "Direction", 1),
         ),
     ];
     // The tail of the last value can also become a new (lower-case, so last) name: CallSid takes
@@ -108,6 +117,11 @@ async fn folded_status_callbacks_and_permission_replies_are_refused() {
             swallow_next(&status, "CallSid", 1),
             &status,
         ),
+        (
+            "/voice/status",
+            swallow_next(&status, "CallStatus", 1),
+            &status,
+        ),
         ("/messaging", swallow_next(&reply, "MessageSid", 1), &reply),
         ("/messaging", swallow_next(&reply, "From", 1), &reply),
     ] {
@@ -116,7 +130,7 @@ async fn folded_status_callbacks_and_permission_replies_are_refused() {
         assert_eq!(twilio_signature(&url, &folded), signature, "{path}");
         assert_refused(app.post_form(path, &folded, Some(&signature)).await, path).await;
     }
-    assert_eq!(app.state.metrics.webhooks_refused.get(), 3);
+    assert_eq!(app.state.metrics.webhooks_refused.get(), 4);
     assert!(
         app.state
             .store
@@ -171,7 +185,7 @@ async fn signed_webhooks_for_another_account_or_none_are_refused() {
 }
 
 #[tokio::test]
-async fn signed_webhooks_with_malformed_ids_are_refused() {
+async fn signed_webhooks_with_malformed_ids_statuses_or_directions_are_refused() {
     let app = spawn_app(&[]).await;
     let with = |mut params: Vec<(String, String)>, name: &str, value: &str| {
         params.iter_mut().find(|(n, _)| n == name).unwrap().1 = value.to_owned();
@@ -193,6 +207,14 @@ async fn signed_webhooks_with_malformed_ids_are_refused() {
         ),
         ("/voice", with(voice.clone(), "AccountSid", "AC1")),
         ("/voice/status", with(voice.clone(), "CallSid", "CA_x")),
+        // `answered` names a status-callback event; the callback itself says `in-progress`.
+        ("/voice", with(voice.clone(), "CallStatus", "answered")),
+        ("/voice", with(voice.clone(), "Direction", "outbound")),
+        (
+            "/voice/status",
+            with(voice.clone(), "CallStatus", "in_progress"),
+        ),
+        ("/voice/status", with(voice.clone(), "Direction", "Inbound")),
         ("/messaging", with(reply.clone(), "MessageSid", "SM_a")),
         (
             "/messaging",
@@ -205,6 +227,15 @@ async fn signed_webhooks_with_malformed_ids_are_refused() {
     }
     assert_eq!(app.state.metrics.webhooks_refused.get(), cases.len() as u64);
     assert_eq!(app.state.admission.occupancy().pending, 0);
+    assert!(
+        app.state
+            .store
+            .list_calls(10, None)
+            .await
+            .unwrap()
+            .is_empty(),
+        "no call recorded"
+    );
 
     let text = app.get("/metrics").await.text().await.unwrap();
     assert!(

@@ -6,6 +6,7 @@ use callbridge::clock::{Clock, SystemClock};
 use callbridge::store::machines::{HEARTBEAT_INTERVAL, LEASE, MachineId, keep_lease};
 use callbridge::store::models::{CallRecord, ListCursor, StatusUpdate};
 use callbridge::store::{NewCall, Record, Store};
+use callbridge::twilio::call::{CallStatus, Direction};
 
 fn now_ms() -> i64 {
     SystemClock.now_ms()
@@ -50,13 +51,13 @@ async fn fresh_postgres_database(admin_url: &str) -> String {
 }
 
 /// A status callback for `call_sid` arriving at `at_ms`.
-fn status(call_sid: &str, status: &str, sequence: i64, at_ms: i64) -> StatusUpdate {
+fn status(call_sid: &str, status: CallStatus, sequence: i64, at_ms: i64) -> StatusUpdate {
     StatusUpdate {
         call_sid: call_sid.into(),
-        status: status.into(),
+        status,
         sequence_number: Some(sequence),
-        duration_secs: (status == "completed").then_some(42),
-        direction: "inbound".into(),
+        duration_secs: (status == CallStatus::Completed).then_some(42),
+        direction: Some(Direction::Inbound),
         from: "whatsapp:+5511999990000".into(),
         to: "whatsapp:+558551234567".into(),
         at_ms,
@@ -66,10 +67,10 @@ fn status(call_sid: &str, status: &str, sequence: i64, at_ms: i64) -> StatusUpda
 fn new_call(call_sid: &str, at_ms: i64) -> NewCall<'_> {
     NewCall {
         call_sid,
-        direction: "inbound",
+        direction: Some(Direction::Inbound),
         from: "whatsapp:+5511999990000",
         to: "whatsapp:+558551234567",
-        status: "ringing",
+        status: CallStatus::Ringing,
         at_ms,
     }
 }
@@ -137,39 +138,39 @@ async fn status_callbacks_are_idempotent_and_never_move_a_call_backwards() {
         store.record_call(&new_call("CA1", now_ms())).await.unwrap();
         assert!(
             store
-                .record_status(&status("CA1", "ringing", 1, 10))
+                .record_status(&status("CA1", CallStatus::Ringing, 1, 10))
                 .await
                 .unwrap()
         );
         assert!(
             !store
-                .record_status(&status("CA1", "ringing", 1, 20))
+                .record_status(&status("CA1", CallStatus::Ringing, 1, 20))
                 .await
                 .unwrap(),
             "a retry is stored once"
         );
         assert!(
             store
-                .record_status(&status("CA1", "completed", 3, 30))
+                .record_status(&status("CA1", CallStatus::Completed, 3, 30))
                 .await
                 .unwrap()
         );
         // The in-progress callback arrives late: stored in the history, status stays completed.
         assert!(
             store
-                .record_status(&status("CA1", "in-progress", 2, 40))
+                .record_status(&status("CA1", CallStatus::InProgress, 2, 40))
                 .await
                 .unwrap()
         );
         assert!(
             !store
-                .record_status(&status("CA1", "completed", 3, 50))
+                .record_status(&status("CA1", CallStatus::Completed, 3, 50))
                 .await
                 .unwrap()
         );
 
         let detail = store.call("CA1").await.unwrap().unwrap();
-        assert_eq!(detail.call.status, "completed", "{url}");
+        assert_eq!(detail.call.status, CallStatus::Completed, "{url}");
         assert_eq!(detail.call.duration_secs, Some(42));
         assert!(detail.call.ended_at_ms.is_some());
         let statuses: Vec<_> = detail
@@ -193,16 +194,84 @@ async fn status_callbacks_are_idempotent_and_never_move_a_call_backwards() {
 async fn a_status_callback_before_the_voice_webhook_creates_the_call() {
     for url in fresh_databases().await {
         let store = Store::connect(&url).await.unwrap();
-        store
-            .record_status(&status("CA2", "initiated", 0, now_ms()))
+        let without_direction = StatusUpdate {
+            direction: None,
+            ..status("CA2", CallStatus::Initiated, 0, now_ms())
+        };
+        store.record_status(&without_direction).await.unwrap();
+        assert_eq!(record(&store, "CA2").await.direction, None, "{url}");
+        store.record_call(&new_call("CA2", now_ms())).await.unwrap();
+        let call = record(&store, "CA2").await;
+        assert_eq!(
+            (call.status, call.direction, call.to.as_str()),
+            (
+                CallStatus::Initiated,
+                Some(Direction::Inbound),
+                "whatsapp:+558551234567"
+            )
+        );
+    }
+}
+
+/// The rule for every pair of statuses, in both orders of arrival: a callback moves the call to
+/// a later stage of its life, or within a stage to a later `SequenceNumber`; never back.
+#[tokio::test]
+async fn every_pair_of_statuses_keeps_the_stage_order() {
+    for url in fresh_databases().await {
+        let store = Store::connect(&url).await.unwrap();
+        let pairs = CallStatus::ALL
+            .into_iter()
+            .flat_map(|first| CallStatus::ALL.map(|second| (first, second)));
+        for (n, (first, second)) in pairs.enumerate() {
+            for (first_sequence, second_sequence) in [(1, 2), (2, 1)] {
+                let call_sid = format!("CA{n}_{first_sequence}");
+                for (update, sequence) in [(first, first_sequence), (second, second_sequence)] {
+                    let update = status(&call_sid, update, sequence, now_ms());
+                    assert!(store.record_status(&update).await.unwrap());
+                }
+                let moves_on = second.progress() > first.progress()
+                    || (second.progress() == first.progress() && second_sequence > first_sequence);
+                let expected = if moves_on { second } else { first };
+                assert_eq!(
+                    record(&store, &call_sid).await.status,
+                    expected,
+                    "{first} #{first_sequence} then {second} #{second_sequence}: {url}"
+                );
+            }
+        }
+    }
+}
+
+/// Every status and direction is stored from a parsed value, so other text in a row was put
+/// there by hand: reading it is an error that names the call, not a panic or a guess.
+#[tokio::test]
+async fn a_stored_status_or_direction_this_code_does_not_know_is_an_error_naming_the_call() {
+    for url in fresh_databases().await {
+        let store = Store::connect(&url).await.unwrap();
+        for (call_sid, column) in [("CA1", "status"), ("CA2", "direction")] {
+            store
+                .record_call(&new_call(call_sid, now_ms()))
+                .await
+                .unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE calls SET {column} = 'sideways' WHERE call_sid = $1"
+            )))
+            .bind(call_sid)
+            .execute(store.pool())
             .await
             .unwrap();
-        store.record_call(&new_call("CA2", now_ms())).await.unwrap();
-        let call = store.call("CA2").await.unwrap().unwrap().call;
-        assert_eq!(
-            (call.status.as_str(), call.to.as_str()),
-            ("initiated", "whatsapp:+558551234567")
-        );
+            let error = format!("{:#}", store.call(call_sid).await.unwrap_err());
+            assert!(
+                error.contains(call_sid) && error.contains(column),
+                "{error}: {url}"
+            );
+            assert!(store.list_calls(10, None).await.is_err());
+            sqlx::query("DELETE FROM calls WHERE call_sid = $1")
+                .bind(call_sid)
+                .execute(store.pool())
+                .await
+                .unwrap();
+        }
     }
 }
 
@@ -545,14 +614,14 @@ mod permissions {
                         to: &to,
                         agent: Some("sales"),
                         context: Some("context"),
-                        status: "queued",
+                        status: CallStatus::Queued,
                         at_ms: T0 + n,
                     })
                     .await
                     .unwrap();
                 if answered {
-                    let mut update = status(&call_sid, "in-progress", 1, T0 + 100 * n);
-                    update.direction = "outbound-api".into();
+                    let mut update = status(&call_sid, CallStatus::InProgress, 1, T0 + 100 * n);
+                    update.direction = Some(Direction::OutboundApi);
                     update.to = to.clone();
                     store.record_status(&update).await.unwrap();
                 }
@@ -769,7 +838,7 @@ async fn a_caller_id_with_a_nul_is_stored_without_it() {
             ..new_call("CA1", now_ms())
         };
         store.record_call(&call).await.unwrap();
-        let mut update = status("CA2", "ringing", 1, now_ms());
+        let mut update = status("CA2", CallStatus::Ringing, 1, now_ms());
         update.to = "whatsapp:+55\u{0}8551234567".into();
         assert!(store.record_status(&update).await.unwrap(), "{url}");
         assert_eq!(record(&store, "CA1").await.from, "whatsapp:+5511999990000");
