@@ -9,20 +9,25 @@ WORKDIR /src
 
 # Dependencies first, in their own layer: build them against a placeholder crate so that
 # changing our sources does not rebuild every dependency.
+# The workspace's other members (the load generator and the test fakes) must be present for the
+# manifest to load, but only the server and its dependencies are built.
 COPY Cargo.toml Cargo.lock ./
+COPY loadgen/Cargo.toml loadgen/
+COPY testkit/Cargo.toml testkit/
 # Cargo.toml names a bench target, so its file must exist for the manifest to load.
-RUN mkdir src benches \
+RUN mkdir src benches loadgen/src testkit/src \
     && echo 'fn main() {}' > src/main.rs \
     && echo 'fn main() {}' > benches/hot_path.rs \
-    && touch src/lib.rs \
-    && cargo build --release --locked --bin callbridge \
-    && rm -rf src benches
+    && echo 'fn main() {}' > loadgen/src/main.rs \
+    && touch src/lib.rs testkit/src/lib.rs \
+    && cargo build --release --locked -p callbridge --bin callbridge \
+    && rm -rf src benches loadgen/src testkit/src
 
 # The real sources (src/, templates/, migrations/ if present; see .dockerignore). `touch` makes
 # sure cargo rebuilds our crate instead of trusting the placeholder's newer timestamps.
 COPY . .
 RUN touch src/main.rs src/lib.rs \
-    && cargo build --release --locked --bin callbridge
+    && cargo build --release --locked -p callbridge --bin callbridge
 
 # ---- runtime stage ---------------------------------------------------------------------------
 FROM debian:bookworm-slim

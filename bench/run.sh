@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The benchmark of issue 6, in one command from a fresh clone: bench/run.sh
+# The benchmark, in one command from a fresh clone: bench/run.sh
 #
 # Builds the release binaries, starts the fake OpenAI Realtime server (loadgen fake-realtime),
 # then for each N: a floor run (N calls straight to the fake) and a bridge run (N calls through
 # a freshly started callbridge, whose CPU and memory are read from /proc). Prints the table and
-# the issue's targets, and writes bench/results.json. Everything runs on 127.0.0.1 and stops by
+# the targets, and writes bench/results.json. Everything runs on 127.0.0.1 and stops by
 # itself (about 7 minutes with the defaults).
 #
 # Environment:
@@ -49,8 +49,8 @@ if [ "$(ulimit -n)" != unlimited ] && (($(ulimit -n) < needed)); then
     echo "warning: ulimit -n is $(ulimit -n); $needed descriptors are needed for $max_calls calls" >&2
 fi
 
-echo "==> cargo build --release --bins" >&2
-cargo build --release --bins >&2
+echo "==> cargo build --release -p callbridge -p callbridge-loadgen" >&2
+cargo build --release --locked -p callbridge -p callbridge-loadgen >&2
 
 # A free TCP port on 127.0.0.1: nothing answers a connection to it.
 free_port() {

@@ -5,10 +5,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::fake_openai::FakeOpenAi;
 use crate::fake_twilio::frame;
 use crate::helpers::*;
 use crate::stream::{app_with, connected_call};
+use callbridge_testkit::realtime::FakeRealtime;
 
 const API_TOKEN: &str = "test-api-token-0123456789abcdef0123";
 
@@ -64,7 +64,7 @@ impl Client {
     }
 }
 
-async fn api_app(fake: &FakeOpenAi, extra: &[(&str, &str)]) -> TestApp {
+async fn api_app(fake: &FakeRealtime, extra: &[(&str, &str)]) -> TestApp {
     let mut overrides = vec![("CALLBRIDGE_API_TOKEN", API_TOKEN)];
     overrides.extend_from_slice(extra);
     app_with(fake, &overrides).await
@@ -80,7 +80,7 @@ fn agent_said(item_id: &str, text: &str) -> Value {
 
 #[tokio::test]
 async fn a_call_is_recorded_end_to_end_with_its_status_history_and_both_speakers() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let app = api_app(&fake, &[]).await;
     assert_eq!(
         app.post_status(&call_sid(3001), "ringing", 0)
@@ -104,7 +104,7 @@ async fn a_call_is_recorded_end_to_end_with_its_status_history_and_both_speakers
     ));
     session.send(json!({"type":"response.done","response":{"id":"resp","status":"completed","usage":{"input_tokens":120,"output_tokens":80,"total_tokens":200}}}));
     app.call_with_lines(&call_sid(3001), 3).await;
-    twilio.stop(&call_sid(3001)).await;
+    twilio.stop().await;
     twilio.closed_within(Duration::from_secs(2)).await;
     assert_eq!(
         app.post_status(&call_sid(3001), "completed", 2)
@@ -174,7 +174,7 @@ async fn a_call_is_recorded_end_to_end_with_its_status_history_and_both_speakers
 
 #[tokio::test]
 async fn the_api_needs_the_bearer_token_and_names_unknown_calls() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let app = api_app(&fake, &[]).await;
     let anonymous = app.get("/calls/CA1").await;
     assert_eq!(anonymous.status(), 401);
@@ -216,7 +216,7 @@ async fn the_api_needs_the_bearer_token_and_names_unknown_calls() {
 
 #[tokio::test]
 async fn calls_are_listed_newest_first_page_by_page() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let app = api_app(&fake, &[]).await;
     for i in 0..5 {
         app.answer_call(&call_sid(400 + i)).await;
@@ -253,13 +253,13 @@ async fn calls_are_listed_newest_first_page_by_page() {
 
 #[tokio::test]
 async fn data_survives_a_restart_on_the_same_sqlite_file() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let database = sqlite_url(&temp_path("db"));
     let first = api_app(&fake, &[("DATABASE_URL", &database)]).await;
     let (mut twilio, session) = connected_call(&first, &fake, &call_sid(5001)).await;
     session.send(caller_said("Remember me."));
     first.call_with_lines(&call_sid(5001), 1).await;
-    twilio.stop(&call_sid(5001)).await;
+    twilio.stop().await;
     twilio.closed_within(Duration::from_secs(2)).await;
     first.state.lifecycle.begin_drain();
     first.server.await.unwrap().unwrap();
@@ -274,7 +274,7 @@ async fn data_survives_a_restart_on_the_same_sqlite_file() {
 /// machine, restarted under the same name (as Fly restarts a Machine), records the call as lost.
 #[tokio::test]
 async fn sigkill_mid_call_loses_at_most_the_last_second_of_transcript_and_the_call_ends_lost() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let env = [
         ("OPENAI_REALTIME_URL", fake.url.as_str()),
         ("FLY_MACHINE_ID", "machine-6001"),

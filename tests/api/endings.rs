@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 use wiremock::matchers::{body_string_contains, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::fake_openai::FakeOpenAi;
 use crate::fake_twilio::FakeTwilio;
 use crate::helpers::*;
+use callbridge_testkit::realtime::FakeRealtime;
 
 const GRACE: Duration = Duration::from_millis(300);
 
@@ -19,12 +19,12 @@ fn hang_up_path(call_sid: &str) -> String {
 
 struct Ending {
     app: TestApp,
-    fake: FakeOpenAi,
+    fake: FakeRealtime,
     twilio_rest: MockServer,
 }
 
 async fn ending_app() -> Ending {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let twilio_rest = MockServer::start().await;
     let config = test_config(&[
         ("OPENAI_REALTIME_URL", fake.url.as_str()),
@@ -128,7 +128,7 @@ async fn a_caller_who_hangs_up_is_not_hung_up_again() {
     let mut twilio = FakeTwilio::start_call(&e.app, &sid).await;
     let mut session = e.fake.next_session().await;
     session.expect_session_update().await;
-    twilio.stop(&sid).await;
+    twilio.stop().await;
     assert!(session.closed_within(Duration::from_secs(1)).await);
     wait_until_idle(&e.app).await;
     tokio::time::sleep(GRACE * 2).await;

@@ -343,7 +343,7 @@ impl Binary {
             .env_clear()
             .env("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
             .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
-            .env("OPENAI_API_KEY", crate::fake_openai::API_KEY)
+            .env("OPENAI_API_KEY", callbridge_testkit::realtime::API_KEY)
             .env("PUBLIC_BASE_URL", PUBLIC_BASE_URL)
             .env("PORT", &port)
             .env("DATABASE_URL", &database)

@@ -3,7 +3,6 @@
 
 mod calls;
 mod endings;
-mod fake_openai;
 mod fake_twilio;
 mod hardening;
 mod helpers;

@@ -12,9 +12,9 @@ use serde_json::{Value, json};
 use wiremock::matchers::{header, method, path};
 use wiremock::{Match, Mock, MockServer, Request, ResponseTemplate};
 
-use crate::fake_openai::FakeOpenAi;
 use crate::fake_twilio::FakeTwilio;
 use crate::helpers::*;
+use callbridge_testkit::realtime::FakeRealtime;
 
 const API_TOKEN: &str = "outbound-api-token-0123456789abcdef";
 const BUSINESS: &str = "+558551234567";
@@ -658,7 +658,7 @@ async fn bad_input_gets_a_clear_error() {
 
 #[tokio::test]
 async fn an_outbound_calls_context_reaches_the_agent_before_its_first_response() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let o = outbound_app(&[
         ("OPENAI_REALTIME_URL", &fake.url),
         ("AGENT_GREETING", "Greet the user."),

@@ -11,16 +11,16 @@ use serde_json::json;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::fake_openai::FakeOpenAi;
 use crate::helpers::*;
 use crate::stream::connected_call;
+use callbridge_testkit::realtime::FakeRealtime;
 
 const API_TOKEN: &str = "server-api-token-0123456789abcdef";
 const CALL_SID: &str = "CA0123456789abcdef0123456789ab7001";
 
 #[tokio::test]
 async fn no_log_level_prints_a_secret() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let twilio_rest = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path(format!(
@@ -52,7 +52,7 @@ async fn no_log_level_prints_a_secret() {
         .await
         .unwrap();
     assert_eq!(hung_up.status(), 200);
-    twilio.stop(CALL_SID).await;
+    twilio.stop().await;
     twilio.closed_within(Duration::from_secs(5)).await;
     server.signal("TERM");
     assert!(
@@ -70,7 +70,7 @@ async fn no_log_level_prints_a_secret() {
         &[],
     );
     for (secret, name) in [
-        (crate::fake_openai::API_KEY, "the OpenAI key"),
+        (callbridge_testkit::realtime::API_KEY, "the OpenAI key"),
         (AUTH_TOKEN, "the Twilio auth token"),
         (basic.as_str(), "the Basic credential"),
         (API_TOKEN, "the API token"),
@@ -101,7 +101,7 @@ async fn wait_for_call(
 
 #[tokio::test]
 async fn a_second_sigterm_stops_at_once_and_still_records_the_live_call_as_ended() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let mut server = Binary::start(&[("OPENAI_REALTIME_URL", &fake.url)]).await;
     let (_twilio, _session) = connected_call(&server, &fake, CALL_SID).await;
     let store = Store::connect(&server.database).await.unwrap();

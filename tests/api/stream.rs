@@ -7,11 +7,11 @@ use callbridge::admission::{Occupancy, STREAM_TOKEN_TTL};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::fake_openai::{FakeOpenAi, FakeSession};
 use crate::fake_twilio::{FakeTwilio, agent_audio, frame, stream_url};
 use crate::helpers::*;
+use callbridge_testkit::realtime::{FakeRealtime, FakeSession};
 
-pub async fn app_with(fake: &FakeOpenAi, extra: &[(&str, &str)]) -> TestApp {
+pub async fn app_with(fake: &FakeRealtime, extra: &[(&str, &str)]) -> TestApp {
     let mut overrides = vec![("OPENAI_REALTIME_URL", fake.url.as_str())];
     overrides.extend_from_slice(extra);
     spawn_app(&overrides).await
@@ -20,7 +20,7 @@ pub async fn app_with(fake: &FakeOpenAi, extra: &[(&str, &str)]) -> TestApp {
 /// Starts a call and returns both ends with the session.update already consumed.
 pub async fn connected_call(
     app: &Client,
-    fake: &FakeOpenAi,
+    fake: &FakeRealtime,
     call_sid: &str,
 ) -> (FakeTwilio, FakeSession) {
     let twilio = FakeTwilio::start_call(app, call_sid).await;
@@ -35,7 +35,7 @@ pub fn delta(response_id: &str, item_id: &str, audio: &str) -> Value {
 
 #[tokio::test]
 async fn the_session_is_configured_with_the_ga_shape() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let app = app_with(
         &fake,
         &[
@@ -63,7 +63,7 @@ async fn the_session_is_configured_with_the_ga_shape() {
 
 #[tokio::test]
 async fn audio_passes_through_byte_for_byte_in_both_directions() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[]).await;
     let (mut twilio, mut session) = connected_call(&app, &fake, &call_sid(1002)).await;
 
@@ -103,7 +103,7 @@ async fn audio_passes_through_byte_for_byte_in_both_directions() {
 
 #[tokio::test]
 async fn barge_in_clears_twilio_truncates_at_played_plus_50_and_drops_late_deltas() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[]).await;
     let (mut twilio, mut session) = connected_call(&app, &fake, &call_sid(1003)).await;
 
@@ -192,7 +192,7 @@ async fn barge_in_clears_twilio_truncates_at_played_plus_50_and_drops_late_delta
 
 #[tokio::test]
 async fn speech_while_the_agent_is_silent_does_nothing() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[]).await;
     let (mut twilio, mut session) = connected_call(&app, &fake, &call_sid(1004)).await;
 
@@ -232,7 +232,7 @@ const OTHER_ACCOUNT_SID: &str = "ACffffffffffffffffffffffffffffffff";
 
 #[tokio::test]
 async fn a_start_that_does_not_match_its_upgrade_closes_the_stream_without_an_openai_session() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[]).await;
 
     let token = app.answer_call(&call_sid(1005)).await;
@@ -275,7 +275,7 @@ async fn a_start_that_does_not_match_its_upgrade_closes_the_stream_without_an_op
 
 #[tokio::test]
 async fn a_wrong_account_start_spends_the_token() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[]).await;
     let token = app.answer_call(&call_sid(1021)).await;
     let mut wrong_account = FakeTwilio::connect(&app, &token).await;
@@ -296,7 +296,7 @@ async fn a_wrong_account_start_spends_the_token() {
 
 #[tokio::test]
 async fn a_replayed_upgrade_is_refused_before_the_socket_exists() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[]).await;
     let token = app.answer_call(&call_sid(1007)).await;
     let mut first = FakeTwilio::connect(&app, &token).await;
@@ -315,7 +315,7 @@ async fn a_replayed_upgrade_is_refused_before_the_socket_exists() {
 
 #[tokio::test]
 async fn unsigned_or_forged_upgrades_are_refused_and_spend_no_token() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[]).await;
     let token = app.answer_call(&call_sid(1022)).await;
     let path = format!("/stream/{token}");
@@ -346,7 +346,7 @@ async fn unsigned_or_forged_upgrades_are_refused_and_spend_no_token() {
 
 #[tokio::test]
 async fn unknown_and_expired_tokens_and_the_tokenless_route_open_nothing() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let clock = Arc::new(ManualClock::default());
     let config = test_config(&[("OPENAI_REALTIME_URL", fake.url.as_str())]);
     let app = spawn_app_with_clock(config, clock.clone()).await;
@@ -368,10 +368,10 @@ async fn unknown_and_expired_tokens_and_the_tokenless_route_open_nothing() {
 
 #[tokio::test]
 async fn twilio_stop_closes_the_openai_socket_within_a_second() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[]).await;
     let (mut twilio, mut session) = connected_call(&app, &fake, &call_sid(1008)).await;
-    twilio.stop(&call_sid(1008)).await;
+    twilio.stop().await;
     assert!(session.closed_within(Duration::from_secs(1)).await);
     let _ = twilio.closed_within(Duration::from_secs(2)).await;
     app.wait_until_no_call_is_live().await;
@@ -379,7 +379,7 @@ async fn twilio_stop_closes_the_openai_socket_within_a_second() {
 
 #[tokio::test]
 async fn openai_dropping_the_socket_closes_the_twilio_stream() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[]).await;
     let (mut twilio, session) = connected_call(&app, &fake, &call_sid(1009)).await;
     drop(session);
@@ -388,7 +388,7 @@ async fn openai_dropping_the_socket_closes_the_twilio_stream() {
 
 #[tokio::test]
 async fn a_fatal_openai_error_closes_the_twilio_stream() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[]).await;
     let (mut twilio, mut session) = connected_call(&app, &fake, &call_sid(1010)).await;
     session.send(json!({"type":"error","error":{"type":"invalid_request_error","code":"response_cancel_not_active","message":"no active response"}}));
@@ -407,7 +407,7 @@ async fn a_fatal_openai_error_closes_the_twilio_stream() {
 
 #[tokio::test]
 async fn garbage_from_both_sides_leaves_the_call_working() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[]).await;
     let (mut twilio, mut session) = connected_call(&app, &fake, &call_sid(1011)).await;
 
@@ -443,7 +443,7 @@ async fn garbage_from_both_sides_leaves_the_call_working() {
 
 #[tokio::test]
 async fn an_oversized_frame_closes_only_that_call_with_1009() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[]).await;
     let (mut victim, mut victim_session) = connected_call(&app, &fake, &call_sid(1012)).await;
     let (mut attacker, _attacker_session) = connected_call(&app, &fake, &call_sid(1013)).await;
@@ -461,7 +461,7 @@ const TRICKLE: [u8; 1024] = [b'x'; 1024];
 
 #[tokio::test]
 async fn a_frame_declaring_more_than_64_kib_is_refused_at_its_header() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[]).await;
     let (mut attacker, mut session) = connected_call(&app, &fake, &call_sid(1017)).await;
     assert!(
@@ -493,7 +493,7 @@ async fn a_frame_declaring_more_than_64_kib_is_refused_at_its_header() {
 
 #[tokio::test]
 async fn a_text_frame_that_is_not_utf8_closes_the_stream_with_1007() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[]).await;
     let (mut twilio, _session) = connected_call(&app, &fake, &call_sid(1019)).await;
     // An all-zero mask leaves the payload as written: a truncated two-byte sequence.
@@ -508,7 +508,7 @@ async fn a_text_frame_that_is_not_utf8_closes_the_stream_with_1007() {
 
 #[tokio::test]
 async fn an_openai_frame_declaring_more_than_1_mib_is_refused_at_its_header() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[]).await;
     let (mut twilio, mut session) = connected_call(&app, &fake, &call_sid(1018)).await;
     session.write_bytes(&text_frame_header(2 << 20, None));
@@ -531,7 +531,7 @@ async fn an_openai_frame_declaring_more_than_1_mib_is_refused_at_its_header() {
 
 #[tokio::test]
 async fn fifty_concurrent_calls_keep_their_audio_separate() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[]).await;
     let mut calls = Vec::new();
     for i in 0..50 {
@@ -568,7 +568,7 @@ async fn fifty_concurrent_calls_keep_their_audio_separate() {
 
 #[tokio::test]
 async fn caller_audio_sent_while_openai_is_still_connecting_all_arrives_in_order() {
-    let fake = FakeOpenAi::start_with_handshake_delay(Duration::from_millis(600)).await;
+    let fake = FakeRealtime::start_with_handshake_delay(Duration::from_millis(600)).await;
     let app = app_with(
         &fake,
         &[("AGENT_GREETING", "Greet the caller and offer help.")],
@@ -598,7 +598,7 @@ async fn caller_audio_sent_while_openai_is_still_connecting_all_arrives_in_order
 
 #[tokio::test]
 async fn metrics_describe_the_calls() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[]).await;
     let (mut twilio, mut session) = connected_call(&app, &fake, &call_sid(1015)).await;
     twilio.media(0, &frame(0, 0)).await;
@@ -612,7 +612,7 @@ async fn metrics_describe_the_calls() {
 
 #[tokio::test]
 async fn draining_waits_for_live_calls_then_closes_them() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[("DRAIN_TIMEOUT_SECS", "1")]).await;
     let (mut twilio, mut session) = connected_call(&app, &fake, &call_sid(1016)).await;
     app.state.lifecycle.begin_drain();
@@ -629,7 +629,7 @@ async fn draining_waits_for_live_calls_then_closes_them() {
 
 #[tokio::test]
 async fn replayed_upgrades_of_an_idle_stream_take_no_call_slot() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[("MAX_CONCURRENT_CALLS", "2")]).await;
     let idle_token = app.answer_call(&call_sid(1024)).await;
     let _idle = FakeTwilio::connect(&app, &idle_token).await;
@@ -654,7 +654,7 @@ async fn replayed_upgrades_of_an_idle_stream_take_no_call_slot() {
 
 #[tokio::test]
 async fn a_stream_that_never_starts_is_closed_after_5_seconds_and_gives_its_slot_back() {
-    let fake = FakeOpenAi::start().await;
+    let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[]).await;
     let token = app.answer_call(&call_sid(1027)).await;
     let opened = std::time::Instant::now();

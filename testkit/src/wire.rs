@@ -36,6 +36,12 @@ pub struct FrameAudio {
     tail: String,
 }
 
+impl Default for FrameAudio {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl FrameAudio {
     pub fn new() -> Self {
         Self {

@@ -1,38 +1,40 @@
-//! `loadgen`: the benchmark harness of issue 6. It simulates Twilio calls against a running
-//! callbridge, plays OpenAI Realtime for it, and measures what each call costs; `bench/run.sh`
-//! drives it end to end. `loadgen help` lists the subcommands.
+//! `loadgen`: the benchmark harness. It simulates Twilio calls against a running callbridge,
+//! plays OpenAI Realtime for it, and measures what each call costs; `bench/run.sh` drives it
+//! end to end. `loadgen help` lists the subcommands.
 
 mod args;
-mod fake;
+mod fake_realtime;
 mod load;
 mod procfs;
 mod report;
 mod stats;
-mod wire;
 mod workers;
 
 use std::process::ExitCode;
 
-use args::Command;
+use args::{Cli, Command};
+use clap::{CommandFactory, Parser};
+use load::{Bridge, Floor, Target};
 
 fn main() -> ExitCode {
-    let command = match args::parse(std::env::args().skip(1)) {
-        Ok(command) => command,
-        Err(error) => {
-            eprintln!("loadgen: {error}\n\n{}", args::USAGE);
-            return ExitCode::from(2);
-        }
-    };
-    let outcome = match command {
-        Command::Help => {
-            println!("{}", args::USAGE);
-            Ok(())
-        }
-        Command::FakeRealtime { port } => fake::serve(port),
-        Command::Load { target, plan, json } => {
-            load::run(target, plan).and_then(|report| print_run(&report, json))
-        }
+    let outcome = match Cli::parse().command {
+        Command::FakeRealtime { port } => fake_realtime::serve(port),
         Command::Report { dir, json_out } => report::run(&dir, json_out.as_deref()),
+        Command::Run {
+            server,
+            public_base_url,
+            auth_token,
+            account_sid,
+            load,
+        } => {
+            let bridge = Bridge::new(&server, &public_base_url, &auth_token, &account_sid)
+                .unwrap_or_else(|e| usage_error(format!("{e:#}")));
+            run_load(Target::Bridge(bridge), &load)
+        }
+        Command::Floor { realtime, load } => {
+            let floor = Floor::new(&realtime).unwrap_or_else(|e| usage_error(format!("{e:#}")));
+            run_load(Target::Floor(floor), &load)
+        }
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -41,6 +43,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Options that parse one by one but not together are usage errors too: reported with clap's
+/// usage line and exit status (2), like a missing option.
+fn usage_error<T>(message: String) -> T {
+    Cli::command()
+        .error(clap::error::ErrorKind::ValueValidation, message)
+        .exit()
+}
+
+fn run_load(target: Target, load: &args::Load) -> anyhow::Result<()> {
+    let plan = load.plan().unwrap_or_else(usage_error);
+    let report = load::run(target, plan)?;
+    print_run(&report, load.json)
 }
 
 fn print_run(report: &stats::RunReport, json: bool) -> anyhow::Result<()> {

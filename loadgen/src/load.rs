@@ -33,10 +33,11 @@ use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::procfs::{Spent, Tracker};
 use crate::stats::{Failures, Percentiles, ProcessReport, RunReport};
-use crate::wire::{
+use crate::workers;
+use callbridge_testkit::media_streams::{CONNECTED, MediaStream};
+use callbridge_testkit::wire::{
     self, AUDIO_DELTA, DELTA, EVENT, FRAME_INTERVAL, FrameAudio, MARK_NAME, PAYLOAD, TYPE,
 };
-use crate::workers;
 
 /// What a run does, from the command line.
 #[derive(Clone, Debug)]
@@ -231,23 +232,8 @@ struct Session {
 }
 
 enum Peer {
-    Twilio(TwilioStream),
+    Twilio(MediaStream),
     Realtime,
-}
-
-/// What Twilio keeps per Media Stream: its ids and the running `sequenceNumber`.
-struct TwilioStream {
-    call_sid: String,
-    account_sid: String,
-    stream_sid: String,
-    sequence: u64,
-}
-
-impl TwilioStream {
-    fn next_sequence(&mut self) -> u64 {
-        self.sequence += 1;
-        self.sequence
-    }
 }
 
 enum Incoming<'a> {
@@ -260,13 +246,7 @@ impl Peer {
     /// The message carrying frame `frame`, as this peer expects it.
     fn audio(&mut self, frame: usize, payload: &str) -> String {
         match self {
-            Self::Twilio(stream) => format!(
-                r#"{{"event":"media","sequenceNumber":"{}","streamSid":"{}","media":{{"track":"inbound","chunk":"{}","timestamp":"{}","payload":"{payload}"}}}}"#,
-                stream.next_sequence(),
-                stream.stream_sid,
-                frame + 1,
-                frame * 20,
-            ),
+            Self::Twilio(stream) => stream.media(frame, payload),
             Self::Realtime => events::append_audio(payload),
         }
     }
@@ -292,24 +272,14 @@ impl Peer {
         let Self::Twilio(stream) = self else {
             return None;
         };
-        Some(format!(
-            r#"{{"event":"mark","sequenceNumber":"{}","streamSid":"{}","mark":{{"name":"{name}"}}}}"#,
-            stream.next_sequence(),
-            stream.stream_sid,
-        ))
+        Some(stream.mark(name))
     }
 
     fn stop(&mut self) -> Option<String> {
         let Self::Twilio(stream) = self else {
             return None;
         };
-        let message = json!({
-            "event": "stop",
-            "sequenceNumber": stream.next_sequence().to_string(),
-            "streamSid": stream.stream_sid,
-            "stop": {"accountSid": stream.account_sid, "callSid": stream.call_sid},
-        });
-        Some(message.to_string())
+        Some(stream.stop())
     }
 }
 
@@ -339,32 +309,14 @@ async fn open_media_stream(index: usize, bridge: &Bridge) -> Result<Session, Fai
     let mut socket = websocket(&bridge.address, request)
         .await
         .map_err(Failure::at("/stream upgrade"))?;
-    let mut stream = TwilioStream {
-        stream_sid: format!("MZ{}", &call_sid[2..]),
-        call_sid,
-        account_sid: bridge.account_sid.clone(),
-        sequence: 0,
-    };
-    let connected = r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#;
-    let start = json!({
-        "event": "start",
-        "sequenceNumber": stream.next_sequence().to_string(),
-        "streamSid": stream.stream_sid,
-        "start": {
-            "accountSid": stream.account_sid,
-            "streamSid": stream.stream_sid,
-            "callSid": stream.call_sid,
-            "tracks": ["inbound"],
-            "customParameters": {
-                "token": answer.token,
-                "from": CALLER,
-                "to": BUSINESS,
-                "direction": "inbound",
-            },
-            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-        },
-    });
-    for message in [connected.to_owned(), start.to_string()] {
+    let mut stream = MediaStream::new(&call_sid, &bridge.account_sid);
+    let start = stream.start(&json!({
+        "token": answer.token,
+        "from": CALLER,
+        "to": BUSINESS,
+        "direction": "inbound",
+    }));
+    for message in [CONNECTED.to_owned(), start] {
         socket
             .feed(Message::text(message))
             .await
@@ -732,11 +684,10 @@ fn summarise(mode: &str, context: &Context, records: &[CallRecord], window: &Win
             frames()
                 .filter(back)
                 .filter(|f| window_us.contains(&f.sent_us))
-                .map(|f| f.rtt_us)
-                .collect(),
+                .map(|f| f.rtt_us),
         ),
-        rtt_all: Percentiles::of_micros(frames().filter(back).map(|f| f.rtt_us).collect()),
-        send_lag: Percentiles::of_micros(frames().map(|f| f.lag_us).collect()),
+        rtt_all: Percentiles::of_micros(frames().filter(back).map(|f| f.rtt_us)),
+        send_lag: Percentiles::of_micros(frames().map(|f| f.lag_us)),
         process: window.process.as_ref().map(process_report),
         harness: Some(process_report(&window.harness)),
     }

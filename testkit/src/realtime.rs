@@ -1,5 +1,7 @@
-//! An in-process OpenAI Realtime server speaking the real wire protocol (tokio-tungstenite):
-//! it checks the bearer key, records every client event and lets a test script server events.
+//! A fake OpenAI Realtime server speaking the real wire protocol (tokio-tungstenite), in two
+//! roles: [`FakeRealtime`] checks the bearer key, records every client event and lets a test
+//! script the server's events; [`serve_echo`] speaks every caller frame straight back, for the
+//! load generator, so that a frame's round trip crosses the bridge twice.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,15 +10,18 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, mpsc};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
 
+use crate::wire::{self, APPEND, AUDIO, SESSION_UPDATE, TYPE};
+
+/// The only key [`FakeRealtime`] accepts.
 pub const API_KEY: &str = "sk-test-key";
 
-pub struct FakeOpenAi {
+pub struct FakeRealtime {
     /// Base URL to put in `OPENAI_REALTIME_URL`.
     pub url: String,
     upgrades: Arc<AtomicUsize>,
@@ -36,7 +41,7 @@ enum Outgoing {
     Bytes(Vec<u8>),
 }
 
-impl FakeOpenAi {
+impl FakeRealtime {
     pub async fn start() -> Self {
         Self::start_with_handshake_delay(Duration::ZERO).await
     }
@@ -182,5 +187,50 @@ impl FakeSession {
         let update = self.recv().await;
         assert_eq!(update["type"], "session.update", "{update}");
         update
+    }
+}
+
+/// What a real session says first; callbridge logs the id.
+const SESSION_CREATED: &str = r#"{"type":"session.created","event_id":"event_bench0","session":{"id":"sess_bench","type":"realtime"}}"#;
+/// The answer to `session.update`, with server VAD that interrupts by itself, as configured.
+const SESSION_UPDATED: &str = r#"{"type":"session.updated","event_id":"event_bench1","session":{"type":"realtime","audio":{"input":{"turn_detection":{"type":"server_vad","interrupt_response":true}}}}}"#;
+
+/// Serves echo sessions on `listener` until accepting fails (out of file descriptors, say):
+/// every `input_audio_buffer.append` is answered with a `response.output_audio.delta` carrying
+/// the same audio. It accepts any key ([`FakeRealtime`] is the one that checks them) and does no
+/// more per frame than one string search and one copy, so it is not what a benchmark measures.
+pub async fn serve_echo(listener: std::net::TcpListener) -> std::io::Result<()> {
+    let listener = TcpListener::from_std(listener)?;
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        tokio::spawn(echo_session(tcp));
+    }
+}
+
+async fn echo_session(tcp: TcpStream) {
+    if tcp.set_nodelay(true).is_err() {
+        return;
+    }
+    let accepted = tokio_tungstenite::accept_async_with_config(tcp, Some(wire::websocket_config()));
+    let Ok(mut socket) = accepted.await else {
+        return;
+    };
+    if socket.send(Message::text(SESSION_CREATED)).await.is_err() {
+        return;
+    }
+    while let Some(Ok(message)) = socket.next().await {
+        let Message::Text(text) = message else {
+            continue;
+        };
+        let reply = match wire::string_after(&text, TYPE) {
+            Some(APPEND) => wire::string_after(&text, AUDIO).map(wire::audio_delta),
+            Some(SESSION_UPDATE) => Some(SESSION_UPDATED.to_owned()),
+            _ => None,
+        };
+        if let Some(reply) = reply
+            && socket.send(Message::text(reply)).await.is_err()
+        {
+            return;
+        }
     }
 }
