@@ -242,6 +242,17 @@ fn database_url(raw: &str) -> Result<String, String> {
     }
 }
 
+fn port_number(raw: &str) -> Result<u16, String> {
+    raw.parse()
+        .map_err(|_| format!("must be a port number (0-65535), got {raw:?}"))
+}
+
+fn whatsapp_sender(raw: &str) -> Result<Option<E164>, String> {
+    E164::parse(raw)
+        .map(Some)
+        .map_err(|_| format!("must be an E.164 number like +15551234567, got {raw:?}"))
+}
+
 fn seconds(raw: &str) -> Result<Duration, String> {
     raw.parse::<u64>()
         .map(Duration::from_secs)
@@ -281,15 +292,8 @@ impl Config {
                 .ok()
         });
 
-        let port = r.parsed("PORT", 8080u16, |raw| {
-            raw.parse()
-                .map_err(|_| format!("must be a port number (0-65535), got {raw:?}"))
-        });
-        let whatsapp_number = r.parsed("TWILIO_WHATSAPP_NUMBER", None, |raw| {
-            E164::parse(raw)
-                .map(Some)
-                .map_err(|_| format!("must be an E.164 number like +15551234567, got {raw:?}"))
-        });
+        let port = r.parsed("PORT", 8080u16, port_number);
+        let whatsapp_number = r.parsed("TWILIO_WHATSAPP_NUMBER", None, whatsapp_sender);
         let content_sid = r.parsed("TWILIO_CALL_PERMISSION_CONTENT_SID", None, |raw| {
             ContentSid::parse(raw)
                 .map(Some)

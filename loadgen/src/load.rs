@@ -427,7 +427,8 @@ async fn websocket(address: &str, request: Request) -> anyhow::Result<Socket> {
 async fn stream(index: usize, session: Session, context: &Context) -> CallRecord {
     let total = (context.plan.duration.as_micros() / FRAME_INTERVAL.as_micros()) as usize;
     let mut call = LiveCall {
-        id: index as u16,
+        // At most 65536 calls (the command line's limit), so the index fits.
+        id: u16::try_from(index).expect("--calls is at most 65536"),
         session,
         first: Instant::now(),
         received: 0,
@@ -487,15 +488,17 @@ struct LiveCall {
 
 impl LiveCall {
     fn due(&self, frame: usize) -> Instant {
-        self.first + FRAME_INTERVAL * frame as u32
+        self.first + FRAME_INTERVAL * u32::try_from(frame).unwrap_or(u32::MAX)
     }
 
     async fn send_frame(&mut self, context: &Context) -> Result<(), Failure> {
         let frame = self.record.frames.len();
         self.payload.clear();
-        context
-            .audio
-            .encode(self.id, frame as u32, &mut self.payload);
+        context.audio.encode(
+            self.id,
+            u32::try_from(frame).unwrap_or(u32::MAX),
+            &mut self.payload,
+        );
         let message = self.session.peer.audio(frame, &self.payload);
         let now = Instant::now();
         self.record.frames.push(Frame {

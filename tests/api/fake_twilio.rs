@@ -31,7 +31,7 @@ impl DerefMut for FakeTwilio {
 /// A distinct 20 ms µ-law frame (160 bytes), so reordering or mixing would show.
 pub fn frame(call: usize, n: usize) -> String {
     let bytes: Vec<u8> = (0..160)
-        .map(|i| ((call * 31 + n * 7 + i) % 256) as u8)
+        .map(|i| u8::try_from((call * 31 + n * 7 + i) % 256).expect("below 256"))
         .collect();
     STANDARD.encode(bytes)
 }

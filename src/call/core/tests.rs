@@ -471,117 +471,74 @@ fn a_failed_open_ends_with_the_apology() {
     assert_eq!(h.core.agent_link(), &AgentLink::Failed);
 }
 
+/// Ends a ready call with `end` and checks the core's verdict, the record, and that nothing after
+/// the end does anything.
+fn assert_ends(
+    name: &str,
+    end: impl FnOnce(&mut Harness) -> Vec<Action>,
+    expected: (EndReason, u16, RestHangUp),
+) {
+    let mut h = Harness::new();
+    h.ready();
+    let actions = end(&mut h);
+    let plan = plan(&actions);
+    assert_eq!(
+        (plan.reason, plan.close_code, plan.rest_hang_up),
+        expected,
+        "{name}"
+    );
+    let reason = expected.0;
+    assert_eq!(
+        plan.call_sid.as_ref().map(CallSid::as_str),
+        Some(CALL_SID),
+        "{name}"
+    );
+    let ended = actions.iter().find_map(|a| match a {
+        Action::Record(Record::CallEnded { end_reason, .. }) => Some(*end_reason),
+        _ => None,
+    });
+    assert_eq!(ended, Some(reason.label()), "{name}: the end is recorded");
+    assert!(h.core.is_ended());
+    assert_eq!(h.core.poll_timeout(), None);
+    assert_eq!(h.metrics.calls_ended(reason), 1, "{name}");
+    // Nothing after the end does anything, even another ending.
+    assert!(h.feed(Input::Shutdown).is_empty(), "{name}");
+    assert!(h.media(FRAME).is_empty(), "{name}");
+}
+
 #[test]
-fn every_way_a_call_ends_has_its_reason_close_code_and_hang_up() {
-    let fatal = json!({"type": "error", "error": {"type": "invalid_request_error", "code": "invalid_api_key", "message": "bad key"}});
+fn every_way_the_media_leg_ends_a_call_has_its_reason_and_close_code() {
+    use RestHangUp::Never;
     let stop = json!({"event": "stop", "streamSid": STREAM_SID});
-    type Ending = Box<dyn Fn(&mut Harness) -> Vec<Action>>;
-    let cases: Vec<(&str, Ending, EndReason, u16, RestHangUp)> = vec![
-        (
-            "stop",
-            Box::new(move |h| h.twilio(stop.clone())),
-            EndReason::CallerHungUp,
-            1000,
-            RestHangUp::Never,
-        ),
-        (
-            "close",
-            Box::new(|h| h.feed(Input::MediaClosed)),
-            EndReason::CallerHungUp,
-            1000,
-            RestHangUp::Never,
-        ),
-        (
-            "send failed",
-            Box::new(|h| h.feed(Input::MediaSendFailed)),
-            EndReason::CallerHungUp,
-            1000,
-            RestHangUp::Never,
-        ),
-        (
-            "oversized",
-            Box::new(|h| h.feed(Input::MediaOverflow)),
-            EndReason::FrameTooLarge,
-            1009,
-            RestHangUp::Never,
-        ),
-        (
-            "not utf-8",
-            Box::new(|h| h.feed(Input::MediaInvalidText)),
-            EndReason::InvalidText,
-            1007,
-            RestHangUp::Never,
-        ),
-        (
-            "broken",
-            Box::new(|h| h.feed(Input::MediaBroken("bad opcode".into()))),
-            EndReason::ProtocolError,
-            1002,
-            RestHangUp::Never,
-        ),
-        (
-            "agent closed",
-            Box::new(|h| h.feed(Input::AgentClosed("1000".into()))),
-            EndReason::AgentFailed,
-            1011,
-            RestHangUp::AfterApology,
-        ),
-        (
-            "agent broken",
-            Box::new(|h| h.feed(Input::AgentBroken("reset".into()))),
-            EndReason::AgentFailed,
-            1011,
-            RestHangUp::AfterApology,
-        ),
-        (
-            "agent refused a frame",
-            Box::new(|h| h.feed(Input::AgentSendFailed)),
-            EndReason::AgentFailed,
-            1011,
-            RestHangUp::AfterApology,
-        ),
-        (
-            "fatal error",
-            Box::new(move |h| h.agent(fatal.clone())),
-            EndReason::AgentFailed,
-            1011,
-            RestHangUp::AfterApology,
-        ),
-        (
-            "shutdown",
-            Box::new(|h| h.feed(Input::Shutdown)),
-            EndReason::Shutdown,
-            1012,
-            RestHangUp::BeforeClosing,
-        ),
-    ];
-    for (name, end, reason, code, hang_up) in cases {
-        let mut h = Harness::new();
-        h.ready();
-        let actions = end(&mut h);
-        let plan = plan(&actions);
-        assert_eq!(
-            (plan.reason, plan.close_code, plan.rest_hang_up),
-            (reason, code, hang_up),
-            "{name}"
-        );
-        assert_eq!(
-            plan.call_sid.as_ref().map(CallSid::as_str),
-            Some(CALL_SID),
-            "{name}"
-        );
-        let ended = actions.iter().find_map(|a| match a {
-            Action::Record(Record::CallEnded { end_reason, .. }) => Some(*end_reason),
-            _ => None,
-        });
-        assert_eq!(ended, Some(reason.label()), "{name}: the end is recorded");
-        assert!(h.core.is_ended());
-        assert_eq!(h.core.poll_timeout(), None);
-        assert_eq!(h.metrics.calls_ended(reason), 1, "{name}");
-        // Nothing after the end does anything, even another ending.
-        assert!(h.feed(Input::Shutdown).is_empty(), "{name}");
-        assert!(h.media(FRAME).is_empty(), "{name}");
-    }
+    let hung_up = (EndReason::CallerHungUp, 1000, Never);
+    assert_ends("stop", |h| h.twilio(stop), hung_up);
+    assert_ends("close", |h| h.feed(Input::MediaClosed), hung_up);
+    assert_ends("send failed", |h| h.feed(Input::MediaSendFailed), hung_up);
+    let oversized = (EndReason::FrameTooLarge, 1009, Never);
+    assert_ends("oversized", |h| h.feed(Input::MediaOverflow), oversized);
+    let not_utf8 = (EndReason::InvalidText, 1007, Never);
+    assert_ends("not utf-8", |h| h.feed(Input::MediaInvalidText), not_utf8);
+    let broken = (EndReason::ProtocolError, 1002, Never);
+    let input = || Input::MediaBroken("bad opcode".into());
+    assert_ends("broken", |h| h.feed(input()), broken);
+}
+
+#[test]
+fn every_way_the_agent_or_a_drain_ends_a_call_has_its_reason_close_code_and_hang_up() {
+    let failed = (EndReason::AgentFailed, 1011, RestHangUp::AfterApology);
+    let closed = || Input::AgentClosed("1000".into());
+    assert_ends("agent closed", |h| h.feed(closed()), failed);
+    let broken = || Input::AgentBroken("reset".into());
+    assert_ends("agent broken", |h| h.feed(broken()), failed);
+    assert_ends(
+        "refused a frame",
+        |h| h.feed(Input::AgentSendFailed),
+        failed,
+    );
+    let fatal = json!({"type": "error", "error": {"type": "invalid_request_error", "code": "invalid_api_key", "message": "bad key"}});
+    assert_ends("fatal error", |h| h.agent(fatal), failed);
+    let drain = (EndReason::Shutdown, 1012, RestHangUp::BeforeClosing);
+    assert_ends("shutdown", |h| h.feed(Input::Shutdown), drain);
 }
 
 #[test]
