@@ -1,5 +1,5 @@
 //! `loadgen report DIR`: pairs each N's floor and bridge runs into one table (Markdown, so it
-//! goes into the README as printed), finds the highest N held and checks issue 6's targets.
+//! goes into the README as printed), finds the highest N held and checks the performance targets.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -11,7 +11,7 @@ use crate::stats::{Percentiles, ProcessReport, RunReport};
 
 /// "Held": nothing lost, nobody turned away, and the bridge adds at most this much at p99.
 const HELD_ADDED_P99_MS: f64 = 10.0;
-/// The load at which the issue's per-call targets are measured.
+/// The load at which the per-call performance targets are measured.
 const TARGET_CALLS: usize = 400;
 
 #[derive(Serialize)]
