@@ -785,13 +785,16 @@ impl<L: MediaLeg> CallCore<L> {
         self.metrics.call_ended(reason);
         let cut_off = self.playback.finish();
         self.apply_corrections(cut_off);
-        if let MediaLink::Streaming { call_sid, .. } = &self.media {
-            let call_sid = call_sid.to_string();
+        let call_sid = match &self.media {
+            MediaLink::Streaming { call_sid, .. } => Some(call_sid.clone()),
+            MediaLink::AwaitingStart => None,
+        };
+        if let Some(sid) = &call_sid {
             self.record_event("stream", "ended", Some(reason.label().to_owned()), now);
             let usage = self.usage;
             let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
             self.actions.push_back(Action::Record(Record::CallEnded {
-                call_sid,
+                call_sid: sid.to_string(),
                 end_reason: reason.label(),
                 openai_session_id: self.session_id.clone(),
                 input_tokens: tokens(usage.input_tokens),
@@ -800,10 +803,6 @@ impl<L: MediaLeg> CallCore<L> {
                 at_ms: self.wall_ms(now),
             }));
         }
-        let call_sid = match &self.media {
-            MediaLink::Streaming { call_sid, .. } => Some(call_sid.clone()),
-            MediaLink::AwaitingStart => None,
-        };
         self.actions.push_back(Action::End(EndPlan::new(
             reason,
             call_sid,

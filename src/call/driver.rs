@@ -91,13 +91,15 @@ where
             }
             Carried::Done => {}
         }
-        if let Some(deadline) = core.poll_timeout() {
-            let deadline = Instant::from_std(deadline);
-            if timer.deadline() != deadline {
-                timer.as_mut().reset(deadline);
-            }
+        // Read once per input: the timer moves only when the core's deadline does.
+        let deadline = core.poll_timeout().map(Instant::from_std);
+        if let Some(deadline) = deadline
+            && timer.deadline() != deadline
+        {
+            timer.as_mut().reset(deadline);
         }
-        io.next_input(&mut core, timer.as_mut()).await;
+        io.next_input(&mut core, timer.as_mut(), deadline.is_some())
+            .await;
     };
     io.close(&plan, peers.control, times).await;
     let summary = core.summary();
@@ -238,8 +240,8 @@ where
         &mut self,
         core: &mut CallCore<TwilioLeg>,
         timer: Pin<&mut tokio::time::Sleep>,
+        timer_armed: bool,
     ) {
-        let timer_armed = core.poll_timeout().is_some();
         tokio::select! {
             () = self.close_requested.cancelled(), if !self.shutdown_told => {
                 self.shutdown_told = true;

@@ -26,11 +26,13 @@ struct Ending {
 async fn ending_app() -> Ending {
     let fake = FakeRealtime::start().await;
     let twilio_rest = MockServer::start().await;
-    let config = test_config(&[
+    let mut config = test_config(&[
         ("OPENAI_REALTIME_URL", fake.url.as_str()),
         ("TWILIO_API_BASE_URL", twilio_rest.uri().as_str()),
     ]);
-    let app = spawn_app_with(with_apology_grace(config, GRACE)).await;
+    // A failed call's REST hang-up waits for its apology: here GRACE, not 10 s.
+    config.call.ending.apology_grace = GRACE;
+    let app = spawn_app_with(config).await;
     Ending {
         app,
         fake,

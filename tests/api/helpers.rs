@@ -446,9 +446,3 @@ pub fn text_frame_header(length: u64, mask: Option<[u8; 4]>) -> Vec<u8> {
         .expect("a header formats into memory");
     bytes
 }
-
-/// An app whose calls wait `apology_grace` (not 10 s) before the REST hang-up of a failed call.
-pub fn with_apology_grace(mut config: Config, apology_grace: std::time::Duration) -> Config {
-    config.call.ending.apology_grace = apology_grace;
-    config
-}
