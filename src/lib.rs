@@ -5,6 +5,7 @@
 //! session and back. `startup::Application` wires it together from a `config::Config`.
 
 pub mod admission;
+pub mod agents;
 pub mod call;
 pub mod clock;
 pub mod config;
@@ -23,3 +24,4 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod twilio;
+pub mod webhooks;

@@ -1,0 +1,1 @@
+//! Reading `AGENTS_FILE` (TOML) into an [`Agents`](super::Agents) directory.
