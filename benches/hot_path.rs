@@ -12,7 +12,7 @@ use askama::Template;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use callbridge::admission::StreamGrant;
-use callbridge::call::agent::AgentSettings;
+use callbridge::agents::{AgentProfile, Agents};
 use callbridge::call::core::{Action, CallCore, CallSettings, CallSetup, Input};
 use callbridge::call::leg::TwilioLeg;
 use callbridge::metrics::Metrics;
@@ -77,13 +77,12 @@ fn live_call() -> CallCore<TwilioLeg> {
                 call_sid: CallSid::parse(CALL_SID).expect("a CallSid"),
             },
             account_sid: AccountSid::parse(ACCOUNT_SID).expect("an AccountSid"),
-            agent: AgentSettings {
-                name: "default".into(),
-                model: "gpt-realtime-1.5".into(),
-                voice: "marin".into(),
-                instructions: "Be brief.".into(),
-                greeting: None,
-            },
+            agents: Arc::new(Agents::single(AgentProfile::new(
+                "default",
+                "Be brief.",
+                "marin",
+                "gpt-realtime-1.5",
+            ))),
             settings: CallSettings::default(),
             metrics: Arc::new(Metrics::default()),
             accepted_at: now,

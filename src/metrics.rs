@@ -32,7 +32,7 @@ pub struct Latency(Histogram);
 
 impl Default for Latency {
     fn default() -> Self {
-        Self(Histogram::new(LATENCY_BUCKETS))
+        Self(latency_histogram())
     }
 }
 
@@ -69,10 +69,18 @@ pub enum EndReason {
     FrameTooLarge,
     /// Twilio's side sent a text frame that is not UTF-8; the stream was closed with 1007.
     InvalidText,
+    /// The agent called `end_call`.
+    AgentEnded,
+    /// The agent called `transfer_call` and Twilio moved the call.
+    Transferred,
+    /// The agent's `max_call_seconds` was reached.
+    MaxDuration,
+    /// Nobody answered the agent's check-ins.
+    Silence,
 }
 
 impl EndReason {
-    pub const ALL: [EndReason; 9] = [
+    pub const ALL: [EndReason; 13] = [
         Self::CallerHungUp,
         Self::AgentFailed,
         Self::AgentUnreachable,
@@ -82,6 +90,10 @@ impl EndReason {
         Self::ProtocolError,
         Self::FrameTooLarge,
         Self::InvalidText,
+        Self::AgentEnded,
+        Self::Transferred,
+        Self::MaxDuration,
+        Self::Silence,
     ];
 
     pub fn label(self) -> &'static str {
@@ -95,6 +107,10 @@ impl EndReason {
             Self::ProtocolError => "protocol_error",
             Self::FrameTooLarge => "frame_too_large",
             Self::InvalidText => "invalid_text",
+            Self::AgentEnded => "agent_ended",
+            Self::Transferred => "transferred",
+            Self::MaxDuration => "max_duration",
+            Self::Silence => "silence",
         }
     }
 }
@@ -156,6 +172,84 @@ struct MalformedLabels {
     peer: Peer,
 }
 
+/// How a tool call ended, for `tool_calls_total{outcome}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ToolOutcome {
+    /// A 2xx answer (or a built-in that did its work).
+    Ok,
+    /// A non-2xx answer.
+    Refused,
+    Timeout,
+    /// The endpoint could not be reached.
+    Unreachable,
+    /// The agent's arguments were not a JSON object; no request was made.
+    InvalidArguments,
+    /// The agent named a tool it does not have.
+    UnknownTool,
+}
+
+impl ToolOutcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Refused => "refused",
+            Self::Timeout => "timeout",
+            Self::Unreachable => "unreachable",
+            Self::InvalidArguments => "invalid_arguments",
+            Self::UnknownTool => "unknown_tool",
+        }
+    }
+}
+
+impl EncodeLabelValue for ToolOutcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        std::fmt::Write::write_str(encoder, self.label())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ToolLabels {
+    tool: String,
+    outcome: ToolOutcome,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ToolNameLabels {
+    tool: String,
+}
+
+/// How a context request ended, for `context_requests_total{outcome}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ContextOutcome {
+    Ok,
+    /// A non-2xx answer, or a body that is not the expected JSON.
+    Refused,
+    Timeout,
+    Unreachable,
+}
+
+impl ContextOutcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Refused => "refused",
+            Self::Timeout => "timeout",
+            Self::Unreachable => "unreachable",
+        }
+    }
+}
+
+impl EncodeLabelValue for ContextOutcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        std::fmt::Write::write_str(encoder, self.label())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ContextLabels {
+    outcome: ContextOutcome,
+}
+
 /// One field per metric. Counters are registered without `_total`: the encoder appends it, so
 /// `calls_started` is exposed as `callbridge_calls_started_total`.
 pub struct Metrics {
@@ -194,6 +288,11 @@ pub struct Metrics {
     pub store_write_failures: Counter,
     pub openai_connect: Latency,
     pub first_agent_audio: Latency,
+    /// Labelled by tool name: the names come from the agents file, a bounded set.
+    tool_calls: Family<ToolLabels, Counter>,
+    tool_duration: Family<ToolNameLabels, Histogram, fn() -> Histogram>,
+    context_requests: Family<ContextLabels, Counter>,
+    pub dtmf_digits: Counter,
 }
 
 impl Default for Metrics {
@@ -225,6 +324,11 @@ impl Default for Metrics {
         let store_write_failures = register(r, "store_write_failures", "Records the database refused after retries", Counter::default());
         let openai_connect = register_seconds(r, "openai_connect", "Time from Twilio's start (token accepted) to the OpenAI session being open: the wait the pre-connect could not hide");
         let first_agent_audio = register_seconds(r, "first_agent_audio", "Time from Twilio start to the first agent audio sent to the caller");
+        let tool_calls = register(r, "tool_calls", "Function calls made by agents, by tool and outcome", Family::<ToolLabels, Counter>::default());
+        let tool_duration = Family::<ToolNameLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        r.register_with_unit("tool_duration", "Time from a function call to its result, by tool", Unit::Seconds, tool_duration.clone());
+        let context_requests = register(r, "context_requests", "Context lookups at call start, by outcome", Family::<ContextLabels, Counter>::default());
+        let dtmf_digits = register(r, "dtmf_digits", "Keypresses (DTMF digits) received from callers", Counter::default());
         Self {
             registry,
             live_calls,
@@ -260,8 +364,16 @@ impl Default for Metrics {
             store_write_failures,
             openai_connect,
             first_agent_audio,
+            tool_calls,
+            tool_duration,
+            context_requests,
+            dtmf_digits,
         }
     }
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
 }
 
 /// Registers `metric` and returns the handle the application keeps (metrics are shared
@@ -286,6 +398,26 @@ impl Metrics {
 
     pub fn calls_ended(&self, reason: EndReason) -> u64 {
         self.calls_ended[reason as usize].get()
+    }
+
+    pub fn tool_called(&self, tool: &str, outcome: ToolOutcome, took: Duration) {
+        self.tool_calls
+            .get_or_create(&ToolLabels {
+                tool: tool.to_owned(),
+                outcome,
+            })
+            .inc();
+        self.tool_duration
+            .get_or_create(&ToolNameLabels {
+                tool: tool.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn context_requested(&self, outcome: ContextOutcome) {
+        self.context_requests
+            .get_or_create(&ContextLabels { outcome })
+            .inc();
     }
 
     /// OpenMetrics text format (`CONTENT_TYPE`), ending with `# EOF`. Fails only if a metric

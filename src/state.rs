@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::admission::Admission;
+use crate::agents::{AgentProfile, Agents, AgentsHandle};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::lifecycle::Lifecycle;
@@ -18,6 +19,8 @@ use crate::twilio::rest::TwilioRest;
 
 pub struct AppState {
     pub config: Config,
+    /// The agents new calls are routed to; replaced whole when the agents file is reloaded.
+    pub agents: AgentsHandle,
     pub admission: Arc<Admission>,
     pub lifecycle: Lifecycle,
     pub metrics: Arc<Metrics>,
@@ -70,6 +73,7 @@ impl AppState {
         )?;
         let lease_keeper = machines::spawn_lease_keeper(store.clone(), Arc::clone(&clock));
         Ok(Arc::new(Self {
+            agents: AgentsHandle::new(Agents::single(AgentProfile::from_config(&config))),
             twilio,
             admission: Admission::new(config.max_concurrent_calls),
             config,

@@ -141,13 +141,26 @@ impl AgentProfile {
     /// The one agent the environment describes (`AGENT_*`, `OPENAI_VOICE`, the model).
     pub fn from_config(config: &Config) -> Self {
         Self {
-            name: "default".to_owned(),
+            greeting: config.agent_greeting.clone(),
+            ..Self::new(
+                "default",
+                &config.agent_instructions,
+                &config.openai_voice,
+                &config.openai_realtime_model,
+            )
+        }
+    }
+
+    /// An agent that only talks: the file's defaults for everything but these.
+    pub fn new(name: &str, instructions: &str, voice: &str, model: &str) -> Self {
+        Self {
+            name: name.to_owned(),
             numbers: Vec::new(),
             is_default: true,
-            instructions: config.agent_instructions.clone(),
-            greeting: config.agent_greeting.clone(),
-            voice: config.openai_voice.clone(),
-            model: config.openai_realtime_model.clone(),
+            instructions: instructions.to_owned(),
+            greeting: None,
+            voice: voice.to_owned(),
+            model: model.to_owned(),
             transcription_language: None,
             turn_detection: None,
             noise_reduction: NoiseReduction::NearField,
@@ -185,7 +198,10 @@ pub struct Agents {
 impl Agents {
     /// `profiles` must not be empty; the file loader guarantees it.
     pub fn new(profiles: Vec<AgentProfile>) -> Self {
-        assert!(!profiles.is_empty(), "an agent directory holds at least one agent");
+        assert!(
+            !profiles.is_empty(),
+            "an agent directory holds at least one agent"
+        );
         Self {
             profiles: profiles.into_iter().map(Arc::new).collect(),
         }
@@ -241,10 +257,18 @@ impl AgentsHandle {
 
     /// The directory as it is now; a later reload does not change the snapshot.
     pub fn current(&self) -> Arc<Agents> {
-        Arc::clone(&self.0.read().unwrap_or_else(|poisoned| poisoned.into_inner()))
+        Arc::clone(
+            &self
+                .0
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
     }
 
     pub fn replace(&self, agents: Agents) {
-        *self.0.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(agents);
+        *self
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(agents);
     }
 }

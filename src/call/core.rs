@@ -11,20 +11,22 @@
 //! copied once, into the outgoing `input_audio_buffer.append`; an agent delta likewise into the
 //! outgoing Twilio `media` frame and its mark.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::admission::StreamGrant;
-use crate::call::agent::{AgentSettings, outbound_brief};
+use crate::agents::{AgentProfile, Agents};
+use crate::call::agent::{OutboundBrief, Parties};
 use crate::call::ending::{EndPlan, EndingTimes};
 use crate::call::leg::MediaLeg;
 use crate::call::link::{AgentLink, MediaLink};
 use crate::call::playback::{BYTES_PER_MS, LineCorrection, Playback, base64_decoded_len};
+use crate::call::tools::ToolLedger;
 use crate::call::transcript::{Speaker, TranscriptLine};
 use crate::domain::phone::Masked;
 use crate::metrics::{EndReason, Metrics};
-use crate::openai::events::{self, ErrorSeverity, ServerEvent, SessionSettings, Usage};
+use crate::openai::events::{self, ErrorSeverity, ServerEvent, Usage};
 use crate::store::Record;
 use crate::twilio::call::Direction;
 use crate::twilio::ids::{AccountSid, CallSid, StreamSid};
@@ -47,6 +49,12 @@ pub struct CallSettings {
     pub max_buffered_audio: Duration,
     /// How long each step of ending the call may take.
     pub ending: EndingTimes,
+    /// Before `end_call` or a transfer, how long the caller may still be hearing what was said.
+    pub playback_wait: Duration,
+    /// How long a goodbye (time limit, silence) may take before the call ends anyway.
+    pub farewell_limit: Duration,
+    /// After Twilio accepted a transfer, how long its stream may linger before it is closed.
+    pub transfer_linger: Duration,
 }
 
 impl Default for CallSettings {
@@ -57,6 +65,9 @@ impl Default for CallSettings {
             start_timeout: Duration::from_secs(5),
             max_buffered_audio: Duration::from_secs(10),
             ending: EndingTimes::default(),
+            playback_wait: Duration::from_secs(10),
+            farewell_limit: Duration::from_secs(15),
+            transfer_linger: Duration::from_secs(10),
         }
     }
 }
@@ -66,7 +77,8 @@ pub struct CallSetup {
     pub grant: StreamGrant,
     /// Our Twilio account: a `start` naming another one is refused.
     pub account_sid: AccountSid,
-    pub agent: AgentSettings,
+    /// The agents as they were when the socket opened; the call picks its own at `start`.
+    pub agents: Arc<Agents>,
     pub settings: CallSettings,
     pub metrics: Arc<Metrics>,
     /// When the socket was accepted, on the monotonic clock and on the wall clock (records
@@ -83,21 +95,32 @@ pub struct TaskId(pub u64);
 /// with [`Input::TaskDone`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SideTask {
-    /// What `POST /calls` said about this call (agent, context), if it placed it.
+    /// What `POST /calls` said about this call (context, variables), if it placed it.
     LookupCallContext { call_sid: CallSid },
+    /// A signed request to the business (a tool call, the call's context).
+    AskBusiness {
+        url: String,
+        body: String,
+        timeout: Duration,
+    },
+    /// Replace what the call does with this TwiML (a transfer), through Twilio's REST API.
+    Redirect { call_sid: CallSid, twiml: String },
 }
 
 /// The result of a [`SideTask`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TaskOutput {
-    CallContext(Result<Option<OutboundContext>, String>),
+    CallContext(Result<Option<OutboundBrief>, String>),
+    Business(BusinessOutcome),
+    Redirected(Result<(), String>),
 }
 
-/// What `POST /calls` stored for an outbound call.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct OutboundContext {
-    pub agent: Option<String>,
-    pub context: Option<String>,
+/// How a request to the business ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BusinessOutcome {
+    Answered { status: u16, body: Vec<u8> },
+    TimedOut,
+    Unreachable(String),
 }
 
 /// One thing that happened, fed to [`CallCore::handle`].
@@ -187,16 +210,6 @@ pub struct CallSummary {
     pub duration: Duration,
 }
 
-/// Whether the call's context (from `POST /calls`) is known yet; the agent is configured only
-/// once it is, so the first thing the agent hears already includes it.
-#[derive(Debug)]
-enum CallContext {
-    /// `start` has not arrived yet.
-    NotAsked,
-    Pending(TaskId),
-    Known(Option<String>),
-}
-
 /// Caller audio that arrived before the agent was ready, oldest first, bounded by duration.
 #[derive(Debug, Default)]
 struct EarlyAudio {
@@ -208,7 +221,10 @@ pub struct CallCore<L: MediaLeg> {
     leg: L,
     grant: StreamGrant,
     account_sid: AccountSid,
-    agent: AgentSettings,
+    agents: Arc<Agents>,
+    /// The default agent until `start` names the call's own.
+    agent: Arc<AgentProfile>,
+    parties: Parties,
     settings: CallSettings,
     metrics: Arc<Metrics>,
     accepted_at: Instant,
@@ -216,7 +232,7 @@ pub struct CallCore<L: MediaLeg> {
 
     media: MediaLink,
     link: AgentLink,
-    context: CallContext,
+    briefing: briefing::Briefing,
     ended: Option<(EndReason, Instant)>,
 
     media_seen: Instant,
@@ -234,6 +250,15 @@ pub struct CallCore<L: MediaLeg> {
     malformed: u32,
     next_task: u64,
     actions: VecDeque<Action>,
+
+    tools: ToolLedger,
+    /// Requests to the business for function calls, by the task running each.
+    tool_requests: HashMap<TaskId, acting::ToolRequest>,
+    wrap_up: Option<acting::WrapUp>,
+    transfer: acting::Transfer,
+    max_duration_at: Option<Instant>,
+    silence: acting::Silence,
+    keypad: acting::Keypad,
 }
 
 impl<L: MediaLeg> CallCore<L> {
@@ -243,11 +268,14 @@ impl<L: MediaLeg> CallCore<L> {
         let at = setup.accepted_at;
         let mut actions = VecDeque::with_capacity(8);
         actions.push_back(Action::PreconnectAgent);
+        let agent = Arc::clone(setup.agents.default_agent());
         Self {
             leg,
             grant: setup.grant,
             account_sid: setup.account_sid,
-            agent: setup.agent,
+            agents: setup.agents,
+            agent,
+            parties: Parties::default(),
             next_heartbeat: at + setup.settings.heartbeat_interval,
             settings: setup.settings,
             metrics: setup.metrics,
@@ -255,7 +283,7 @@ impl<L: MediaLeg> CallCore<L> {
             accepted_at_ms: setup.accepted_at_ms,
             media: MediaLink::AwaitingStart,
             link: AgentLink::Preconnecting,
-            context: CallContext::NotAsked,
+            briefing: briefing::Briefing::default(),
             ended: None,
             media_seen: at,
             agent_seen: at,
@@ -269,6 +297,13 @@ impl<L: MediaLeg> CallCore<L> {
             malformed: 0,
             next_task: 0,
             actions,
+            tools: ToolLedger::default(),
+            tool_requests: HashMap::new(),
+            wrap_up: None,
+            transfer: acting::Transfer::None,
+            max_duration_at: None,
+            silence: acting::Silence::default(),
+            keypad: acting::Keypad::default(),
         }
     }
 
@@ -277,16 +312,23 @@ impl<L: MediaLeg> CallCore<L> {
         self.actions.pop_front()
     }
 
-    /// When the core next wants [`Input::Timer`], if ever.
+    /// When the core next wants [`Input::Timer`], if ever. Every deadline here is one the timer
+    /// acts on when it comes, so the driver never wakes for nothing.
     pub fn poll_timeout(&self) -> Option<Instant> {
         if self.ended.is_some() {
             return None;
         }
         let start_deadline = matches!(self.media, MediaLink::AwaitingStart)
             .then(|| self.accepted_at + self.settings.start_timeout);
-        Some(start_deadline.map_or(self.next_heartbeat, |deadline| {
-            deadline.min(self.next_heartbeat)
-        }))
+        [
+            Some(self.next_heartbeat),
+            start_deadline,
+            self.briefing.deadline(),
+            self.acting_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     pub fn is_ended(&self) -> bool {
@@ -320,8 +362,9 @@ impl<L: MediaLeg> CallCore<L> {
                 self.actions.push_back(Action::PongMedia(payload));
             }
             Input::MediaAlive => self.media_seen = now,
-            // A closed socket and one that refuses writes both mean the caller is gone.
-            Input::MediaClosed | Input::MediaSendFailed => self.end(EndReason::CallerHungUp, now),
+            // A closed socket and one that refuses writes both mean the caller is gone (or,
+            // after a transfer, moved on).
+            Input::MediaClosed | Input::MediaSendFailed => self.end(self.media_end_reason(), now),
             Input::MediaOverflow => {
                 self.malformed_from_media("a frame over 64 KiB");
                 self.end(EndReason::FrameTooLarge, now);
@@ -368,9 +411,12 @@ impl<L: MediaLeg> CallCore<L> {
                 self.end(EndReason::AgentFailed, now);
             }
 
-            Input::TaskDone(id, output) => self.on_task_done(id, output),
+            Input::TaskDone(id, output) => self.on_task_done(id, output, now),
             Input::Timer => self.on_timer(now),
             Input::Shutdown => self.end(EndReason::Shutdown, now),
+        }
+        if self.ended.is_none() {
+            self.after_input(now);
         }
     }
 
@@ -433,10 +479,10 @@ impl<L: MediaLeg> CallCore<L> {
             Inbound::Start(start) => self.on_start(start, now),
             Inbound::Stop => {
                 tracing::info!("Twilio stopped the stream");
-                self.end(EndReason::CallerHungUp, now);
+                self.end(self.media_end_reason(), now);
             }
             Inbound::Connected => {}
-            Inbound::Dtmf { digit } => tracing::debug!(%digit, "caller pressed a key"),
+            Inbound::Dtmf { digit } => self.on_keypress(&digit, now),
             Inbound::Other(event) => tracing::debug!(%event, "ignored a Media Streams event"),
         }
     }
@@ -470,19 +516,22 @@ impl<L: MediaLeg> CallCore<L> {
         );
         self.leg.started(start.stream_sid.as_str());
         self.metrics.calls_started.inc();
-        // Only `POST /calls` stores a context, so only the calls it placed look one up.
-        let placed_by_us = parameter("direction").parse() == Ok(Direction::OutboundApi);
-        self.context = if placed_by_us {
-            CallContext::Pending(self.spawn(SideTask::LookupCallContext {
-                call_sid: start.call_sid.clone(),
-            }))
-        } else {
-            CallContext::Known(None)
-        };
+        // `/voice` names the agent it routed the call to; a name a reload removed since falls
+        // back to routing by the number called.
+        self.agent = Arc::clone(
+            self.agents
+                .by_name(parameter("agent"))
+                .unwrap_or_else(|| self.agents.for_number(parameter("to"))),
+        );
+        tracing::Span::current().record("agent", self.agent.name.as_str());
+        let direction = parameter("direction").parse().ok();
+        self.parties = Parties::from_stream(parameter("from"), parameter("to"), direction);
+        self.max_duration_at = self.agent.max_call_duration.map(|limit| now + limit);
         self.actions
             .push_back(Action::Record(Record::StreamStarted {
                 call_sid: start.call_sid.to_string(),
                 stream_sid: start.stream_sid.to_string(),
+                agent: self.agent.name.clone(),
                 at_ms: self.wall_ms(now),
             }));
         self.media = MediaLink::Streaming {
@@ -490,6 +539,8 @@ impl<L: MediaLeg> CallCore<L> {
             stream_sid: start.stream_sid,
             started_at: now,
         };
+        // Only `POST /calls` stores a context, so only the calls it placed look one up.
+        self.start_briefing(direction == Some(Direction::OutboundApi), now);
         self.record_event("stream", "started", None, now);
         match self.link {
             AgentLink::Preconnecting => self.link = AgentLink::Authorised,
@@ -562,52 +613,22 @@ impl<L: MediaLeg> CallCore<L> {
         self.configure_agent_when_ready();
     }
 
-    fn on_task_done(&mut self, id: TaskId, output: TaskOutput) {
+    fn on_task_done(&mut self, id: TaskId, output: TaskOutput, now: Instant) {
         match output {
-            TaskOutput::CallContext(result) => {
-                if !matches!(self.context, CallContext::Pending(pending) if pending == id) {
-                    return;
+            TaskOutput::CallContext(result) => self.on_outbound_brief(id, result, now),
+            TaskOutput::Business(outcome) => {
+                if let Some(request) = self.tool_requests.remove(&id) {
+                    self.on_tool_answer(request, outcome, now);
+                } else {
+                    self.on_context_answer(id, outcome, now);
                 }
-                let brief = match result {
-                    Ok(found) => {
-                        found.map(|c| outbound_brief(c.agent.as_deref(), c.context.as_deref()))
-                    }
-                    Err(error) => {
-                        tracing::error!(%error, "cannot read the outbound call's context");
-                        None
-                    }
-                };
-                self.context = CallContext::Known(brief);
-                self.configure_agent_when_ready();
             }
+            TaskOutput::Redirected(result) => self.on_redirected(id, result, now),
         }
     }
 
-    /// Configures the fresh session once both it and the call's context are there, then sends
-    /// the caller audio that arrived meanwhile.
-    fn configure_agent_when_ready(&mut self) {
-        let CallContext::Known(brief) = &self.context else {
-            return;
-        };
-        if !matches!(self.link, AgentLink::AwaitingContext) {
-            return;
-        }
-        let update = events::session_update(&SessionSettings {
-            instructions: &self.agent.instructions,
-            voice: &self.agent.voice,
-        });
-        self.actions.push_back(Action::ToAgent(update));
-        // Context goes in before anything can make the agent speak.
-        if let Some(brief) = brief {
-            self.actions
-                .push_back(Action::ToAgent(events::system_message(brief)));
-        }
-        if let Some(greeting) = &self.agent.greeting {
-            self.actions
-                .push_back(Action::ToAgent(events::system_message(greeting)));
-            self.actions
-                .push_back(Action::ToAgent(events::response_create()));
-        }
+    /// Sends the caller audio that arrived while the session was being prepared.
+    fn flush_early_audio(&mut self) {
         let early = std::mem::take(&mut self.early_audio);
         if !early.frames.is_empty() {
             tracing::debug!(
@@ -621,7 +642,6 @@ impl<L: MediaLeg> CallCore<L> {
                 .iter()
                 .map(|payload| Action::ToAgent(events::append_audio(payload))),
         );
-        self.link = AgentLink::Ready;
     }
 
     fn on_agent_text(&mut self, text: &str, now: Instant) {
@@ -656,12 +676,30 @@ impl<L: MediaLeg> CallCore<L> {
                     self.actions.push_back(Action::ToMedia(self.leg.mark(mark)));
                 }
             }
-            ServerEvent::SpeechStarted => self.on_speech_started(),
+            ServerEvent::SpeechStarted => {
+                self.tools.speech_started();
+                self.silence.caller_spoke();
+                self.on_speech_started();
+            }
+            ServerEvent::SpeechStopped => self.tools.speech_stopped(),
+            ServerEvent::FunctionCall {
+                response_id,
+                call_id,
+                name,
+                arguments,
+                ..
+            } => self.on_function_call(&response_id, call_id, &name, &arguments, now),
             ServerEvent::ResponseCreated { response_id } => {
                 self.playback.response_created(&response_id);
+                self.tools.response_created(&response_id);
+                self.farewell_started(&response_id);
             }
-            ServerEvent::ResponseDone { response_id, usage } => {
+            ServerEvent::ResponseDone {
+                response_id, usage, ..
+            } => {
                 self.playback.response_done(&response_id);
+                self.tools.response_done(&response_id);
+                self.farewell_done(&response_id);
                 self.usage.input_tokens += usage.input_tokens;
                 self.usage.output_tokens += usage.output_tokens;
                 self.usage.total_tokens += usage.total_tokens;
@@ -696,6 +734,10 @@ impl<L: MediaLeg> CallCore<L> {
                 self.metrics.openai_errors.inc();
                 let code = error.code.as_deref().unwrap_or("");
                 self.record_event("openai_error", code, Some(error.message.clone()), now);
+                if code == "conversation_already_has_active_response" {
+                    // A response we asked for will not come; another one is running.
+                    self.tools.response_refused();
+                }
                 match error.severity() {
                     ErrorSeverity::Benign => {
                         tracing::debug!(code, message = %error.message, "OpenAI reported a harmless race");
@@ -750,7 +792,9 @@ impl<L: MediaLeg> CallCore<L> {
             self.end(EndReason::Timeout, now);
             return;
         }
-        if now < self.next_heartbeat {
+        self.briefing_timer(now);
+        self.acting_timer(now);
+        if self.ended.is_some() || now < self.next_heartbeat {
             return;
         }
         // A late beat is not made up for: the next one is a full interval away.
@@ -783,12 +827,10 @@ impl<L: MediaLeg> CallCore<L> {
         }
         self.ended = Some((reason, now));
         self.metrics.call_ended(reason);
+        self.tools.clear();
         let cut_off = self.playback.finish();
         self.apply_corrections(cut_off);
-        let call_sid = match &self.media {
-            MediaLink::Streaming { call_sid, .. } => Some(call_sid.clone()),
-            MediaLink::AwaitingStart => None,
-        };
+        let call_sid = self.streaming_call_sid();
         if let Some(sid) = &call_sid {
             self.record_event("stream", "ended", Some(reason.label().to_owned()), now);
             let usage = self.usage;
@@ -835,6 +877,13 @@ impl<L: MediaLeg> CallCore<L> {
         }
     }
 
+    fn streaming_call_sid(&self) -> Option<CallSid> {
+        match &self.media {
+            MediaLink::Streaming { call_sid, .. } => Some(call_sid.clone()),
+            MediaLink::AwaitingStart => None,
+        }
+    }
+
     fn call_sid(&self) -> Option<&str> {
         match &self.media {
             MediaLink::Streaming { call_sid, .. } => Some(call_sid.as_str()),
@@ -850,6 +899,18 @@ impl<L: MediaLeg> CallCore<L> {
         detail: Option<String>,
         now: Instant,
     ) {
+        self.record_event_with(kind, name, detail, None, now);
+    }
+
+    /// As `record_event`, with structured data (a tool call's latency and outcome, say).
+    fn record_event_with(
+        &mut self,
+        kind: &'static str,
+        name: &str,
+        detail: Option<String>,
+        data: Option<serde_json::Value>,
+        now: Instant,
+    ) {
         let Some(call_sid) = self.call_sid() else {
             return;
         };
@@ -858,6 +919,7 @@ impl<L: MediaLeg> CallCore<L> {
             kind,
             name: name.to_owned(),
             detail,
+            data,
             at_ms: self.wall_ms(now),
         };
         self.actions.push_back(Action::Record(record));
@@ -945,5 +1007,7 @@ impl<L: MediaLeg> CallCore<L> {
     }
 }
 
+mod acting;
+mod briefing;
 #[cfg(test)]
 mod tests;

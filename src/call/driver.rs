@@ -2,8 +2,8 @@
 //! agent dial and the side tasks; it turns whatever happens into an [`Input`] for the core and
 //! carries out the core's [`Action`]s. It makes no decisions of its own.
 //!
-//! The loop waits only for its next input. Side work (database reads, and later tools and
-//! lookups) runs as futures beside it, polled by the same `select!`, and comes back as an input.
+//! The loop waits only for its next input. Side work (database reads, requests to the business,
+//! a transfer) runs as futures beside it, polled by the same `select!`, and comes back as an input.
 //!
 //! Written against generic sinks and streams (and an [`AgentDialer`]), so tests drive a whole
 //! call over channels; `routes::stream` plugs in the real actix-ws and tungstenite halves.
@@ -20,8 +20,9 @@ use tokio_tungstenite::tungstenite::{self, Message as AgentMessage};
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::CallSlot;
+use crate::call::agent::OutboundBrief;
 use crate::call::core::{
-    Action, CallCore, CallSetup, CallSummary, Input, OutboundContext, SideTask, TaskId, TaskOutput,
+    Action, BusinessOutcome, CallCore, CallSetup, CallSummary, Input, SideTask, TaskId, TaskOutput,
 };
 use crate::call::ending::{self, EndPlan, EndingTimes};
 use crate::call::leg::{CallControl, TwilioLeg};
@@ -29,6 +30,7 @@ use crate::metrics::EndReason;
 use crate::openai::client::{AgentDialer, DialError};
 use crate::state::AppState;
 use crate::twilio::socket;
+// WEBHOOKS-PENDING use crate::webhooks::{BusinessError, WebhookId};
 
 type TwilioMessage = actix_ws::Message;
 type LocalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
@@ -378,10 +380,18 @@ async fn run_side_task(state: &AppState, id: TaskId, task: SideTask) -> (TaskId,
             let found = state.store.outbound_brief(call_sid.as_str()).await;
             TaskOutput::CallContext(
                 found
-                    .map(|row| row.map(|(agent, context)| OutboundContext { agent, context }))
+                    .map(|row| row.map(|(context, variables)| OutboundBrief { context, variables }))
                     .map_err(|error| format!("{error:#}")),
             )
         }
+        SideTask::AskBusiness { .. } => todo!(),
+        SideTask::Redirect { call_sid, twiml } => TaskOutput::Redirected(
+            state
+                .twilio
+                .redirect(call_sid.as_str(), &twiml)
+                .await
+                .map_err(|error| error.to_string()),
+        ),
     };
     (id, output)
 }

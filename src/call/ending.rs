@@ -6,8 +6,10 @@
 //! - The agent failed or went silent: closing the stream with an error code hands the call to
 //!   the TwiML after `<Connect>`, which apologises and hangs up. If that TwiML was changed, or
 //!   Twilio keeps the line open, a REST hang-up after the apology's grace ends it for sure.
-//! - A deploy (drain timeout) is no failure: the call is hung up through Twilio first, so that
-//!   closing the stream does not start the apology.
+//! - A deploy (drain timeout) is no failure, nor is an agent ending the call (`end_call`, its
+//!   time limit, silence): the call is hung up through Twilio first, so that closing the stream
+//!   does not start the apology.
+//! - A transfer: Twilio has moved the call on; the stream is closed, nothing else.
 //!
 //! The call's slot is held until the plan has been carried out completely: a drain waits for
 //! every slot, so nothing is cut off halfway.
@@ -51,11 +53,18 @@ impl EndPlan {
         let rest_hang_up = match reason {
             // Without a checked `start` there is no call of ours to hang up.
             _ if call_sid.is_none() => RestHangUp::Never,
-            EndReason::Shutdown => RestHangUp::BeforeClosing,
+            // Hung up through Twilio before the stream closes, so the apology after
+            // `</Connect>` never plays: the agent meant to end the call.
+            EndReason::Shutdown
+            | EndReason::AgentEnded
+            | EndReason::MaxDuration
+            | EndReason::Silence => RestHangUp::BeforeClosing,
             EndReason::AgentFailed | EndReason::AgentUnreachable | EndReason::Timeout => {
                 RestHangUp::AfterApology
             }
+            // Twilio moved the call to the transfer's `<Dial>`: it is no longer ours to end.
             EndReason::CallerHungUp
+            | EndReason::Transferred
             | EndReason::Unauthorized
             | EndReason::ProtocolError
             | EndReason::InvalidText
@@ -77,7 +86,8 @@ pub struct EndingTimes {
     pub agent_close_timeout: Duration,
     /// Long enough for the apology after `</Connect>` to be heard.
     pub apology_grace: Duration,
-    /// How long a drain waits for Twilio to confirm a hang-up before closing the stream anyway.
+    /// How long a planned ending waits for Twilio to confirm its hang-up before closing the
+    /// stream anyway.
     pub hang_up_timeout: Duration,
 }
 
@@ -107,8 +117,13 @@ pub async fn hang_up_before_closing(
     match tokio::time::timeout_at(deadline, hang_up_with_retries(control, call_sid.as_str())).await
     {
         Ok(Ok(())) => {}
-        Ok(Err(error)) => tracing::warn!(%error, "cannot hang the call up for the drain"),
-        Err(_) => tracing::warn!("Twilio did not confirm the drain's hang-up in time"),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, reason = plan.reason.label(), "cannot hang the call up through Twilio before closing the stream")
+        }
+        Err(_) => tracing::warn!(
+            reason = plan.reason.label(),
+            "Twilio did not confirm the hang-up in time; closing the stream"
+        ),
     }
 }
 
@@ -160,7 +175,14 @@ mod tests {
     fn each_reason_has_one_way_to_end() {
         let sid = || CallSid::parse("CA0123456789abcdef0123456789abcdef").ok();
         let plan = |reason| EndPlan::new(reason, sid(), 1000).rest_hang_up;
-        assert_eq!(plan(EndReason::Shutdown), RestHangUp::BeforeClosing);
+        for reason in [
+            EndReason::Shutdown,
+            EndReason::AgentEnded,
+            EndReason::MaxDuration,
+            EndReason::Silence,
+        ] {
+            assert_eq!(plan(reason), RestHangUp::BeforeClosing, "{reason:?}");
+        }
         for reason in [
             EndReason::AgentFailed,
             EndReason::AgentUnreachable,
@@ -170,6 +192,7 @@ mod tests {
         }
         for reason in [
             EndReason::CallerHungUp,
+            EndReason::Transferred,
             EndReason::Unauthorized,
             EndReason::ProtocolError,
             EndReason::InvalidText,

@@ -59,7 +59,12 @@ impl MediaLeg for TwilioLeg {
     /// the distinct codes tell an operator reading Twilio's debugger what happened.
     fn close_code(reason: EndReason) -> u16 {
         match reason {
-            EndReason::CallerHungUp => 1000,
+            // The call ended as planned (or moved on): a normal close, so no apology plays.
+            EndReason::CallerHungUp
+            | EndReason::AgentEnded
+            | EndReason::Transferred
+            | EndReason::MaxDuration
+            | EndReason::Silence => 1000,
             EndReason::Unauthorized => 1008,
             EndReason::ProtocolError => 1002,
             EndReason::InvalidText => 1007,

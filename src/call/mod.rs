@@ -14,7 +14,10 @@
 //! - [`driver`] owns the I/O and decides nothing: it turns frames into inputs and actions into
 //!   writes, dials, records and side tasks.
 //! - [`link`] holds the two links' states, [`leg`] the media leg's wire format (Twilio),
-//!   [`ending`] the one policy for how a call ends, [`agent`] the per-call agent settings.
+//!   [`ending`] the one policy for how a call ends, [`agent`] what the call tells its agent and
+//!   the business (parties, variables, context), [`tools`] the ordering rules of function calls.
+//!   The core's own submodules hold its briefing (context lookups) and its acting (tools,
+//!   `end_call`, transfers, keypresses, time limit, silence).
 
 pub mod agent;
 pub mod core;
@@ -23,6 +26,7 @@ pub mod ending;
 pub mod leg;
 pub mod link;
 pub mod playback;
+pub mod tools;
 pub mod transcript;
 
 #[cfg(test)]

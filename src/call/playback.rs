@@ -171,6 +171,12 @@ impl Playback {
         self.discarded.retain(|id| id != response_id);
     }
 
+    /// Whether Twilio still holds agent audio the caller has not heard: a mark sent after it
+    /// has not come back.
+    pub fn has_unplayed_audio(&self) -> bool {
+        !self.pending_marks.is_empty()
+    }
+
     pub fn is_discarded(&self, response_id: &str) -> bool {
         self.discarded.iter().any(|id| id == response_id)
     }

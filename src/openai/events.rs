@@ -6,8 +6,11 @@
 
 use std::borrow::Cow;
 
+use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
+use crate::agents::{AgentProfile, Builtin, NoiseReduction};
 use crate::json;
 
 /// A server event, classified; only what the bridge acts on has its own variant.
@@ -34,8 +37,22 @@ pub enum ServerEvent<'a> {
     },
     ResponseDone {
         response_id: String,
+        /// `completed`, `cancelled`, `failed` or `incomplete`; `""` when the server omits it.
+        status: String,
         usage: Usage,
     },
+    /// The model asks for a tool to be run. Reported twice for the same `call_id` (its
+    /// arguments' `done`, then its item's `done`), so whoever runs it must run each id once.
+    FunctionCall {
+        response_id: String,
+        item_id: String,
+        call_id: String,
+        name: String,
+        /// A JSON string, as the model wrote it: not necessarily valid JSON.
+        arguments: String,
+    },
+    /// The server VAD heard the caller stop speaking.
+    SpeechStopped,
     Error(ErrorDetail),
     /// A valid event this bridge has no use for (rate limits, text deltas, …).
     Other,
@@ -136,13 +153,40 @@ struct Frame<'a> {
     session: Option<SessionBody>,
     #[serde(default)]
     error: Option<ErrorDetail>,
+    // The function call fields below are absent from audio deltas, so they cost those nothing.
+    #[serde(default)]
+    call_id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
+    #[serde(default)]
+    item: Option<ItemBody>,
 }
 
 #[derive(Deserialize)]
 struct ResponseBody {
     id: String,
     #[serde(default)]
+    status: String,
+    #[serde(default)]
     usage: Option<Usage>,
+}
+
+/// An item of `response.output_item.done`. Every field is optional: other events carry items
+/// of other kinds (messages, MCP calls) that must still parse, as `Other`.
+#[derive(Deserialize)]
+struct ItemBody {
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    call_id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -215,9 +259,30 @@ pub fn parse_server_event(text: &str) -> Result<ServerEvent<'_>, ServerEventErro
                 .ok_or(MissingField("response.done", "response"))?;
             ServerEvent::ResponseDone {
                 response_id: response.id,
+                status: response.status,
                 usage: response.usage.unwrap_or_default(),
             }
         }
+        "response.function_call_arguments.done" => {
+            const KIND: &str = "response.function_call_arguments.done";
+            ServerEvent::FunctionCall {
+                response_id: frame
+                    .response_id
+                    .ok_or(MissingField(KIND, "response_id"))?
+                    .0
+                    .into_owned(),
+                item_id: frame
+                    .item_id
+                    .ok_or(MissingField(KIND, "item_id"))?
+                    .0
+                    .into_owned(),
+                call_id: frame.call_id.ok_or(MissingField(KIND, "call_id"))?,
+                name: frame.name.ok_or(MissingField(KIND, "name"))?,
+                arguments: frame.arguments.ok_or(MissingField(KIND, "arguments"))?,
+            }
+        }
+        "response.output_item.done" => function_call_item(frame)?,
+        "input_audio_buffer.speech_stopped" => ServerEvent::SpeechStopped,
         "response.output_audio_transcript.done" => ServerEvent::AgentTranscriptDone {
             item_id: frame
                 .item_id
@@ -253,99 +318,248 @@ pub fn parse_server_event(text: &str) -> Result<ServerEvent<'_>, ServerEventErro
     })
 }
 
-/// What the agent session is configured with; everything comes from `Config`.
-pub struct SessionSettings<'a> {
-    pub instructions: &'a str,
-    pub voice: &'a str,
+/// A finished output item: a function call when it is one, else nothing the bridge acts on.
+fn function_call_item(frame: Frame<'_>) -> Result<ServerEvent<'static>, ServerEventError> {
+    const KIND: &str = "response.output_item.done";
+    use ServerEventError::MissingField;
+    let item = frame.item.ok_or(MissingField(KIND, "item"))?;
+    if item.kind.as_deref() != Some("function_call") {
+        return Ok(ServerEvent::Other);
+    }
+    Ok(ServerEvent::FunctionCall {
+        response_id: frame
+            .response_id
+            .ok_or(MissingField(KIND, "response_id"))?
+            .0
+            .into_owned(),
+        item_id: item.id.ok_or(MissingField(KIND, "item.id"))?,
+        call_id: item.call_id.ok_or(MissingField(KIND, "item.call_id"))?,
+        name: item.name.ok_or(MissingField(KIND, "item.name"))?,
+        arguments: item.arguments.ok_or(MissingField(KIND, "item.arguments"))?,
+    })
 }
 
-/// The GA `session.update`: µ-law both ways so audio passes through without transcoding.
-pub fn session_update(settings: &SessionSettings<'_>) -> String {
-    #[derive(Serialize)]
-    struct Update<'a> {
-        #[serde(rename = "type")]
-        kind: &'static str,
-        session: Session<'a>,
+/// The GA `session.update` that configures `agent`'s session: µ-law both ways so audio passes
+/// through without transcoding, input transcription for the call's transcript, turn detection,
+/// and the agent's tools.
+///
+/// `instructions` come apart from the agent because each call fills the agent's placeholders
+/// (and the business may add to them). The model is not part of it: it is chosen in the URL the
+/// session is opened with, and cannot change afterwards. This is the only client event that
+/// carries an MCP server's authorization.
+pub fn session_update(agent: &AgentProfile, instructions: &str) -> String {
+    let tools: Vec<Tool<'_>> = agent
+        .tools
+        .iter()
+        .map(|tool| Tool::Function {
+            name: &tool.name,
+            description: &tool.description,
+            parameters: Cow::Borrowed(&tool.parameters),
+        })
+        .chain(agent.builtins.iter().map(|builtin| builtin_tool(*builtin)))
+        .chain(agent.mcp.iter().map(|server| {
+            Tool::Mcp {
+                server_label: &server.server_label,
+                server_url: &server.server_url,
+                allowed_tools: server.allowed_tools.as_deref(),
+                authorization: server
+                    .authorization
+                    .as_ref()
+                    .map(ExposeSecret::expose_secret),
+                // Nobody is there to approve a call mid-conversation: the allowed tools are the
+                // approval.
+                require_approval: "never",
+            }
+        }))
+        .collect();
+    to_json(&Update::new(Session {
+        instructions,
+        voice: &agent.voice,
+        language: agent.transcription_language.as_deref(),
+        turn_detection: agent.turn_detection.as_ref(),
+        noise_reduction: agent.noise_reduction,
+        tools,
+    }))
+}
+
+/// How a built-in tool is declared. Both take an optional reason, which the call's record
+/// keeps; the descriptions tell the model when to call them.
+fn builtin_tool(builtin: Builtin) -> Tool<'static> {
+    let (description, reason) = match builtin {
+        Builtin::EndCall => (
+            "Hang up the call. Call it after you said goodbye, when the conversation is over \
+             or the caller asks to end it.",
+            "Why the call ends",
+        ),
+        Builtin::TransferCall => (
+            "Transfer the caller to a person. Call it after you told the caller you are \
+             transferring them, when they ask for a person or you cannot help them further.",
+            "Why the caller is transferred",
+        ),
+    };
+    Tool::Function {
+        name: builtin.name(),
+        description,
+        parameters: Cow::Owned(serde_json::json!({
+            "type": "object",
+            "properties": {"reason": {"type": "string", "description": reason}},
+        })),
     }
-    #[derive(Serialize)]
-    struct Session<'a> {
-        #[serde(rename = "type")]
-        kind: &'static str,
-        instructions: &'a str,
-        output_modalities: [&'static str; 1],
-        audio: Audio<'a>,
-    }
-    #[derive(Serialize)]
-    struct Audio<'a> {
-        input: Input,
-        output: Output<'a>,
-    }
-    #[derive(Serialize)]
-    struct Input {
-        format: Format,
-        noise_reduction: Typed,
-        transcription: Transcription,
-        turn_detection: TurnDetection,
-    }
-    #[derive(Serialize)]
-    struct Output<'a> {
-        format: Format,
-        voice: &'a str,
-    }
-    #[derive(Serialize)]
-    struct Format {
-        #[serde(rename = "type")]
-        kind: &'static str,
-    }
-    #[derive(Serialize)]
-    struct Typed {
-        #[serde(rename = "type")]
-        kind: &'static str,
-    }
-    #[derive(Serialize)]
-    struct Transcription {
-        model: &'static str,
-    }
-    #[derive(Serialize)]
-    struct TurnDetection {
-        #[serde(rename = "type")]
-        kind: &'static str,
-        threshold: f32,
-        prefix_padding_ms: u32,
-        silence_duration_ms: u32,
-        create_response: bool,
-        interrupt_response: bool,
-    }
-    to_json(&Update {
-        kind: "session.update",
-        session: Session {
-            kind: "realtime",
-            instructions: settings.instructions,
-            output_modalities: ["audio"],
-            audio: Audio {
-                input: Input {
-                    format: Format { kind: "audio/pcmu" },
-                    // Phone handsets are held close to the mouth.
-                    noise_reduction: Typed { kind: "near_field" },
-                    transcription: Transcription {
-                        model: "gpt-4o-mini-transcribe",
+}
+
+#[derive(Serialize)]
+struct Update<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    session: SessionFields<'a>,
+}
+
+/// What differs between sessions; everything else in `session.update` is fixed.
+struct Session<'a> {
+    instructions: &'a str,
+    voice: &'a str,
+    language: Option<&'a str>,
+    turn_detection: Option<&'a Value>,
+    noise_reduction: NoiseReduction,
+    tools: Vec<Tool<'a>>,
+}
+
+impl<'a> Update<'a> {
+    fn new(session: Session<'a>) -> Self {
+        // No tools, nothing to choose from: `tool_choice` would only restate the default.
+        let tool_choice = (!session.tools.is_empty()).then_some("auto");
+        Self {
+            kind: "session.update",
+            session: SessionFields {
+                kind: "realtime",
+                instructions: session.instructions,
+                output_modalities: ["audio"],
+                audio: Audio {
+                    input: Input {
+                        format: Typed { kind: "audio/pcmu" },
+                        noise_reduction: Typed {
+                            kind: session.noise_reduction.as_str(),
+                        },
+                        transcription: Transcription {
+                            model: "gpt-4o-mini-transcribe",
+                            language: session.language,
+                        },
+                        turn_detection: session
+                            .turn_detection
+                            .map_or(TurnDetection::ServerVad(ServerVad::DEFAULT), |given| {
+                                TurnDetection::Given(given)
+                            }),
                     },
-                    turn_detection: TurnDetection {
-                        kind: "server_vad",
-                        threshold: 0.5,
-                        prefix_padding_ms: 300,
-                        silence_duration_ms: 500,
-                        create_response: true,
-                        interrupt_response: true,
+                    output: Output {
+                        format: Typed { kind: "audio/pcmu" },
+                        voice: session.voice,
                     },
                 },
-                output: Output {
-                    format: Format { kind: "audio/pcmu" },
-                    voice: settings.voice,
-                },
+                tools: session.tools,
+                tool_choice,
             },
-        },
-    })
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct SessionFields<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    instructions: &'a str,
+    output_modalities: [&'static str; 1],
+    audio: Audio<'a>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<Tool<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct Audio<'a> {
+    input: Input<'a>,
+    output: Output<'a>,
+}
+
+#[derive(Serialize)]
+struct Input<'a> {
+    format: Typed,
+    noise_reduction: Typed,
+    transcription: Transcription<'a>,
+    turn_detection: TurnDetection<'a>,
+}
+
+#[derive(Serialize)]
+struct Output<'a> {
+    format: Typed,
+    voice: &'a str,
+}
+
+#[derive(Serialize)]
+struct Typed {
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+#[derive(Serialize)]
+struct Transcription<'a> {
+    model: &'static str,
+    /// A hint; without it the transcriber detects the language.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    language: Option<&'a str>,
+}
+
+/// The agent's own turn detection, passed as it is, or server VAD.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum TurnDetection<'a> {
+    Given(&'a Value),
+    ServerVad(ServerVad),
+}
+
+#[derive(Serialize)]
+struct ServerVad {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    threshold: f32,
+    prefix_padding_ms: u32,
+    silence_duration_ms: u32,
+    create_response: bool,
+    interrupt_response: bool,
+}
+
+impl ServerVad {
+    /// OpenAI's own defaults, spelled out so `session.updated` can be checked against them.
+    const DEFAULT: Self = Self {
+        kind: "server_vad",
+        threshold: 0.5,
+        prefix_padding_ms: 300,
+        silence_duration_ms: 500,
+        create_response: true,
+        interrupt_response: true,
+    };
+}
+
+/// A tool as `session.tools` declares it.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum Tool<'a> {
+    /// Run by callbridge: the model's call comes back as a [`ServerEvent::FunctionCall`].
+    Function {
+        name: &'a str,
+        description: &'a str,
+        parameters: Cow<'a, Value>,
+    },
+    /// Run by OpenAI, which calls the server itself.
+    Mcp {
+        server_label: &'a str,
+        server_url: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        allowed_tools: Option<&'a [String]>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        authorization: Option<&'a str>,
+        require_approval: &'static str,
+    },
 }
 
 /// `input_audio_buffer.append` carrying the caller's base64 µ-law exactly as Twilio sent it.
@@ -382,14 +596,41 @@ pub fn response_create() -> String {
     r#"{"type":"response.create"}"#.to_owned()
 }
 
-/// A system message added to the conversation (greeting instruction, call context).
-pub fn system_message(text: &str) -> String {
+/// `response.create` with instructions for this response only; with `tool_choice_none` the
+/// model may only speak (a holding sentence while a tool runs must not call another).
+pub fn response_create_with(instructions: &str, tool_choice_none: bool) -> String {
     #[derive(Serialize)]
     struct Create<'a> {
         #[serde(rename = "type")]
         kind: &'static str,
-        item: Item<'a>,
+        response: Response<'a>,
     }
+    #[derive(Serialize)]
+    struct Response<'a> {
+        instructions: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tool_choice: Option<&'static str>,
+    }
+    to_json(&Create {
+        kind: "response.create",
+        response: Response {
+            instructions,
+            tool_choice: tool_choice_none.then_some("none"),
+        },
+    })
+}
+
+/// A system message added to the conversation (greeting instruction, call context).
+pub fn system_message(text: &str) -> String {
+    message("system", text)
+}
+
+/// A user text message added to the conversation (the keys the caller pressed).
+pub fn user_text(text: &str) -> String {
+    message("user", text)
+}
+
+fn message(role: &'static str, text: &str) -> String {
     #[derive(Serialize)]
     struct Item<'a> {
         #[serde(rename = "type")]
@@ -403,16 +644,42 @@ pub fn system_message(text: &str) -> String {
         kind: &'static str,
         text: &'a str,
     }
+    item_create(&Item {
+        kind: "message",
+        role,
+        content: [Content {
+            kind: "input_text",
+            text,
+        }],
+    })
+}
+
+/// A tool's result, answering the function call `call_id`.
+pub fn function_call_output(call_id: &str, output: &str) -> String {
+    #[derive(Serialize)]
+    struct Item<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        call_id: &'a str,
+        output: &'a str,
+    }
+    item_create(&Item {
+        kind: "function_call_output",
+        call_id,
+        output,
+    })
+}
+
+fn item_create(item: &impl Serialize) -> String {
+    #[derive(Serialize)]
+    struct Create<'a, T> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        item: &'a T,
+    }
     to_json(&Create {
         kind: "conversation.item.create",
-        item: Item {
-            kind: "message",
-            role: "system",
-            content: [Content {
-                kind: "input_text",
-                text,
-            }],
-        },
+        item,
     })
 }
 
@@ -426,17 +693,44 @@ mod tests {
     use proptest::prelude::*;
     use serde_json::{Value, json};
 
+    use std::time::Duration;
+
+    use secrecy::SecretString;
+
+    use crate::agents::{McpServer, ToolSpec};
+
+    /// An agent with nothing but the defaults: no tools of any kind.
+    fn plain_agent() -> AgentProfile {
+        AgentProfile {
+            builtins: Vec::new(),
+            ..AgentProfile::new("support", "Unfilled {{name}}.", "marin", "gpt-realtime-1.5")
+        }
+    }
+
+    fn lookup_order() -> ToolSpec {
+        ToolSpec {
+            name: "lookup_order".into(),
+            description: "Look up an order by its number.".into(),
+            parameters: json!({"type":"object","properties":{"order_id":{"type":"string"}},"required":["order_id"]}),
+            url: "https://backend.example.com/tools/lookup_order".into(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn parsed(text: &str) -> Value {
+        serde_json::from_str(text).unwrap()
+    }
+
     #[test]
     fn session_update_is_the_ga_shape_with_pcmu_both_ways() {
-        let update: Value = serde_json::from_str(&session_update(&SessionSettings {
-            instructions: "Be brief.",
-            voice: "marin",
-        }))
-        .unwrap();
+        let update = parsed(&session_update(&plain_agent(), "Be brief."));
         assert_eq!(update["type"], "session.update");
         let session = &update["session"];
         assert_eq!(session["type"], "realtime");
-        assert_eq!(session["instructions"], "Be brief.");
+        assert_eq!(
+            session["instructions"], "Be brief.",
+            "the call's, not the agent's"
+        );
         assert_eq!(session["output_modalities"], json!(["audio"]));
         assert_eq!(
             session["audio"]["input"]["format"],
@@ -448,11 +742,20 @@ mod tests {
         );
         assert_eq!(session["audio"]["output"]["voice"], "marin");
         assert_eq!(
-            session["audio"]["input"]["turn_detection"]["type"],
-            "server_vad"
+            session["audio"]["input"]["turn_detection"],
+            json!({"type":"server_vad","threshold":0.5,"prefix_padding_ms":300,"silence_duration_ms":500,"create_response":true,"interrupt_response":true})
         );
-        assert!(session["audio"]["input"]["transcription"]["model"].is_string());
-        for beta_field in [
+        assert_eq!(
+            session["audio"]["input"]["transcription"],
+            json!({"model": "gpt-4o-mini-transcribe"}),
+            "no language unless the agent sets one"
+        );
+        assert_eq!(
+            session["audio"]["input"]["noise_reduction"],
+            json!({"type": "near_field"})
+        );
+        for absent in [
+            // Beta fields, which the GA API rejects.
             "input_audio_format",
             "output_audio_format",
             "modalities",
@@ -460,9 +763,126 @@ mod tests {
             "turn_detection",
             "input_audio_transcription",
             "temperature",
+            // Chosen in the URL.
+            "model",
+            // Nothing to choose from.
+            "tools",
+            "tool_choice",
         ] {
-            assert!(session.get(beta_field).is_none(), "beta field {beta_field}");
+            assert!(session.get(absent).is_none(), "field {absent}");
         }
+    }
+
+    #[test]
+    fn an_agent_without_tools_gets_the_plain_update_byte_for_byte() {
+        let expected = r#"{"type":"session.update","session":{"type":"realtime","instructions":"Be brief.","output_modalities":["audio"],"audio":{"input":{"format":{"type":"audio/pcmu"},"noise_reduction":{"type":"near_field"},"transcription":{"model":"gpt-4o-mini-transcribe"},"turn_detection":{"type":"server_vad","threshold":0.5,"prefix_padding_ms":300,"silence_duration_ms":500,"create_response":true,"interrupt_response":true}},"output":{"format":{"type":"audio/pcmu"},"voice":"marin"}}}}"#;
+        assert_eq!(session_update(&plain_agent(), "Be brief."), expected);
+    }
+
+    #[test]
+    fn the_agents_audio_settings_are_passed_on() {
+        let agent = AgentProfile {
+            transcription_language: Some("pt".into()),
+            turn_detection: Some(json!({"type":"semantic_vad","eagerness":"low"})),
+            noise_reduction: NoiseReduction::FarField,
+            voice: "cedar".into(),
+            ..plain_agent()
+        };
+        let update = parsed(&session_update(&agent, "Seja breve."));
+        let audio = &update["session"]["audio"];
+        assert_eq!(
+            audio["input"]["transcription"],
+            json!({"model":"gpt-4o-mini-transcribe","language":"pt"})
+        );
+        assert_eq!(
+            audio["input"]["turn_detection"],
+            json!({"type":"semantic_vad","eagerness":"low"}),
+            "verbatim, nothing added"
+        );
+        assert_eq!(
+            audio["input"]["noise_reduction"],
+            json!({"type":"far_field"})
+        );
+        assert_eq!(audio["output"]["voice"], "cedar");
+    }
+
+    #[test]
+    fn tools_are_the_agents_then_the_builtins_then_mcp_servers_chosen_automatically() {
+        let agent = AgentProfile {
+            tools: vec![lookup_order()],
+            builtins: vec![Builtin::TransferCall, Builtin::EndCall],
+            mcp: vec![
+                McpServer {
+                    server_label: "crm".into(),
+                    server_url: "https://mcp.example.com/sse".into(),
+                    allowed_tools: Some(vec!["find_customer".into()]),
+                    authorization: Some(SecretString::from("mcp-token-1")),
+                },
+                McpServer {
+                    server_label: "docs".into(),
+                    server_url: "https://docs.example.com/mcp".into(),
+                    allowed_tools: None,
+                    authorization: None,
+                },
+            ],
+            ..plain_agent()
+        };
+        let update = parsed(&session_update(&agent, "Be brief."));
+        let session = &update["session"];
+        assert_eq!(session["tool_choice"], "auto");
+        let tools = session["tools"].as_array().unwrap();
+        assert_eq!(
+            tools[0],
+            json!({"type":"function","name":"lookup_order","description":"Look up an order by its number.","parameters":{"type":"object","properties":{"order_id":{"type":"string"}},"required":["order_id"]}})
+        );
+        let names: Vec<&str> = tools[1..3]
+            .iter()
+            .map(|tool| tool["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["transfer_call", "end_call"], "in the agent's order");
+        for builtin in &tools[1..3] {
+            assert_eq!(builtin["type"], "function");
+            assert!(!builtin["description"].as_str().unwrap().is_empty());
+            assert_eq!(builtin["parameters"]["type"], "object");
+            assert_eq!(
+                builtin["parameters"]["properties"]["reason"]["type"],
+                "string"
+            );
+            assert!(
+                builtin["parameters"].get("required").is_none(),
+                "the reason is optional"
+            );
+        }
+        assert!(
+            tools[2]["description"]
+                .as_str()
+                .unwrap()
+                .starts_with("Hang up the call.")
+        );
+        assert_eq!(
+            tools[3],
+            json!({"type":"mcp","server_label":"crm","server_url":"https://mcp.example.com/sse","allowed_tools":["find_customer"],"authorization":"mcp-token-1","require_approval":"never"})
+        );
+        assert_eq!(
+            tools[4],
+            json!({"type":"mcp","server_label":"docs","server_url":"https://docs.example.com/mcp","require_approval":"never"}),
+            "what the file leaves out is left out"
+        );
+        assert_eq!(tools.len(), 5);
+    }
+
+    #[test]
+    fn one_builtin_alone_is_declared_with_tool_choice() {
+        let agent = AgentProfile {
+            builtins: vec![Builtin::EndCall],
+            ..plain_agent()
+        };
+        let update = parsed(&session_update(&agent, ""));
+        assert_eq!(update["session"]["tool_choice"], "auto");
+        assert_eq!(
+            update["session"]["tools"][0]["parameters"],
+            json!({"type":"object","properties":{"reason":{"type":"string","description":"Why the call ends"}}})
+        );
     }
 
     #[test]
@@ -477,10 +897,25 @@ mod tests {
         );
         assert_eq!(response_cancel(), r#"{"type":"response.cancel"}"#);
         assert_eq!(response_create(), r#"{"type":"response.create"}"#);
-        let message: Value = serde_json::from_str(&system_message("say \"hi\"")).unwrap();
         assert_eq!(
-            message,
-            json!({"type":"conversation.item.create","item":{"type":"message","role":"system","content":[{"type":"input_text","text":"say \"hi\""}]}})
+            system_message("say \"hi\""),
+            r#"{"type":"conversation.item.create","item":{"type":"message","role":"system","content":[{"type":"input_text","text":"say \"hi\""}]}}"#
+        );
+        assert_eq!(
+            user_text("The caller pressed: 1 2"),
+            r#"{"type":"conversation.item.create","item":{"type":"message","role":"user","content":[{"type":"input_text","text":"The caller pressed: 1 2"}]}}"#
+        );
+        assert_eq!(
+            function_call_output("call_1", r#"{"status":"shipped"}"#),
+            r#"{"type":"conversation.item.create","item":{"type":"function_call_output","call_id":"call_1","output":"{\"status\":\"shipped\"}"}}"#
+        );
+        assert_eq!(
+            response_create_with("Say you are checking.", true),
+            r#"{"type":"response.create","response":{"instructions":"Say you are checking.","tool_choice":"none"}}"#
+        );
+        assert_eq!(
+            response_create_with("Say goodbye.", false),
+            r#"{"type":"response.create","response":{"instructions":"Say goodbye."}}"#
         );
     }
 
@@ -513,7 +948,23 @@ mod tests {
         );
         assert_eq!(
             parse_server_event(r#"{"type":"response.done","response":{"id":"resp_1","status":"completed","usage":{"total_tokens":30,"input_tokens":10,"output_tokens":20,"input_token_details":{}}}}"#).unwrap(),
-            ServerEvent::ResponseDone { response_id: "resp_1".into(), usage: Usage { input_tokens: 10, output_tokens: 20, total_tokens: 30 } }
+            ServerEvent::ResponseDone { response_id: "resp_1".into(), status: "completed".into(), usage: Usage { input_tokens: 10, output_tokens: 20, total_tokens: 30 } }
+        );
+        assert_eq!(
+            parse_server_event(r#"{"type":"response.done","response":{"id":"resp_2","status":"cancelled","status_details":{"type":"cancelled","reason":"turn_detected"}}}"#).unwrap(),
+            ServerEvent::ResponseDone { response_id: "resp_2".into(), status: "cancelled".into(), usage: Usage::default() }
+        );
+        assert_eq!(
+            parse_server_event(r#"{"type":"response.done","response":{"id":"resp_3"}}"#).unwrap(),
+            ServerEvent::ResponseDone {
+                response_id: "resp_3".into(),
+                status: String::new(),
+                usage: Usage::default()
+            }
+        );
+        assert_eq!(
+            parse_server_event(r#"{"type":"input_audio_buffer.speech_stopped","event_id":"e","audio_end_ms":1200,"item_id":"item_u"}"#).unwrap(),
+            ServerEvent::SpeechStopped
         );
         assert_eq!(
             parse_server_event(r#"{"type":"response.output_audio_transcript.done","response_id":"r","item_id":"item_1","output_index":0,"content_index":0,"transcript":"Hello there."}"#).unwrap(),
@@ -539,6 +990,91 @@ mod tests {
             parse_server_event(r#"{"type":"rate_limits.updated","rate_limits":[]}"#).unwrap(),
             ServerEvent::Other
         );
+    }
+
+    fn call(response_id: &str, item_id: &str, call_id: &str) -> ServerEvent<'static> {
+        ServerEvent::FunctionCall {
+            response_id: response_id.into(),
+            item_id: item_id.into(),
+            call_id: call_id.into(),
+            name: "lookup_order".into(),
+            arguments: r#"{"order_id":"42"}"#.into(),
+        }
+    }
+
+    #[test]
+    fn function_calls_are_read_from_both_events_that_report_them() {
+        assert_eq!(
+            parse_server_event(r#"{"type":"response.function_call_arguments.done","event_id":"e","response_id":"resp_1","item_id":"item_f","output_index":0,"call_id":"call_1","name":"lookup_order","arguments":"{\"order_id\":\"42\"}"}"#).unwrap(),
+            call("resp_1", "item_f", "call_1")
+        );
+        assert_eq!(
+            parse_server_event(r#"{"type":"response.output_item.done","event_id":"e","response_id":"resp_1","output_index":0,"item":{"id":"item_f","type":"function_call","status":"completed","call_id":"call_1","name":"lookup_order","arguments":"{\"order_id\":\"42\"}","object":"realtime.item"}}"#).unwrap(),
+            call("resp_1", "item_f", "call_1")
+        );
+    }
+
+    #[test]
+    fn other_finished_items_are_not_function_calls() {
+        for item in [
+            r#"{"id":"item_m","type":"message","role":"assistant","status":"completed","content":[{"type":"output_audio","transcript":"Hi."}]}"#,
+            r#"{"id":"item_c","type":"mcp_call","server_label":"crm","name":"find_customer","arguments":"{}","output":"{}"}"#,
+            r#"{"id":"item_x"}"#,
+        ] {
+            let text = format!(
+                r#"{{"type":"response.output_item.done","response_id":"resp_1","output_index":0,"item":{item}}}"#
+            );
+            assert_eq!(
+                parse_server_event(&text).unwrap(),
+                ServerEvent::Other,
+                "{item}"
+            );
+        }
+        // Other events carry items too; they parse whatever the item holds.
+        assert_eq!(
+            parse_server_event(r#"{"type":"conversation.item.done","item":{"id":"item_u","type":"message","role":"user","content":[{"type":"input_audio","transcript":null}]}}"#).unwrap(),
+            ServerEvent::Other
+        );
+    }
+
+    #[test]
+    fn a_function_call_without_a_field_names_it() {
+        let arguments_done = r#"{"type":"response.function_call_arguments.done","response_id":"resp_1","item_id":"item_f","call_id":"call_1","name":"lookup_order","arguments":"{}"}"#;
+        let item_done = r#"{"type":"response.output_item.done","response_id":"resp_1","item":{"id":"item_f","type":"function_call","call_id":"call_1","name":"lookup_order","arguments":"{}"}}"#;
+        let without = |text: &str, field: &str| -> String {
+            let mut value: Value = serde_json::from_str(text).unwrap();
+            match field.strip_prefix("item.") {
+                Some(inner) => value["item"].as_object_mut().unwrap().remove(inner),
+                None => value.as_object_mut().unwrap().remove(field),
+            };
+            value.to_string()
+        };
+        let cases = [
+            (arguments_done, "response_id"),
+            (arguments_done, "item_id"),
+            (arguments_done, "call_id"),
+            (arguments_done, "name"),
+            (arguments_done, "arguments"),
+            (item_done, "response_id"),
+            (item_done, "item"),
+            (item_done, "item.id"),
+            (item_done, "item.call_id"),
+            (item_done, "item.name"),
+            (item_done, "item.arguments"),
+        ];
+        for (text, field) in cases {
+            let kind = if text == item_done {
+                "response.output_item.done"
+            } else {
+                "response.function_call_arguments.done"
+            };
+            match parse_server_event(&without(text, field)) {
+                Err(ServerEventError::MissingField(k, f)) => {
+                    assert_eq!((k, f), (kind, field));
+                }
+                other => panic!("{kind} without {field}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -39,6 +39,10 @@ pub enum ApiError {
     ContextTooLong(usize),
     #[error("agent must be 1 to 64 characters")]
     InvalidAgent,
+    #[error("there is no agent named {0:?}; the agents are: {1}")]
+    UnknownAgent(String, String),
+    #[error("{0}")]
+    InvalidVariables(String),
     #[error("outbound calling is not configured: set {0} (see .env.example)")]
     OutboundDisabled(&'static str),
     #[error("Meta allows 1 call-permission request per 24 h and 2 per 7 days, and none for 24 h after a rejection: the next request for this user is allowed at {}", rfc3339(*until_ms))]
@@ -105,6 +109,8 @@ impl ApiError {
             Self::InvalidPhoneNumber(_) => "invalid_phone_number",
             Self::ContextTooLong(_) => "context_too_long",
             Self::InvalidAgent => "invalid_agent",
+            Self::UnknownAgent(..) => "unknown_agent",
+            Self::InvalidVariables(_) => "invalid_variables",
             Self::OutboundDisabled(_) => "outbound_disabled",
             Self::PermissionRequestLimited { .. } => "permission_request_limited",
             Self::NoCallPermission(_) => "no_call_permission",
@@ -134,9 +140,11 @@ impl ResponseError for ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::CallNotFound => StatusCode::NOT_FOUND,
             Self::InvalidParameter(_) | Self::InvalidJson(_) => StatusCode::BAD_REQUEST,
-            Self::InvalidPhoneNumber(_) | Self::ContextTooLong(_) | Self::InvalidAgent => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            Self::InvalidPhoneNumber(_)
+            | Self::ContextTooLong(_)
+            | Self::InvalidAgent
+            | Self::UnknownAgent(..)
+            | Self::InvalidVariables(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PermissionRequestLimited { .. } | Self::CallLimitReached(_) => {
                 StatusCode::TOO_MANY_REQUESTS
             }

@@ -6,6 +6,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::api::{ApiCaller, ApiError};
+use crate::call::agent::Variables;
 use crate::clock::MS_PER_DAY;
 use crate::consent::{self, REQUEST_WINDOW_MS};
 use crate::domain::phone::{E164, Masked};
@@ -17,6 +18,10 @@ use crate::twilio::rest::ERROR_NO_CALL_PERMISSION;
 
 const MAX_CONTEXT_BYTES: usize = 4096;
 const MAX_AGENT_CHARS: usize = 64;
+/// Variables end up in the agent's prompt: a handful of short values, not a document.
+const MAX_VARIABLES: usize = 32;
+const MAX_VARIABLE_NAME_CHARS: usize = 64;
+const MAX_VARIABLE_VALUE_BYTES: usize = 1024;
 /// How long a WhatsApp user's phone rings before the call counts as unanswered.
 const RING_TIMEOUT_SECS: &str = "30";
 /// Longer than placing a call takes (Twilio's REST timeout is 10 s), so a crashed request
@@ -127,6 +132,35 @@ pub struct PlaceCall {
     agent: Option<String>,
     #[serde(default)]
     context: Option<String>,
+    #[serde(default)]
+    variables: Variables,
+}
+
+/// Names like `{{first_name}}` use; values short enough for a prompt.
+fn check_variables(variables: &Variables) -> Result<(), ApiError> {
+    if variables.len() > MAX_VARIABLES {
+        return Err(ApiError::InvalidVariables(format!(
+            "variables has {} entries; at most {MAX_VARIABLES} are allowed",
+            variables.len()
+        )));
+    }
+    for (name, value) in variables {
+        let valid_name = !name.is_empty()
+            && name.chars().count() <= MAX_VARIABLE_NAME_CHARS
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid_name {
+            return Err(ApiError::InvalidVariables(format!(
+                "variable names are 1 to {MAX_VARIABLE_NAME_CHARS} letters, digits or underscores; {name:?} is not"
+            )));
+        }
+        if value.len() > MAX_VARIABLE_VALUE_BYTES {
+            return Err(ApiError::InvalidVariables(format!(
+                "variable {name:?} is {} bytes; at most {MAX_VARIABLE_VALUE_BYTES} are allowed",
+                value.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `POST /calls`: places a WhatsApp call to a user who granted permission.
@@ -147,6 +181,14 @@ pub async fn place_call(
     {
         return Err(ApiError::InvalidAgent);
     }
+    if let Some(agent) = &body.agent {
+        let agents = state.agents.current();
+        if agents.by_name(agent).is_none() {
+            let names: Vec<&str> = agents.profiles().iter().map(|a| a.name.as_str()).collect();
+            return Err(ApiError::UnknownAgent(agent.clone(), names.join(", ")));
+        }
+    }
+    check_variables(&body.variables)?;
     // The call would reach /voice only to hear the busy message, and still count against the
     // user's daily limit.
     if state.lifecycle.is_draining() {
@@ -241,6 +283,7 @@ async fn place_under_lease(
             to: &to,
             agent: body.agent.as_deref(),
             context: body.context.as_deref(),
+            variables: &body.variables,
             status,
             at_ms: now,
         })

@@ -13,7 +13,6 @@ use futures_util::Stream;
 use tracing::Instrument;
 
 use crate::admission::{AdmittedStream, RedeemError};
-use crate::call::agent::AgentSettings;
 use crate::call::core::CallSetup;
 use crate::call::driver::{self, Peers};
 use crate::state::AppState;
@@ -59,13 +58,14 @@ pub async fn stream(
         parent: None,
         "call",
         call_sid = admitted.grant.call_sid.as_str(),
-        stream_sid = tracing::field::Empty
+        stream_sid = tracing::field::Empty,
+        agent = tracing::field::Empty
     );
     let AdmittedStream { grant, slot } = admitted;
     let setup = CallSetup {
         grant,
         account_sid: state.config.twilio_account_sid.clone(),
-        agent: AgentSettings::from_config(&state.config),
+        agents: state.agents.current(),
         settings: state.config.call.clone(),
         metrics: Arc::clone(&state.metrics),
         accepted_at,

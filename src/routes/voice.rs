@@ -110,11 +110,13 @@ pub async fn voice(
         // A retry of this call's webhook: it keeps its first token (and that one's slot).
         state.admission.release(&candidate);
     }
+    let agent = route_to_agent(&state, &call).await;
     let record = NewCall {
         call_sid: call.call_sid.as_str(),
         direction: call.direction,
         from: &call.from,
         to: &call.to,
+        agent: &agent,
         status: call.call_status,
         at_ms: now,
     };
@@ -126,6 +128,7 @@ pub async fn voice(
         from = %Masked(&call.from),
         to = %Masked(&call.to),
         direction,
+        agent,
         "answering call with a media stream"
     );
     // Twilio signs the upgrade over this URL, so the token in it makes each call's upgrade
@@ -141,9 +144,35 @@ pub async fn voice(
             ("from", &call.from),
             ("to", &call.to),
             ("direction", direction),
+            ("agent", &agent),
         ],
         apology: twiml::APOLOGY,
     })
+}
+
+/// The agent that answers the call: the one `POST /calls` named for a call it placed, else the
+/// one claiming the number called, else the default.
+async fn route_to_agent(state: &AppState, call: &VoiceRequest) -> String {
+    let agents = state.agents.current();
+    if call.direction == Some(Direction::OutboundApi) {
+        match state.store.outbound_agent(call.call_sid.as_str()).await {
+            Ok(Some(name)) => {
+                if let Some(agent) = agents.by_name(&name) {
+                    return agent.name.clone();
+                }
+                tracing::warn!(
+                    agent = name,
+                    "the agent POST /calls named is gone; the default answers"
+                );
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::error!(error = format!("{error:#}"), "cannot read the call's agent")
+            }
+        }
+        return agents.default_agent().name.clone();
+    }
+    agents.for_number(&call.to).name.clone()
 }
 
 #[derive(Deserialize)]

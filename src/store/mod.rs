@@ -46,6 +46,8 @@ pub struct NewCall<'a> {
     pub direction: Option<Direction>,
     pub from: &'a str,
     pub to: &'a str,
+    /// The agent routed to answer it.
+    pub agent: &'a str,
     pub status: CallStatus,
     pub at_ms: i64,
 }
@@ -56,6 +58,8 @@ pub enum Record {
     StreamStarted {
         call_sid: String,
         stream_sid: String,
+        /// The agent the call was given.
+        agent: String,
         at_ms: i64,
     },
     Transcript {
@@ -74,6 +78,8 @@ pub enum Record {
         kind: &'static str,
         name: String,
         detail: Option<String>,
+        /// Structured details (a tool call's latency and outcome), stored as JSON text.
+        data: Option<serde_json::Value>,
         at_ms: i64,
     },
     CallEnded {
@@ -149,6 +155,30 @@ impl CallRow {
             output_tokens: self.output_tokens,
             total_tokens: self.total_tokens,
         })
+    }
+}
+
+/// A `call_events` row; `data` is JSON text, written only by this code.
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    kind: String,
+    name: String,
+    sequence_number: Option<i64>,
+    detail: Option<String>,
+    data: Option<String>,
+    at: i64,
+}
+
+impl From<EventRow> for CallEvent {
+    fn from(row: EventRow) -> Self {
+        Self {
+            kind: row.kind,
+            name: row.name,
+            sequence_number: row.sequence_number,
+            detail: row.detail,
+            data: row.data.and_then(|text| serde_json::from_str(&text).ok()),
+            at_ms: row.at,
+        }
     }
 }
 
@@ -297,9 +327,9 @@ impl Store {
     /// callback could not know).
     pub async fn record_call(&self, call: &NewCall<'_>) -> anyhow::Result<()> {
         sqlx::query(
-            "INSERT INTO calls (call_sid, direction, from_number, to_number, status, status_rank, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) \
-             ON CONFLICT (call_sid) DO UPDATE SET direction = $2, \
+            "INSERT INTO calls (call_sid, direction, from_number, to_number, status, status_rank, created_at, agent) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (call_sid) DO UPDATE SET direction = $2, agent = COALESCE(calls.agent, $8), \
              from_number = CASE WHEN calls.from_number = '' THEN $3 ELSE calls.from_number END, \
              to_number = CASE WHEN calls.to_number = '' THEN $4 ELSE calls.to_number END",
         )
@@ -310,6 +340,7 @@ impl Store {
         .bind(call.status.as_str())
         .bind(call.status.progress().rank())
         .bind(call.at_ms)
+        .bind(call.agent)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -380,13 +411,14 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         for record in records {
             let query = match record {
-                Record::StreamStarted { call_sid, stream_sid, at_ms } => sqlx::query(
-                    "UPDATE calls SET stream_sid = $1, answered_at = COALESCE(answered_at, $2), machine_id = $3 \
-                     WHERE call_sid = $4",
+                Record::StreamStarted { call_sid, stream_sid, agent, at_ms } => sqlx::query(
+                    "UPDATE calls SET stream_sid = $1, answered_at = COALESCE(answered_at, $2), machine_id = $3, \
+                     agent = $4 WHERE call_sid = $5",
                 )
                 .bind(stream_sid)
                 .bind(*at_ms)
                 .bind(self.machine.as_str())
+                .bind(agent)
                 .bind(call_sid),
                 Record::Transcript { call_sid, line } => sqlx::query(
                     "INSERT INTO transcript_lines (call_sid, sequence, speaker, text, offset_ms, truncated) \
@@ -410,14 +442,15 @@ impl Store {
                 .bind(i64::from(*truncated))
                 .bind(call_sid)
                 .bind(i64::from(*sequence)),
-                Record::Event { call_sid, kind, name, detail, at_ms } => sqlx::query(
-                    "INSERT INTO call_events (id, call_sid, kind, name, detail, at) VALUES ($1, $2, $3, $4, $5, $6)",
+                Record::Event { call_sid, kind, name, detail, data, at_ms } => sqlx::query(
+                    "INSERT INTO call_events (id, call_sid, kind, name, detail, data, at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 )
                 .bind(random_id())
                 .bind(call_sid)
                 .bind(*kind)
                 .bind(storable(name).into_owned())
                 .bind(detail.as_deref().map(|d| storable(d).into_owned()))
+                .bind(data.as_ref().map(|d| storable(&d.to_string()).into_owned()))
                 .bind(*at_ms),
                 Record::CallEnded {
                     call_sid,
@@ -463,13 +496,16 @@ impl Store {
             return Ok(None);
         };
         let call = row.into_record()?;
-        let mut events = sqlx::query_as::<_, CallEvent>(
-            "SELECT kind, name, sequence_number, detail, at FROM call_events WHERE call_sid = $1 \
+        let mut events: Vec<CallEvent> = sqlx::query_as::<_, EventRow>(
+            "SELECT kind, name, sequence_number, detail, data, at FROM call_events WHERE call_sid = $1 \
              ORDER BY at, COALESCE(sequence_number, 0), id",
         )
         .bind(call_sid)
         .fetch_all(&self.pool)
-        .await?;
+        .await?
+        .into_iter()
+        .map(CallEvent::from)
+        .collect();
         order_status_events(&mut events);
         let transcript = sqlx::query_as::<_, LineRow>(
             "SELECT sequence, speaker, text, offset_ms, truncated FROM transcript_lines \

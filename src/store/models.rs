@@ -42,13 +42,17 @@ pub struct CallRecord {
     pub total_tokens: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CallEvent {
+    /// `status`, `stream`, `tool_call`, `dtmf`, `context_failed`, `openai_error`, …
+    #[serde(rename = "type")]
     pub kind: String,
     pub name: String,
     pub sequence_number: Option<i64>,
     pub detail: Option<String>,
-    #[sqlx(rename = "at")]
+    /// Structured details, for the events that have them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
     pub at_ms: i64,
 }
 

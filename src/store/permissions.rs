@@ -1,6 +1,10 @@
 //! Call permissions and outbound calls: the compliance record Meta's rules are checked against.
 
+use anyhow::Context;
+use sqlx::Row;
+
 use super::Store;
+use crate::call::agent::Variables;
 pub use crate::consent::Reply;
 use crate::consent::{
     self, GRANT_VALIDITY_MS, IgnoredReply, Permission, PermissionState, REQUEST_SPACING_MS,
@@ -30,6 +34,8 @@ pub struct OutboundCall<'a> {
     pub to: &'a str,
     pub agent: Option<&'a str>,
     pub context: Option<&'a str>,
+    /// `{{name}}` values for the agent's prompt and greeting.
+    pub variables: &'a Variables,
     pub status: CallStatus,
     pub at_ms: i64,
 }
@@ -55,8 +61,9 @@ struct RequestRow {
 /// What `POST /calls` gave an outbound call.
 #[derive(sqlx::FromRow)]
 struct BriefRow {
-    agent: Option<String>,
     context: Option<String>,
+    /// A JSON object of strings, written only by `record_outbound_call`.
+    variables: Option<String>,
 }
 
 impl Store {
@@ -392,9 +399,9 @@ impl Store {
 
     pub async fn record_outbound_call(&self, call: &OutboundCall<'_>) -> anyhow::Result<()> {
         sqlx::query(
-            "INSERT INTO calls (call_sid, direction, from_number, to_number, agent, context, status, status_rank, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-             ON CONFLICT (call_sid) DO UPDATE SET agent = $5, context = $6, from_number = $3, to_number = $4",
+            "INSERT INTO calls (call_sid, direction, from_number, to_number, agent, context, status, status_rank, created_at, variables) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             ON CONFLICT (call_sid) DO UPDATE SET agent = $5, context = $6, from_number = $3, to_number = $4, variables = $10",
         )
         .bind(call.call_sid)
         .bind(Direction::OutboundApi.as_str())
@@ -405,23 +412,42 @@ impl Store {
         .bind(call.status.as_str())
         .bind(call.status.progress().rank())
         .bind(call.at_ms)
+        .bind(serde_json::to_string(call.variables)?)
         .execute(self.pool())
         .await?;
         Ok(())
     }
 
-    /// `(agent, context)` that `POST /calls` gave this call, if it placed it.
+    /// `(context, variables)` that `POST /calls` gave this call, if it placed it.
     pub async fn outbound_brief(
         &self,
         call_sid: &str,
-    ) -> anyhow::Result<Option<(Option<String>, Option<String>)>> {
+    ) -> anyhow::Result<Option<(Option<String>, Variables)>> {
         let row = sqlx::query_as::<_, BriefRow>(
-            "SELECT agent, context FROM calls WHERE call_sid = $1 AND direction = $2",
+            "SELECT context, variables FROM calls WHERE call_sid = $1 AND direction = $2",
         )
         .bind(call_sid)
         .bind(Direction::OutboundApi.as_str())
         .fetch_optional(self.pool())
         .await?;
-        Ok(row.map(|row| (row.agent, row.context)))
+        row.map(|row| {
+            let variables = match row.variables {
+                Some(text) => serde_json::from_str(&text)
+                    .with_context(|| format!("call {call_sid} has unreadable stored variables"))?,
+                None => Variables::new(),
+            };
+            Ok((row.context, variables))
+        })
+        .transpose()
+    }
+
+    /// The agent `POST /calls` named for this call, if it placed it and named one.
+    pub async fn outbound_agent(&self, call_sid: &str) -> anyhow::Result<Option<String>> {
+        let row = sqlx::query("SELECT agent FROM calls WHERE call_sid = $1 AND direction = $2")
+            .bind(call_sid)
+            .bind(Direction::OutboundApi.as_str())
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(row.and_then(|row| row.get::<Option<String>, _>(0)))
     }
 }

@@ -158,6 +158,7 @@ mod tests {
             kind: "stream",
             name: format!("event {n}"),
             detail: None,
+            data: None,
             at_ms: 0,
         }
     }

@@ -1,6 +1,6 @@
-//! The three Twilio REST calls we need: create a call, end a call, send
-//! a message. Form bodies, Basic auth, JSON answers, Twilio's error JSON parsed into a typed
-//! error. The base URL comes from `TWILIO_API_BASE_URL` so tests can stand a fake in.
+//! The Twilio REST calls we need: create a call, end or redirect a call, send a message. Form
+//! bodies, Basic auth, JSON answers, Twilio's error JSON parsed into a typed error.
+//! The base URL comes from `TWILIO_API_BASE_URL` so tests can stand a fake in.
 
 use std::time::Duration;
 
@@ -105,6 +105,14 @@ impl TwilioRest {
             Err(error) if error.code() == Some(ERROR_NOT_FOUND) => Ok(()),
             Err(error) => Err(error),
         }
+    }
+
+    /// Replaces what a live call is doing with `twiml` (a transfer's `<Dial>`): Twilio leaves
+    /// the media stream and carries out the new instructions.
+    pub async fn redirect(&self, call_sid: &str, twiml: &str) -> Result<(), RestError> {
+        self.post(&format!("Calls/{call_sid}.json"), &[("Twiml", twiml)])
+            .await
+            .map(|_| ())
     }
 
     /// `POST Messages.json`.

@@ -21,6 +21,35 @@ pub struct ConnectStream<'a> {
     pub apology: &'a str,
 }
 
+/// Moves a live call to a person (`transfer_call`): Twilio leaves the media stream and dials.
+#[derive(Template)]
+#[template(path = "twiml/transfer.xml")]
+pub struct Transfer<'a> {
+    /// `Number`, `Sip` or `Client`: the `<Dial>` noun for the target.
+    pub noun: &'a str,
+    pub target: &'a str,
+}
+
+impl<'a> Transfer<'a> {
+    pub fn to(target: &'a crate::agents::TransferTarget) -> Self {
+        use crate::agents::TransferTarget;
+        match target {
+            TransferTarget::Number(number) => Self {
+                noun: "Number",
+                target: number.as_str(),
+            },
+            TransferTarget::Sip(uri) => Self {
+                noun: "Sip",
+                target: uri,
+            },
+            TransferTarget::Client(identity) => Self {
+                noun: "Client",
+                target: identity,
+            },
+        }
+    }
+}
+
 /// Says one sentence and hangs up: used when the server is full or draining.
 #[derive(Template)]
 #[template(path = "twiml/say_hangup.xml")]
@@ -73,6 +102,27 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use quick_xml::events::Event;
+
+    #[test]
+    fn a_transfer_dials_the_target_with_its_noun() {
+        use crate::agents::TransferTarget;
+        use crate::domain::phone::E164;
+        let number = TransferTarget::Number(E164::parse("+15557654321").unwrap());
+        assert_eq!(
+            Transfer::to(&number).render().unwrap(),
+            "<Response><Dial><Number>+15557654321</Number></Dial></Response>"
+        );
+        let sip = TransferTarget::Sip("sip:desk@example.com?x=1&y=2".into());
+        assert_eq!(
+            Transfer::to(&sip).render().unwrap(),
+            "<Response><Dial><Sip>sip:desk@example.com?x=1&amp;y=2</Sip></Dial></Response>"
+        );
+        let client = TransferTarget::Client("agent<1>".into());
+        assert_eq!(
+            Transfer::to(&client).render().unwrap(),
+            "<Response><Dial><Client>agent&lt;1&gt;</Client></Dial></Response>"
+        );
+    }
 
     /// The values of every `<Parameter>` and the text of every `<Say>`, read the way a
     /// conforming XML parser reads them: raw whitespace in an attribute value becomes a space

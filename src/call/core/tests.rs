@@ -25,14 +25,8 @@ struct Harness {
     now: Instant,
 }
 
-fn agent() -> AgentSettings {
-    AgentSettings {
-        name: "support".into(),
-        model: "gpt-realtime-mini".into(),
-        voice: "cedar".into(),
-        instructions: "Be brief.".into(),
-        greeting: None,
-    }
+fn agent() -> AgentProfile {
+    AgentProfile::new("support", "Be brief.", "cedar", "gpt-realtime-mini")
 }
 
 impl Harness {
@@ -40,7 +34,7 @@ impl Harness {
         Self::with(agent(), CallSettings::default())
     }
 
-    fn with(agent: AgentSettings, settings: CallSettings) -> Self {
+    fn with(agent: AgentProfile, settings: CallSettings) -> Self {
         let metrics = Arc::new(Metrics::default());
         let now = Instant::now();
         let core = CallCore::new(
@@ -51,7 +45,7 @@ impl Harness {
                     call_sid: CallSid::parse(CALL_SID).unwrap(),
                 },
                 account_sid: AccountSid::parse(ACCOUNT_SID).unwrap(),
-                agent,
+                agents: Arc::new(Agents::single(agent)),
                 settings,
                 metrics: Arc::clone(&metrics),
                 accepted_at: now,
@@ -252,7 +246,7 @@ fn a_start_that_fails_any_check_never_opens_a_session() {
 
 #[test]
 fn the_agent_is_configured_with_its_own_settings_and_the_calls_context_first() {
-    let greeting = AgentSettings {
+    let greeting = AgentProfile {
         greeting: Some("Greet the caller.".into()),
         ..agent()
     };
@@ -262,9 +256,9 @@ fn the_agent_is_configured_with_its_own_settings_and_the_calls_context_first() {
     // The session opens before the context is read: nothing is sent until both are there.
     assert!(to_agent(&h.feed(Input::AgentOpened)).is_empty());
     assert_eq!(h.core.agent_link(), &AgentLink::AwaitingContext);
-    let context = OutboundContext {
-        agent: Some("sales".into()),
+    let context = OutboundBrief {
         context: Some("Order 42 is late.".into()),
+        variables: Default::default(),
     };
     let sent = to_agent(&h.feed(Input::TaskDone(
         task,
@@ -275,7 +269,7 @@ fn the_agent_is_configured_with_its_own_settings_and_the_calls_context_first() {
     assert_eq!(sent[0]["session"]["audio"]["output"]["voice"], "cedar");
     let brief = sent[1]["item"]["content"][0]["text"].as_str().unwrap();
     assert!(
-        brief.contains("sales") && brief.contains("Order 42"),
+        brief.contains("outbound call") && brief.contains("Order 42"),
         "{brief}"
     );
     assert_eq!(sent[2]["item"]["content"][0]["text"], "Greet the caller.");

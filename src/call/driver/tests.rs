@@ -32,7 +32,6 @@ use tokio_util::sync::CancellationToken;
 use super::{AgentMessage, Peers, TwilioMessage, run};
 use crate::admission::StreamGrant;
 use crate::admission::{CallSlot, STREAM_TOKEN_TTL};
-use crate::call::agent::AgentSettings;
 use crate::call::core::{CallSettings, CallSetup, CallSummary};
 use crate::call::leg::CallControl;
 use crate::call::test_frames::{STREAM_SID, start_event};
@@ -299,7 +298,7 @@ impl Harness {
         let setup = CallSetup {
             grant,
             account_sid: state.config.twilio_account_sid.clone(),
-            agent: AgentSettings::from_config(&state.config),
+            agents: state.agents.current(),
             settings: options.settings,
             metrics: Arc::clone(&state.metrics),
             accepted_at: Instant::now().into_std(),
