@@ -60,6 +60,7 @@ pub struct Config {
     /// `FLY_MACHINE_ID`: a name that survives restarts, so a restarted machine records the
     /// calls it was cut off from at once. Without it each process start gets a random one.
     pub machine_id: Option<MachineId>,
+    pub webhook_secret: Option<crate::webhooks::WebhookSecret>,
 }
 
 /// `PUBLIC_BASE_URL` without a trailing slash. Every URL we sign-check or hand to Twilio is built
@@ -253,6 +254,14 @@ fn whatsapp_sender(raw: &str) -> Result<Option<E164>, String> {
         .map_err(|_| format!("must be an E.164 number like +15551234567, got {raw:?}"))
 }
 
+fn machine_id(raw: &str) -> Result<Option<MachineId>, String> {
+    MachineId::parse(raw).map(Some)
+}
+
+fn webhook_secret(raw: &str) -> Result<Option<crate::webhooks::WebhookSecret>, String> {
+    crate::webhooks::WebhookSecret::parse(raw).map(Some)
+}
+
 fn seconds(raw: &str) -> Result<Duration, String> {
     raw.parse::<u64>()
         .map(Duration::from_secs)
@@ -333,9 +342,8 @@ impl Config {
         });
         let log_format = r.parsed("LOG_FORMAT", LogFormat::Pretty, log_format);
 
-        let machine_id = r.parsed("FLY_MACHINE_ID", None, |raw| {
-            MachineId::parse(raw).map(Some)
-        });
+        let machine_id = r.parsed("FLY_MACHINE_ID", None, machine_id);
+        let webhook_secret = r.parsed("CALLBRIDGE_WEBHOOK_SECRET", None, webhook_secret);
 
         let (
             Some(twilio_account_sid),
@@ -378,6 +386,7 @@ impl Config {
             twilio_request_timeout: crate::twilio::rest::DEFAULT_REQUEST_TIMEOUT,
             call: CallSettings::default(),
             machine_id,
+            webhook_secret,
         })
     }
 }

@@ -16,6 +16,7 @@ use crate::store::Store;
 use crate::store::machines::{self, MachineId};
 use crate::store::writer::RecordWriter;
 use crate::twilio::rest::TwilioRest;
+use crate::webhooks::BusinessClient;
 
 pub struct AppState {
     pub config: Config,
@@ -29,6 +30,8 @@ pub struct AppState {
     pub records: RecordWriter,
     pub clock: Arc<dyn Clock>,
     pub twilio: TwilioRest,
+    /// Signs and sends every request to the business (tools, call context, events).
+    pub business: BusinessClient,
     /// Renews this machine's lease until the process exits (see `store::machines`).
     pub lease_keeper: tokio::task::AbortHandle,
 }
@@ -71,10 +74,12 @@ impl AppState {
             config.twilio_auth_token.clone(),
             config.twilio_request_timeout,
         )?;
+        let business = BusinessClient::new(config.webhook_secret.clone(), Arc::clone(&clock))?;
         let lease_keeper = machines::spawn_lease_keeper(store.clone(), Arc::clone(&clock));
         Ok(Arc::new(Self {
             agents: AgentsHandle::new(Agents::single(AgentProfile::from_config(&config))),
             twilio,
+            business,
             admission: Admission::new(config.max_concurrent_calls),
             config,
             lifecycle: Lifecycle::default(),
