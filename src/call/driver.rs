@@ -30,7 +30,7 @@ use crate::metrics::EndReason;
 use crate::openai::client::{AgentDialer, DialError};
 use crate::state::AppState;
 use crate::twilio::socket;
-// WEBHOOKS-PENDING use crate::webhooks::{BusinessError, WebhookId};
+use crate::webhooks::{BusinessError, WebhookId};
 
 type TwilioMessage = actix_ws::Message;
 type LocalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
@@ -384,7 +384,20 @@ async fn run_side_task(state: &AppState, id: TaskId, task: SideTask) -> (TaskId,
                     .map_err(|error| format!("{error:#}")),
             )
         }
-        SideTask::AskBusiness { .. } => todo!(),
+        SideTask::AskBusiness { url, body, timeout } => {
+            let answer = state
+                .business
+                .post(&url, &WebhookId::random(), &body, timeout)
+                .await;
+            TaskOutput::Business(match answer {
+                Ok(answer) => BusinessOutcome::Answered {
+                    status: answer.status,
+                    body: answer.body,
+                },
+                Err(BusinessError::Timeout(_)) => BusinessOutcome::TimedOut,
+                Err(error) => BusinessOutcome::Unreachable(error.to_string()),
+            })
+        }
         SideTask::Redirect { call_sid, twiml } => TaskOutput::Redirected(
             state
                 .twilio
