@@ -730,28 +730,30 @@ impl<L: MediaLeg> CallCore<L> {
             ServerEvent::SessionUpdated { interrupt_response } => {
                 self.session_auto_interrupts = interrupt_response;
             }
-            ServerEvent::Error(error) => {
-                self.metrics.openai_errors.inc();
-                let code = error.code.as_deref().unwrap_or("");
-                self.record_event("openai_error", code, Some(error.message.clone()), now);
-                if code == "conversation_already_has_active_response" {
-                    // A response we asked for will not come; another one is running.
-                    self.tools.response_refused();
-                }
-                match error.severity() {
-                    ErrorSeverity::Benign => {
-                        tracing::debug!(code, message = %error.message, "OpenAI reported a harmless race");
-                    }
-                    ErrorSeverity::Recoverable => {
-                        tracing::warn!(code, kind = %error.kind, message = %error.message, "OpenAI reported an error");
-                    }
-                    ErrorSeverity::Fatal => {
-                        tracing::error!(code, kind = %error.kind, message = %error.message, "OpenAI ended the session");
-                        self.end(EndReason::AgentFailed, now);
-                    }
-                }
-            }
+            ServerEvent::Error(error) => self.on_agent_error(&error, now),
             ServerEvent::Other => {}
+        }
+    }
+
+    fn on_agent_error(&mut self, error: &events::ErrorDetail, now: Instant) {
+        self.metrics.openai_errors.inc();
+        let code = error.code.as_deref().unwrap_or("");
+        self.record_event("openai_error", code, Some(error.message.clone()), now);
+        if code == "conversation_already_has_active_response" {
+            // A response we asked for will not come; another one is running.
+            self.tools.response_refused();
+        }
+        match error.severity() {
+            ErrorSeverity::Benign => {
+                tracing::debug!(code, message = %error.message, "OpenAI reported a harmless race");
+            }
+            ErrorSeverity::Recoverable => {
+                tracing::warn!(code, kind = %error.kind, message = %error.message, "OpenAI reported an error");
+            }
+            ErrorSeverity::Fatal => {
+                tracing::error!(code, kind = %error.kind, message = %error.message, "OpenAI ended the session");
+                self.end(EndReason::AgentFailed, now);
+            }
         }
     }
 

@@ -143,7 +143,7 @@ async fn a_call_is_recorded_end_to_end_with_its_status_history_and_both_speakers
         .as_array()
         .unwrap()
         .iter()
-        .filter(|e| e["kind"] == "status")
+        .filter(|e| e["type"] == "status")
         .map(|e| e["name"].as_str().unwrap())
         .collect();
     assert_eq!(statuses, ["ringing", "in-progress", "completed"]);
@@ -151,7 +151,7 @@ async fn a_call_is_recorded_end_to_end_with_its_status_history_and_both_speakers
         .as_array()
         .unwrap()
         .iter()
-        .filter(|e| e["kind"] == "stream")
+        .filter(|e| e["type"] == "stream")
         .map(|e| e["name"].as_str().unwrap())
         .collect();
     assert_eq!(stream, ["started", "ended"]);

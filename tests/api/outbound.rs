@@ -668,7 +668,7 @@ async fn an_outbound_calls_context_reaches_the_agent_before_its_first_response()
     o.grant().await;
     let context = "Order #4411 is late by two days; offer a 10% voucher.";
     let placed = o
-        .place_call(json!({"to": USER, "agent": "Support <Ana>", "context": context}))
+        .place_call(json!({"to": USER, "agent": "default", "context": context}))
         .await;
     assert_eq!(placed.status(), 201);
 
@@ -690,6 +690,10 @@ async fn an_outbound_calls_context_reaches_the_agent_before_its_first_response()
             .unwrap(),
     );
     assert_eq!(twiml.parameters["direction"], "outbound-api");
+    assert_eq!(
+        twiml.parameters["agent"], "default",
+        "the agent POST /calls named"
+    );
     let mut twilio = FakeTwilio::connect(&o.app, &twiml.parameters["token"]).await;
     let parameters = serde_json::to_value(&twiml.parameters).unwrap();
     twilio
@@ -703,7 +707,7 @@ async fn an_outbound_calls_context_reaches_the_agent_before_its_first_response()
     assert_eq!(brief["item"]["role"], "system");
     let text = brief["item"]["content"][0]["text"].as_str().unwrap();
     assert!(
-        text.contains(context) && text.contains("Support <Ana>"),
+        text.contains(context) && text.contains("outbound call"),
         "{text}"
     );
     assert_eq!(

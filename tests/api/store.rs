@@ -70,6 +70,7 @@ fn new_call(call_sid: &str, at_ms: i64) -> NewCall<'_> {
         direction: Some(Direction::Inbound),
         from: "whatsapp:+5511999990000",
         to: "whatsapp:+558551234567",
+        agent: "default",
         status: CallStatus::Ringing,
         at_ms,
     }
@@ -283,6 +284,7 @@ async fn bridge_records_make_up_the_call_history() {
         let mut records = vec![Record::StreamStarted {
             call_sid: "CA3".into(),
             stream_sid: "MZ3".into(),
+            agent: "support".into(),
             at_ms: now_ms(),
         }];
         let lines = [
@@ -300,6 +302,7 @@ async fn bridge_records_make_up_the_call_history() {
             kind: "openai_error",
             name: "invalid_value".into(),
             detail: Some("Audio content… 'quoted'".into()),
+            data: Some(serde_json::json!({"quoted": "'it''s'"})),
             at_ms: now_ms() + 1,
         });
         records.push(Record::CallEnded {
@@ -351,6 +354,12 @@ async fn bridge_records_make_up_the_call_history() {
             detail.events[0].detail.as_deref(),
             Some("Audio content… 'quoted'")
         );
+        assert_eq!(
+            detail.events[0].data,
+            Some(serde_json::json!({"quoted": "'it''s'"})),
+            "structured event data round-trips: {url}"
+        );
+        assert_eq!(detail.call.agent.as_deref(), Some("support"), "{url}");
         assert!(store.call("CA404").await.unwrap().is_none());
     }
 }
@@ -614,6 +623,7 @@ mod permissions {
                         to: &to,
                         agent: Some("sales"),
                         context: Some("context"),
+                        variables: &[("name".to_owned(), "Ada".to_owned())].into(),
                         status: CallStatus::Queued,
                         at_ms: T0 + n,
                     })
@@ -640,7 +650,14 @@ mod permissions {
             );
             assert_eq!(
                 store.outbound_brief("CA1").await.unwrap(),
-                Some((Some("sales".into()), Some("context".into())))
+                Some((
+                    Some("context".into()),
+                    [("name".to_owned(), "Ada".to_owned())].into()
+                ))
+            );
+            assert_eq!(
+                store.outbound_agent("CA1").await.unwrap().as_deref(),
+                Some("sales")
             );
             assert_eq!(store.outbound_brief("CA404").await.unwrap(), None);
 
@@ -706,6 +723,7 @@ async fn call_carried_by(store: &Store, call_sid: &str, at_ms: i64) {
         .apply(&[Record::StreamStarted {
             call_sid: call_sid.into(),
             stream_sid: format!("MZ{call_sid}"),
+            agent: "default".into(),
             at_ms,
         }])
         .await

@@ -27,6 +27,7 @@ async fn signed_voice_webhook_gets_twiml_that_connects_the_stream() {
             "Parameter",
             "Parameter",
             "Parameter",
+            "Parameter",
             "Say",
             "Hangup"
         ]
@@ -44,6 +45,7 @@ async fn signed_voice_webhook_gets_twiml_that_connects_the_stream() {
     assert_eq!(twiml.parameters["from"], "whatsapp:+5511999990000");
     assert_eq!(twiml.parameters["to"], "whatsapp:+558551234567");
     assert_eq!(twiml.parameters["direction"], "inbound");
+    assert_eq!(twiml.parameters["agent"], "default");
     assert_eq!(app.state.admission.occupancy().pending, 1);
 }
 
@@ -305,6 +307,7 @@ async fn a_replayed_voice_webhook_gets_the_same_token_and_none_after_the_stream_
     let started = callbridge::store::Record::StreamStarted {
         call_sid: call_sid(41),
         stream_sid: format!("MZ{:032}", 41),
+        agent: "default".into(),
         at_ms: 1,
     };
     app.state.records.record(started);
