@@ -4,14 +4,19 @@
 //! touching the process environment (which is `unsafe` to mutate once threads exist).
 
 use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::SecretString;
 
+use crate::agents::file::{self as agents_file, AgentDefaults};
+use crate::agents::{AgentProfile, Agents};
 use crate::call::core::CallSettings;
 use crate::domain::phone::E164;
 use crate::store::machines::MachineId;
 use crate::twilio::ids::{AccountSid, ContentSid};
+use crate::webhooks::WebhookSecret;
 
 pub const DEFAULT_TWILIO_API_BASE_URL: &str = "https://api.twilio.com";
 pub const DEFAULT_OPENAI_REALTIME_URL: &str = "wss://api.openai.com/v1/realtime";
@@ -43,8 +48,17 @@ pub struct Config {
     pub openai_realtime_url: String,
     pub openai_realtime_model: String,
     pub openai_voice: String,
+    /// The `default` agent's prompt when there is no `AGENTS_FILE`.
     pub agent_instructions: String,
     pub agent_greeting: Option<String>,
+    /// The agents as configured at startup: the file's, or the one `default` agent of the
+    /// `AGENT_*` variables. The directory calls read is `AppState::agents`, which a reload
+    /// replaces; this stays as it was read.
+    pub agents: Arc<Agents>,
+    /// `AGENTS_FILE`, read again on `SIGHUP`.
+    pub agents_file: Option<PathBuf>,
+    /// `CALLBRIDGE_WEBHOOK_SECRET`: signs the requests made to the business.
+    pub webhook_secret: Option<WebhookSecret>,
     pub database_url: String,
     pub outbound_calls_per_day: u32,
     pub max_concurrent_calls: usize,
@@ -231,6 +245,22 @@ fn agent_instructions<F: Fn(&str) -> Option<String>>(r: &mut Reader<'_, F>) -> S
     }
 }
 
+/// With `AGENTS_FILE`, every agent's prompt and greeting are in the file: an `AGENT_*` variable
+/// beside it would be silently ignored, so it is an error instead.
+fn agent_variables_unset<F: Fn(&str) -> Option<String>>(r: &mut Reader<'_, F>) {
+    for name in [
+        "AGENT_INSTRUCTIONS",
+        "AGENT_INSTRUCTIONS_FILE",
+        "AGENT_GREETING",
+    ] {
+        if r.optional(name).is_some() {
+            r.problems.push(format!(
+                "{name} cannot be used with AGENTS_FILE: each agent's instructions and greeting are in the agents file; unset {name}"
+            ));
+        }
+    }
+}
+
 fn database_url(raw: &str) -> Result<String, String> {
     if raw.starts_with("sqlite:")
         || raw.starts_with("postgres://")
@@ -318,8 +348,41 @@ impl Config {
         let openai_voice = r
             .optional("OPENAI_VOICE")
             .unwrap_or_else(|| DEFAULT_OPENAI_VOICE.to_owned());
-        let agent_instructions = agent_instructions(&mut r);
-        let agent_greeting = r.optional("AGENT_GREETING");
+        let agents_file = r.optional("AGENTS_FILE").map(PathBuf::from);
+        let webhook_secret = r.parsed("CALLBRIDGE_WEBHOOK_SECRET", None, |raw| {
+            WebhookSecret::parse(raw).map(Some)
+        });
+        let (agent_instructions, agent_greeting) = if agents_file.is_some() {
+            agent_variables_unset(&mut r);
+            (DEFAULT_AGENT_INSTRUCTIONS.to_owned(), None)
+        } else {
+            (agent_instructions(&mut r), r.optional("AGENT_GREETING"))
+        };
+        let agents = match &agents_file {
+            None => Some(Agents::single(AgentProfile::from_environment(
+                agent_instructions.clone(),
+                agent_greeting.clone(),
+                openai_voice.clone(),
+                openai_realtime_model.clone(),
+            ))),
+            Some(path) => {
+                let defaults = AgentDefaults {
+                    voice: openai_voice.clone(),
+                    model: openai_realtime_model.clone(),
+                };
+                agents_file::load(path, &defaults, &lookup)
+                    .map_err(|errors| {
+                        r.problems.extend(errors.0.iter().map(ToString::to_string));
+                    })
+                    .ok()
+            }
+        };
+        if let Some(agents) = &agents
+            && webhook_secret.is_none()
+            && let Some(problem) = agents_file::missing_webhook_secret(agents)
+        {
+            r.problems.push(problem);
+        }
         let database_url = r.parsed(
             "DATABASE_URL",
             DEFAULT_DATABASE_URL.to_owned(),
@@ -342,12 +405,14 @@ impl Config {
             Some(auth_token),
             Some(openai_api_key),
             Some(public_base_url),
+            Some(agents),
             true,
         ) = (
             account_sid,
             auth_token,
             openai_api_key,
             public_base_url,
+            agents,
             r.problems.is_empty(),
         )
         else {
@@ -369,6 +434,9 @@ impl Config {
             openai_voice,
             agent_instructions,
             agent_greeting,
+            agents: Arc::new(agents),
+            agents_file,
+            webhook_secret,
             database_url,
             outbound_calls_per_day,
             max_concurrent_calls,
@@ -509,6 +577,199 @@ mod tests {
         assert_eq!(http.websocket_url("/stream"), "ws://localhost:8080/stream");
         assert!(PublicBaseUrl::parse("ftp://x").is_err());
         assert!(PublicBaseUrl::parse("https://x/?a=1").is_err());
+    }
+
+    /// A directory of its own under the temp dir, removed when the test ends.
+    struct Scratch(std::path::PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("callbridge-cfg-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+
+        fn write(&self, name: &str, text: &str) -> String {
+            let path = self.0.join(name);
+            std::fs::write(&path, text).unwrap();
+            path.to_string_lossy().into_owned()
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// 24 bytes of key (the least accepted), base64: a well-formed Standard Webhooks secret.
+    const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+    #[test]
+    fn without_an_agents_file_there_is_one_default_agent_from_the_variables() {
+        let mut pairs = MINIMAL.to_vec();
+        pairs.extend([
+            ("AGENT_INSTRUCTIONS", "Be brief."),
+            ("AGENT_GREETING", "Say hi."),
+            ("OPENAI_VOICE", "cedar"),
+        ]);
+        let config = Config::from_lookup(env(&pairs)).unwrap();
+        assert!(config.agents_file.is_none());
+        assert!(config.webhook_secret.is_none());
+        let [agent] = config.agents.profiles() else {
+            panic!("one agent expected");
+        };
+        assert_eq!(agent.name, "default");
+        assert_eq!(agent.instructions, "Be brief.");
+        assert_eq!(agent.greeting.as_deref(), Some("Say hi."));
+        assert_eq!(agent.voice, "cedar");
+        assert_eq!(agent.model, DEFAULT_OPENAI_REALTIME_MODEL);
+        assert_eq!(agent.builtins, vec![crate::agents::Builtin::EndCall]);
+    }
+
+    #[test]
+    fn the_example_agents_file_loads_with_a_webhook_secret() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/agents.example.toml");
+        let mut pairs = MINIMAL.to_vec();
+        pairs.extend([
+            ("AGENTS_FILE", example),
+            ("CALLBRIDGE_WEBHOOK_SECRET", WEBHOOK_SECRET),
+            ("OPENAI_VOICE", "ash"),
+        ]);
+        let config = Config::from_lookup(env(&pairs)).unwrap();
+        assert_eq!(
+            config.agents_file.as_deref(),
+            Some(std::path::Path::new(example))
+        );
+        assert!(config.webhook_secret.is_some());
+        let names: Vec<&str> = config
+            .agents
+            .profiles()
+            .iter()
+            .map(|agent| agent.name.as_str())
+            .collect();
+        assert_eq!(names, ["support", "sales"]);
+        // OPENAI_VOICE is the default of agents that name no voice.
+        assert_eq!(config.agents.default_agent().voice, "ash");
+        assert_eq!(config.agents.by_name("sales").unwrap().voice, "cedar");
+        assert!(!format!("{config:?}").contains("MfKQ9r8G"));
+    }
+
+    #[test]
+    fn agents_that_call_the_business_need_the_webhook_secret() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/agents.example.toml");
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("AGENTS_FILE", example));
+        let errors = Config::from_lookup(env(&pairs)).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with("CALLBRIDGE_WEBHOOK_SECRET is missing"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[0].contains("agent \"support\" (tool \"lookup_order\")"),
+            "{errors:?}"
+        );
+        assert!(!errors[0].contains("sales"), "{errors:?}");
+
+        // Agents that make no requests to the business need none.
+        let scratch = Scratch::new("no-secret");
+        let file = scratch.write(
+            "agents.toml",
+            "[[agent]]\nname = \"a\"\ninstructions = \"Help.\"\n",
+        );
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("AGENTS_FILE", &file));
+        assert!(Config::from_lookup(env(&pairs)).is_ok());
+    }
+
+    #[test]
+    fn a_malformed_webhook_secret_is_refused_without_being_echoed() {
+        for bad in [
+            "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "whsec_not*base64*at*all",
+            "whsec_c2hvcnQ=",
+        ] {
+            let mut pairs = MINIMAL.to_vec();
+            pairs.push(("CALLBRIDGE_WEBHOOK_SECRET", bad));
+            let errors = Config::from_lookup(env(&pairs)).unwrap_err().0;
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert!(
+                errors[0].starts_with("CALLBRIDGE_WEBHOOK_SECRET "),
+                "{errors:?}"
+            );
+            let encoded = bad.trim_start_matches("whsec_");
+            assert!(!errors[0].contains(encoded), "{errors:?}");
+        }
+    }
+
+    #[test]
+    fn an_agents_file_excludes_the_agent_variables() {
+        let scratch = Scratch::new("exclusive");
+        let file = scratch.write(
+            "agents.toml",
+            "[[agent]]\nname = \"a\"\ninstructions = \"Help.\"\n",
+        );
+        let mut pairs = MINIMAL.to_vec();
+        pairs.extend([
+            ("AGENTS_FILE", file.as_str()),
+            ("AGENT_INSTRUCTIONS", "Be brief."),
+            ("AGENT_INSTRUCTIONS_FILE", "/nonexistent/prompt.txt"),
+            ("AGENT_GREETING", "Say hi."),
+        ]);
+        let errors = Config::from_lookup(env(&pairs)).unwrap_err().0;
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        for (error, variable) in errors.iter().zip([
+            "AGENT_INSTRUCTIONS",
+            "AGENT_INSTRUCTIONS_FILE",
+            "AGENT_GREETING",
+        ]) {
+            assert!(
+                error.starts_with(&format!("{variable} cannot be used with AGENTS_FILE")),
+                "{errors:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn agent_file_problems_join_the_other_configuration_errors() {
+        let scratch = Scratch::new("file-errors");
+        let file = scratch.write(
+            "agents.toml",
+            "[[agent]]\nname = \"a\"\ninstructions = \"Help.\"\nvoice = \"\"\ncolour = \"red\"\n",
+        );
+        let pairs = [("AGENTS_FILE", file.as_str()), ("PORT", "eighty")];
+        let errors = Config::from_lookup(env(&pairs)).unwrap_err();
+        let lines = &errors.0;
+        assert!(lines.contains(&"TWILIO_ACCOUNT_SID is missing".to_owned()));
+        assert!(lines.iter().any(|e| e.starts_with("PORT ")));
+        assert!(
+            lines.contains(&format!(
+                "{file}:4: agent \"a\": key `voice` must not be empty (leave it out for the default)"
+            )),
+            "{lines:?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|e| e.starts_with(&format!("{file}:5: agent \"a\": key `colour` is unknown"))),
+            "{lines:?}"
+        );
+        // One line per problem when printed.
+        assert_eq!(errors.to_string().lines().count(), lines.len());
+
+        let missing = scratch
+            .0
+            .join("missing.toml")
+            .to_string_lossy()
+            .into_owned();
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("AGENTS_FILE", &missing));
+        let errors = Config::from_lookup(env(&pairs)).unwrap_err().0;
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].starts_with(&format!("{missing}: cannot be read")));
     }
 
     #[test]

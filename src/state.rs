@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::admission::Admission;
+use crate::agents::{Agents, AgentsHandle};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::lifecycle::Lifecycle;
@@ -18,6 +19,8 @@ use crate::twilio::rest::TwilioRest;
 
 pub struct AppState {
     pub config: Config,
+    /// The agents new calls are answered by; `SIGHUP` replaces them when `AGENTS_FILE` is set.
+    pub agents: AgentsHandle,
     pub admission: Arc<Admission>,
     pub lifecycle: Lifecycle,
     pub metrics: Arc<Metrics>,
@@ -71,6 +74,7 @@ impl AppState {
         let lease_keeper = machines::spawn_lease_keeper(store.clone(), Arc::clone(&clock));
         Ok(Arc::new(Self {
             twilio,
+            agents: AgentsHandle::new(Agents::clone(&config.agents)),
             admission: Admission::new(config.max_concurrent_calls),
             config,
             lifecycle: Lifecycle::default(),

@@ -140,14 +140,30 @@ pub const DEFAULT_TOOL_TIMEOUT: Duration = Duration::from_millis(5000);
 impl AgentProfile {
     /// The one agent the environment describes (`AGENT_*`, `OPENAI_VOICE`, the model).
     pub fn from_config(config: &Config) -> Self {
+        Self::from_environment(
+            config.agent_instructions.clone(),
+            config.agent_greeting.clone(),
+            config.openai_voice.clone(),
+            config.openai_realtime_model.clone(),
+        )
+    }
+
+    /// As `from_config`, from the values themselves: the configuration builds its directory
+    /// with it before the `Config` exists.
+    pub fn from_environment(
+        instructions: String,
+        greeting: Option<String>,
+        voice: String,
+        model: String,
+    ) -> Self {
         Self {
             name: "default".to_owned(),
             numbers: Vec::new(),
             is_default: true,
-            instructions: config.agent_instructions.clone(),
-            greeting: config.agent_greeting.clone(),
-            voice: config.openai_voice.clone(),
-            model: config.openai_realtime_model.clone(),
+            instructions,
+            greeting,
+            voice,
+            model,
             transcription_language: None,
             turn_detection: None,
             noise_reduction: NoiseReduction::NearField,
@@ -185,7 +201,10 @@ pub struct Agents {
 impl Agents {
     /// `profiles` must not be empty; the file loader guarantees it.
     pub fn new(profiles: Vec<AgentProfile>) -> Self {
-        assert!(!profiles.is_empty(), "an agent directory holds at least one agent");
+        assert!(
+            !profiles.is_empty(),
+            "an agent directory holds at least one agent"
+        );
         Self {
             profiles: profiles.into_iter().map(Arc::new).collect(),
         }
@@ -241,10 +260,18 @@ impl AgentsHandle {
 
     /// The directory as it is now; a later reload does not change the snapshot.
     pub fn current(&self) -> Arc<Agents> {
-        Arc::clone(&self.0.read().unwrap_or_else(|poisoned| poisoned.into_inner()))
+        Arc::clone(
+            &self
+                .0
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
     }
 
     pub fn replace(&self, agents: Agents) {
-        *self.0.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(agents);
+        *self
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(agents);
     }
 }
