@@ -245,6 +245,78 @@ fn agent_instructions<F: Fn(&str) -> Option<String>>(r: &mut Reader<'_, F>) -> S
     }
 }
 
+/// What the configuration says about agents: the file, or the `AGENT_*` variables.
+struct AgentSetup {
+    /// `OPENAI_REALTIME_MODEL` and `OPENAI_VOICE`: every agent's unless it names its own.
+    model: String,
+    voice: String,
+    instructions: String,
+    greeting: Option<String>,
+    /// `None` when the agents file has problems (they are in the reader's list).
+    agents: Option<Agents>,
+    agents_file: Option<PathBuf>,
+    webhook_secret: Option<WebhookSecret>,
+}
+
+/// Reads `AGENTS_FILE` (or the `AGENT_*` variables) and `CALLBRIDGE_WEBHOOK_SECRET`, which the
+/// agents need when they make requests to the business.
+fn agent_setup<F: Fn(&str) -> Option<String>>(r: &mut Reader<'_, F>) -> AgentSetup {
+    let model = r
+        .optional("OPENAI_REALTIME_MODEL")
+        .unwrap_or_else(|| DEFAULT_OPENAI_REALTIME_MODEL.to_owned());
+    let voice = r
+        .optional("OPENAI_VOICE")
+        .unwrap_or_else(|| DEFAULT_OPENAI_VOICE.to_owned());
+    let agents_file = r.optional("AGENTS_FILE").map(PathBuf::from);
+    let webhook_secret = r.parsed("CALLBRIDGE_WEBHOOK_SECRET", None, |raw| {
+        WebhookSecret::parse(raw).map(Some)
+    });
+    let (instructions, greeting) = if agents_file.is_some() {
+        agent_variables_unset(r);
+        (DEFAULT_AGENT_INSTRUCTIONS.to_owned(), None)
+    } else {
+        (agent_instructions(r), r.optional("AGENT_GREETING"))
+    };
+    let agents = match &agents_file {
+        None => Some(Agents::single(AgentProfile::from_environment(
+            instructions.clone(),
+            greeting.clone(),
+            voice.clone(),
+            model.clone(),
+        ))),
+        Some(path) => {
+            let defaults = AgentDefaults {
+                voice: voice.clone(),
+                model: model.clone(),
+            };
+            // `authorization_env` names variables of the same environment.
+            let lookup: &dyn Fn(&str) -> Option<String> = r.lookup;
+            match agents_file::load(path, &defaults, lookup) {
+                Ok(agents) => Some(agents),
+                Err(errors) => {
+                    r.problems.extend(errors.0.iter().map(ToString::to_string));
+                    None
+                }
+            }
+        }
+    };
+    if let Some(agents) = &agents
+        && webhook_secret.is_none()
+        && let Some(problem) = agents_file::missing_webhook_secret(agents)
+    {
+        r.problems.push(problem);
+    }
+    AgentSetup {
+        model,
+        voice,
+        instructions,
+        greeting,
+        agents,
+        agents_file,
+        webhook_secret,
+    }
+}
+
 /// With `AGENTS_FILE`, every agent's prompt and greeting are in the file: an `AGENT_*` variable
 /// beside it would be silently ignored, so it is an error instead.
 fn agent_variables_unset<F: Fn(&str) -> Option<String>>(r: &mut Reader<'_, F>) {
@@ -342,47 +414,7 @@ impl Config {
             DEFAULT_OPENAI_REALTIME_URL.to_owned(),
             websocket_url,
         );
-        let openai_realtime_model = r
-            .optional("OPENAI_REALTIME_MODEL")
-            .unwrap_or_else(|| DEFAULT_OPENAI_REALTIME_MODEL.to_owned());
-        let openai_voice = r
-            .optional("OPENAI_VOICE")
-            .unwrap_or_else(|| DEFAULT_OPENAI_VOICE.to_owned());
-        let agents_file = r.optional("AGENTS_FILE").map(PathBuf::from);
-        let webhook_secret = r.parsed("CALLBRIDGE_WEBHOOK_SECRET", None, |raw| {
-            WebhookSecret::parse(raw).map(Some)
-        });
-        let (agent_instructions, agent_greeting) = if agents_file.is_some() {
-            agent_variables_unset(&mut r);
-            (DEFAULT_AGENT_INSTRUCTIONS.to_owned(), None)
-        } else {
-            (agent_instructions(&mut r), r.optional("AGENT_GREETING"))
-        };
-        let agents = match &agents_file {
-            None => Some(Agents::single(AgentProfile::from_environment(
-                agent_instructions.clone(),
-                agent_greeting.clone(),
-                openai_voice.clone(),
-                openai_realtime_model.clone(),
-            ))),
-            Some(path) => {
-                let defaults = AgentDefaults {
-                    voice: openai_voice.clone(),
-                    model: openai_realtime_model.clone(),
-                };
-                agents_file::load(path, &defaults, &lookup)
-                    .map_err(|errors| {
-                        r.problems.extend(errors.0.iter().map(ToString::to_string));
-                    })
-                    .ok()
-            }
-        };
-        if let Some(agents) = &agents
-            && webhook_secret.is_none()
-            && let Some(problem) = agents_file::missing_webhook_secret(agents)
-        {
-            r.problems.push(problem);
-        }
+        let agent = agent_setup(&mut r);
         let database_url = r.parsed(
             "DATABASE_URL",
             DEFAULT_DATABASE_URL.to_owned(),
@@ -412,7 +444,7 @@ impl Config {
             auth_token,
             openai_api_key,
             public_base_url,
-            agents,
+            agent.agents,
             r.problems.is_empty(),
         )
         else {
@@ -430,13 +462,13 @@ impl Config {
             api_token,
             twilio_api_base_url,
             openai_realtime_url,
-            openai_realtime_model,
-            openai_voice,
-            agent_instructions,
-            agent_greeting,
+            openai_realtime_model: agent.model,
+            openai_voice: agent.voice,
+            agent_instructions: agent.instructions,
+            agent_greeting: agent.greeting,
             agents: Arc::new(agents),
-            agents_file,
-            webhook_secret,
+            agents_file: agent.agents_file,
+            webhook_secret: agent.webhook_secret,
             database_url,
             outbound_calls_per_day,
             max_concurrent_calls,

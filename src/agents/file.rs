@@ -1203,7 +1203,7 @@ fn describe(table: &DeTable<'_>, agent: &str, path: &[Seg]) -> Option<(String, S
     match (path.get(1), path.get(2)) {
         (Some(Seg::Index(index)), Some(Seg::Key(key))) => {
             let entry = match table.get(top.as_str()).map(Spanned::get_ref) {
-                Some(DeValue::Array(items)) => items.iter().nth(*index),
+                Some(DeValue::Array(items)) => items.get(*index),
                 _ => None,
             };
             let name_key = if top == "tools" {
@@ -1260,7 +1260,7 @@ fn remove(table: &mut DeTable<'_>, target: &[Seg]) {
         [Seg::Key(top), Seg::Index(index), Seg::Key(key)] => {
             if let Some(value) = table.get_mut(top.as_str())
                 && let DeValue::Array(items) = value.get_mut()
-                && let Some(entry) = items.iter_mut().nth(*index)
+                && let Some(entry) = items.get_mut(*index)
                 && let DeValue::Table(entry) = entry.get_mut()
             {
                 entry.remove(key.as_str());

@@ -91,13 +91,8 @@ fn assert_problem(problems: &[AgentFileError], line: usize, key: &str, fragment:
 
 const MINIMAL: &str = "[[agent]]\nname = \"a\"\ninstructions = \"Help.\"\n";
 
-#[test]
-fn a_full_agent_is_read_with_every_key() {
-    let scratch = Scratch::new();
-    scratch.write("prompts/sales.md", "\n  Sell politely.  \n");
-    let path = scratch.write(
-        "agents.toml",
-        r#"
+/// Two agents using every key between them; `CRM_MCP_TOKEN` is set to `Bearer crm-secret`.
+const FULL: &str = r#"
 [[agent]]
 name = "support"
 numbers = ["+15551234567", "whatsapp:+15551234568"]
@@ -134,11 +129,19 @@ authorization_env = "CRM_MCP_TOKEN"
 name = "sales"
 numbers = ["+15550001111"]
 instructions_file = "prompts/sales.md"
-"#,
-    );
-    let env = |name: &str| (name == "CRM_MCP_TOKEN").then(|| "Bearer crm-secret".to_owned());
-    let agents = load(&path, &defaults(), &env).unwrap();
+"#;
 
+fn load_full() -> Agents {
+    let scratch = Scratch::new();
+    scratch.write("prompts/sales.md", "\n  Sell politely.  \n");
+    let path = scratch.write("agents.toml", FULL);
+    let env = |name: &str| (name == "CRM_MCP_TOKEN").then(|| "Bearer crm-secret".to_owned());
+    load(&path, &defaults(), &env).unwrap()
+}
+
+#[test]
+fn a_full_agent_is_read_with_every_key() {
+    let agents = load_full();
     let support = agents.by_name("support").unwrap();
     assert_eq!(
         support.numbers,
@@ -193,6 +196,12 @@ instructions_file = "prompts/sales.md"
             timeout: Duration::from_millis(8000),
         }]
     );
+}
+
+#[test]
+fn mcp_servers_instructions_files_and_routing_of_a_full_file() {
+    let agents = load_full();
+    let support = agents.by_name("support").unwrap();
     let [crm] = support.mcp.as_slice() else {
         panic!("one MCP server expected");
     };
