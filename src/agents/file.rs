@@ -331,7 +331,7 @@ impl Loader<'_> {
                 self.at(
                     header,
                     "agent",
-                    format!("agent #{ordinal}: each agent must be a table ([[agent]])"),
+                    format!("agent #{ordinal}: key `agent` holds a value that is not a table: write each agent as [[agent]]"),
                 );
                 return None;
             }
@@ -352,12 +352,12 @@ impl Loader<'_> {
             let DeValue::Table(table) = entry.get_mut() else {
                 return None;
             };
-            let path = error.span().map(|span| locate(table, span.start));
-            let Some((context, key, target)) = path.as_deref().and_then(|path| {
-                let (context, key) = describe(table, &label, path)?;
-                Some((context, key, removal_target(path)?))
-            }) else {
-                // Nothing to point at or to take out: report at the header and skip the agent.
+            let path = error
+                .span()
+                .map(|span| locate(table, span.start))
+                .unwrap_or_default();
+            let Some((context, key)) = describe(table, &label, &path) else {
+                // Nothing to point at: report at the header and skip the agent.
                 let message = format!("{label}: {}", error.message().trim_end());
                 self.at(header, "agent", message);
                 return None;
@@ -365,8 +365,14 @@ impl Loader<'_> {
             let span = error.span().unwrap_or_else(|| header.clone());
             let message = serde_problem(error.message(), &key);
             self.at(span, &key, format!("{context}: {message}"));
+            // A whole tool or MCP entry that is not a table: the agent is given up.
+            let target = removal_target(&path)?;
             removed.insert(removed_name(&target));
-            remove(table, &target);
+            // Each round takes a key out, so the rounds end; should nothing come out, the
+            // next round would meet the same error: give the agent up instead.
+            if !remove(table, &target) {
+                return None;
+            }
         }
     }
 
@@ -1252,21 +1258,22 @@ fn removed_name(target: &[Seg]) -> String {
         .join(".")
 }
 
-fn remove(table: &mut DeTable<'_>, target: &[Seg]) {
+/// Takes `target` out of the agent's table; whether there was one.
+fn remove(table: &mut DeTable<'_>, target: &[Seg]) -> bool {
     match target {
-        [Seg::Key(key)] => {
-            table.remove(key.as_str());
-        }
+        [Seg::Key(key)] => table.remove(key.as_str()).is_some(),
         [Seg::Key(top), Seg::Index(index), Seg::Key(key)] => {
             if let Some(value) = table.get_mut(top.as_str())
                 && let DeValue::Array(items) = value.get_mut()
                 && let Some(entry) = items.get_mut(*index)
                 && let DeValue::Table(entry) = entry.get_mut()
             {
-                entry.remove(key.as_str());
+                entry.remove(key.as_str()).is_some()
+            } else {
+                false
             }
         }
-        _ => {}
+        _ => false,
     }
 }
 

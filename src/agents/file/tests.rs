@@ -913,3 +913,21 @@ fn the_example_file_loads() {
     // Its tool calls the business: it needs the webhook secret.
     assert!(missing_webhook_secret(&agents).is_some());
 }
+
+#[test]
+fn entries_that_are_not_tables_are_reported_and_the_rest_still_checked() {
+    let problems = errors("agent = [1]\n");
+    assert_problem(&problems, 1, "agent", "not a table");
+
+    let problems = errors(&format!(
+        "[[agent]]\nname = \"a\"\ninstructions = \"Help.\"\ntools = [1]\n\n{}voice = \"\"\n",
+        MINIMAL.replace("\"a\"", "\"b\"")
+    ));
+    assert_eq!(problems.len(), 2, "{}", AgentFileErrors(problems.clone()));
+    assert!(
+        problems[0].message.starts_with("agent \"a\": "),
+        "{:?}",
+        problems[0]
+    );
+    assert_problem(&problems, 9, "voice", "must not be empty");
+}
