@@ -4,14 +4,19 @@
 //! touching the process environment (which is `unsafe` to mutate once threads exist).
 
 use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::SecretString;
 
+use crate::agents::file::{self as agents_file, AgentDefaults};
+use crate::agents::{AgentProfile, Agents};
 use crate::call::core::CallSettings;
 use crate::domain::phone::E164;
 use crate::store::machines::MachineId;
 use crate::twilio::ids::{AccountSid, ContentSid};
+use crate::webhooks::WebhookSecret;
 
 pub const DEFAULT_TWILIO_API_BASE_URL: &str = "https://api.twilio.com";
 pub const DEFAULT_OPENAI_REALTIME_URL: &str = "wss://api.openai.com/v1/realtime";
@@ -43,8 +48,17 @@ pub struct Config {
     pub openai_realtime_url: String,
     pub openai_realtime_model: String,
     pub openai_voice: String,
+    /// The `default` agent's prompt when there is no `AGENTS_FILE`.
     pub agent_instructions: String,
     pub agent_greeting: Option<String>,
+    /// The agents as configured at startup: the file's, or the one `default` agent of the
+    /// `AGENT_*` variables. The directory calls read is `AppState::agents`, which a reload
+    /// replaces; this stays as it was read.
+    pub agents: Arc<Agents>,
+    /// `AGENTS_FILE`, read again on `SIGHUP`.
+    pub agents_file: Option<PathBuf>,
+    /// `CALLBRIDGE_WEBHOOK_SECRET`: signs the requests made to the business.
+    pub webhook_secret: Option<WebhookSecret>,
     pub database_url: String,
     pub outbound_calls_per_day: u32,
     pub max_concurrent_calls: usize,
@@ -60,7 +74,6 @@ pub struct Config {
     /// `FLY_MACHINE_ID`: a name that survives restarts, so a restarted machine records the
     /// calls it was cut off from at once. Without it each process start gets a random one.
     pub machine_id: Option<MachineId>,
-    pub webhook_secret: Option<crate::webhooks::WebhookSecret>,
 }
 
 /// `PUBLIC_BASE_URL` without a trailing slash. Every URL we sign-check or hand to Twilio is built
@@ -232,6 +245,94 @@ fn agent_instructions<F: Fn(&str) -> Option<String>>(r: &mut Reader<'_, F>) -> S
     }
 }
 
+/// What the configuration says about agents: the file, or the `AGENT_*` variables.
+struct AgentSetup {
+    /// `OPENAI_REALTIME_MODEL` and `OPENAI_VOICE`: every agent's unless it names its own.
+    model: String,
+    voice: String,
+    instructions: String,
+    greeting: Option<String>,
+    /// `None` when the agents file has problems (they are in the reader's list).
+    agents: Option<Agents>,
+    agents_file: Option<PathBuf>,
+    webhook_secret: Option<WebhookSecret>,
+}
+
+/// Reads `AGENTS_FILE` (or the `AGENT_*` variables) and `CALLBRIDGE_WEBHOOK_SECRET`, which the
+/// agents need when they make requests to the business.
+fn agent_setup<F: Fn(&str) -> Option<String>>(r: &mut Reader<'_, F>) -> AgentSetup {
+    let model = r
+        .optional("OPENAI_REALTIME_MODEL")
+        .unwrap_or_else(|| DEFAULT_OPENAI_REALTIME_MODEL.to_owned());
+    let voice = r
+        .optional("OPENAI_VOICE")
+        .unwrap_or_else(|| DEFAULT_OPENAI_VOICE.to_owned());
+    let agents_file = r.optional("AGENTS_FILE").map(PathBuf::from);
+    let webhook_secret = r.parsed("CALLBRIDGE_WEBHOOK_SECRET", None, |raw| {
+        WebhookSecret::parse(raw).map(Some)
+    });
+    let (instructions, greeting) = if agents_file.is_some() {
+        agent_variables_unset(r);
+        (DEFAULT_AGENT_INSTRUCTIONS.to_owned(), None)
+    } else {
+        (agent_instructions(r), r.optional("AGENT_GREETING"))
+    };
+    let agents = match &agents_file {
+        None => Some(Agents::single(AgentProfile::from_environment(
+            instructions.clone(),
+            greeting.clone(),
+            voice.clone(),
+            model.clone(),
+        ))),
+        Some(path) => {
+            let defaults = AgentDefaults {
+                voice: voice.clone(),
+                model: model.clone(),
+            };
+            // `authorization_env` names variables of the same environment.
+            let lookup: &dyn Fn(&str) -> Option<String> = r.lookup;
+            match agents_file::load(path, &defaults, lookup) {
+                Ok(agents) => Some(agents),
+                Err(errors) => {
+                    r.problems.extend(errors.0.iter().map(ToString::to_string));
+                    None
+                }
+            }
+        }
+    };
+    if let Some(agents) = &agents
+        && webhook_secret.is_none()
+        && let Some(problem) = agents_file::missing_webhook_secret(agents)
+    {
+        r.problems.push(problem);
+    }
+    AgentSetup {
+        model,
+        voice,
+        instructions,
+        greeting,
+        agents,
+        agents_file,
+        webhook_secret,
+    }
+}
+
+/// With `AGENTS_FILE`, every agent's prompt and greeting are in the file: an `AGENT_*` variable
+/// beside it would be silently ignored, so it is an error instead.
+fn agent_variables_unset<F: Fn(&str) -> Option<String>>(r: &mut Reader<'_, F>) {
+    for name in [
+        "AGENT_INSTRUCTIONS",
+        "AGENT_INSTRUCTIONS_FILE",
+        "AGENT_GREETING",
+    ] {
+        if r.optional(name).is_some() {
+            r.problems.push(format!(
+                "{name} cannot be used with AGENTS_FILE: each agent's instructions and greeting are in the agents file; unset {name}"
+            ));
+        }
+    }
+}
+
 fn database_url(raw: &str) -> Result<String, String> {
     if raw.starts_with("sqlite:")
         || raw.starts_with("postgres://")
@@ -256,10 +357,6 @@ fn whatsapp_sender(raw: &str) -> Result<Option<E164>, String> {
 
 fn machine_id(raw: &str) -> Result<Option<MachineId>, String> {
     MachineId::parse(raw).map(Some)
-}
-
-fn webhook_secret(raw: &str) -> Result<Option<crate::webhooks::WebhookSecret>, String> {
-    crate::webhooks::WebhookSecret::parse(raw).map(Some)
 }
 
 fn seconds(raw: &str) -> Result<Duration, String> {
@@ -321,14 +418,7 @@ impl Config {
             DEFAULT_OPENAI_REALTIME_URL.to_owned(),
             websocket_url,
         );
-        let openai_realtime_model = r
-            .optional("OPENAI_REALTIME_MODEL")
-            .unwrap_or_else(|| DEFAULT_OPENAI_REALTIME_MODEL.to_owned());
-        let openai_voice = r
-            .optional("OPENAI_VOICE")
-            .unwrap_or_else(|| DEFAULT_OPENAI_VOICE.to_owned());
-        let agent_instructions = agent_instructions(&mut r);
-        let agent_greeting = r.optional("AGENT_GREETING");
+        let agent = agent_setup(&mut r);
         let database_url = r.parsed(
             "DATABASE_URL",
             DEFAULT_DATABASE_URL.to_owned(),
@@ -343,19 +433,20 @@ impl Config {
         let log_format = r.parsed("LOG_FORMAT", LogFormat::Pretty, log_format);
 
         let machine_id = r.parsed("FLY_MACHINE_ID", None, machine_id);
-        let webhook_secret = r.parsed("CALLBRIDGE_WEBHOOK_SECRET", None, webhook_secret);
 
         let (
             Some(twilio_account_sid),
             Some(auth_token),
             Some(openai_api_key),
             Some(public_base_url),
+            Some(agents),
             true,
         ) = (
             account_sid,
             auth_token,
             openai_api_key,
             public_base_url,
+            agent.agents,
             r.problems.is_empty(),
         )
         else {
@@ -373,10 +464,13 @@ impl Config {
             api_token,
             twilio_api_base_url,
             openai_realtime_url,
-            openai_realtime_model,
-            openai_voice,
-            agent_instructions,
-            agent_greeting,
+            openai_realtime_model: agent.model,
+            openai_voice: agent.voice,
+            agent_instructions: agent.instructions,
+            agent_greeting: agent.greeting,
+            agents: Arc::new(agents),
+            agents_file: agent.agents_file,
+            webhook_secret: agent.webhook_secret,
             database_url,
             outbound_calls_per_day,
             max_concurrent_calls,
@@ -386,7 +480,6 @@ impl Config {
             twilio_request_timeout: crate::twilio::rest::DEFAULT_REQUEST_TIMEOUT,
             call: CallSettings::default(),
             machine_id,
-            webhook_secret,
         })
     }
 }
@@ -518,6 +611,199 @@ mod tests {
         assert_eq!(http.websocket_url("/stream"), "ws://localhost:8080/stream");
         assert!(PublicBaseUrl::parse("ftp://x").is_err());
         assert!(PublicBaseUrl::parse("https://x/?a=1").is_err());
+    }
+
+    /// A directory of its own under the temp dir, removed when the test ends.
+    struct Scratch(std::path::PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("callbridge-cfg-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+
+        fn write(&self, name: &str, text: &str) -> String {
+            let path = self.0.join(name);
+            std::fs::write(&path, text).unwrap();
+            path.to_string_lossy().into_owned()
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// 24 bytes of key (the least accepted), base64: a well-formed Standard Webhooks secret.
+    const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+    #[test]
+    fn without_an_agents_file_there_is_one_default_agent_from_the_variables() {
+        let mut pairs = MINIMAL.to_vec();
+        pairs.extend([
+            ("AGENT_INSTRUCTIONS", "Be brief."),
+            ("AGENT_GREETING", "Say hi."),
+            ("OPENAI_VOICE", "cedar"),
+        ]);
+        let config = Config::from_lookup(env(&pairs)).unwrap();
+        assert!(config.agents_file.is_none());
+        assert!(config.webhook_secret.is_none());
+        let [agent] = config.agents.profiles() else {
+            panic!("one agent expected");
+        };
+        assert_eq!(agent.name, "default");
+        assert_eq!(agent.instructions, "Be brief.");
+        assert_eq!(agent.greeting.as_deref(), Some("Say hi."));
+        assert_eq!(agent.voice, "cedar");
+        assert_eq!(agent.model, DEFAULT_OPENAI_REALTIME_MODEL);
+        assert_eq!(agent.builtins, vec![crate::agents::Builtin::EndCall]);
+    }
+
+    #[test]
+    fn the_example_agents_file_loads_with_a_webhook_secret() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/agents.example.toml");
+        let mut pairs = MINIMAL.to_vec();
+        pairs.extend([
+            ("AGENTS_FILE", example),
+            ("CALLBRIDGE_WEBHOOK_SECRET", WEBHOOK_SECRET),
+            ("OPENAI_VOICE", "ash"),
+        ]);
+        let config = Config::from_lookup(env(&pairs)).unwrap();
+        assert_eq!(
+            config.agents_file.as_deref(),
+            Some(std::path::Path::new(example))
+        );
+        assert!(config.webhook_secret.is_some());
+        let names: Vec<&str> = config
+            .agents
+            .profiles()
+            .iter()
+            .map(|agent| agent.name.as_str())
+            .collect();
+        assert_eq!(names, ["support", "sales"]);
+        // OPENAI_VOICE is the default of agents that name no voice.
+        assert_eq!(config.agents.default_agent().voice, "ash");
+        assert_eq!(config.agents.by_name("sales").unwrap().voice, "cedar");
+        assert!(!format!("{config:?}").contains("MfKQ9r8G"));
+    }
+
+    #[test]
+    fn agents_that_call_the_business_need_the_webhook_secret() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/agents.example.toml");
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("AGENTS_FILE", example));
+        let errors = Config::from_lookup(env(&pairs)).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with("CALLBRIDGE_WEBHOOK_SECRET is missing"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[0].contains("agent \"support\" (tool \"lookup_order\")"),
+            "{errors:?}"
+        );
+        assert!(!errors[0].contains("sales"), "{errors:?}");
+
+        // Agents that make no requests to the business need none.
+        let scratch = Scratch::new("no-secret");
+        let file = scratch.write(
+            "agents.toml",
+            "[[agent]]\nname = \"a\"\ninstructions = \"Help.\"\n",
+        );
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("AGENTS_FILE", &file));
+        assert!(Config::from_lookup(env(&pairs)).is_ok());
+    }
+
+    #[test]
+    fn a_malformed_webhook_secret_is_refused_without_being_echoed() {
+        for bad in [
+            "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "whsec_not*base64*at*all",
+            "whsec_c2hvcnQ=",
+        ] {
+            let mut pairs = MINIMAL.to_vec();
+            pairs.push(("CALLBRIDGE_WEBHOOK_SECRET", bad));
+            let errors = Config::from_lookup(env(&pairs)).unwrap_err().0;
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert!(
+                errors[0].starts_with("CALLBRIDGE_WEBHOOK_SECRET "),
+                "{errors:?}"
+            );
+            let encoded = bad.trim_start_matches("whsec_");
+            assert!(!errors[0].contains(encoded), "{errors:?}");
+        }
+    }
+
+    #[test]
+    fn an_agents_file_excludes_the_agent_variables() {
+        let scratch = Scratch::new("exclusive");
+        let file = scratch.write(
+            "agents.toml",
+            "[[agent]]\nname = \"a\"\ninstructions = \"Help.\"\n",
+        );
+        let mut pairs = MINIMAL.to_vec();
+        pairs.extend([
+            ("AGENTS_FILE", file.as_str()),
+            ("AGENT_INSTRUCTIONS", "Be brief."),
+            ("AGENT_INSTRUCTIONS_FILE", "/nonexistent/prompt.txt"),
+            ("AGENT_GREETING", "Say hi."),
+        ]);
+        let errors = Config::from_lookup(env(&pairs)).unwrap_err().0;
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        for (error, variable) in errors.iter().zip([
+            "AGENT_INSTRUCTIONS",
+            "AGENT_INSTRUCTIONS_FILE",
+            "AGENT_GREETING",
+        ]) {
+            assert!(
+                error.starts_with(&format!("{variable} cannot be used with AGENTS_FILE")),
+                "{errors:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn agent_file_problems_join_the_other_configuration_errors() {
+        let scratch = Scratch::new("file-errors");
+        let file = scratch.write(
+            "agents.toml",
+            "[[agent]]\nname = \"a\"\ninstructions = \"Help.\"\nvoice = \"\"\ncolour = \"red\"\n",
+        );
+        let pairs = [("AGENTS_FILE", file.as_str()), ("PORT", "eighty")];
+        let errors = Config::from_lookup(env(&pairs)).unwrap_err();
+        let lines = &errors.0;
+        assert!(lines.contains(&"TWILIO_ACCOUNT_SID is missing".to_owned()));
+        assert!(lines.iter().any(|e| e.starts_with("PORT ")));
+        assert!(
+            lines.contains(&format!(
+                "{file}:4: agent \"a\": key `voice` must not be empty (leave it out for the default)"
+            )),
+            "{lines:?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|e| e.starts_with(&format!("{file}:5: agent \"a\": key `colour` is unknown"))),
+            "{lines:?}"
+        );
+        // One line per problem when printed.
+        assert_eq!(errors.to_string().lines().count(), lines.len());
+
+        let missing = scratch
+            .0
+            .join("missing.toml")
+            .to_string_lossy()
+            .into_owned();
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("AGENTS_FILE", &missing));
+        let errors = Config::from_lookup(env(&pairs)).unwrap_err().0;
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].starts_with(&format!("{missing}: cannot be read")));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Builds the HTTP server from a `Config` and runs it until a drain completes.
+//! Builds the HTTP server from a `Config` and runs it until a drain completes; reloads
+//! `AGENTS_FILE` on `SIGHUP`.
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -8,9 +9,11 @@ use actix_web::dev::{Server, ServerHandle};
 use actix_web::http::KeepAlive;
 use actix_web::{App, HttpServer, middleware, web};
 use anyhow::Context;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::time::Instant;
 use tracing_actix_web::TracingLogger;
 
+use crate::agents::file::{self as agents_file, AgentDefaults, AgentFileErrors};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::limits::{self, ConnectionBudget};
@@ -30,6 +33,8 @@ pub struct Application {
     port: u16,
     server: Server,
     state: Arc<AppState>,
+    /// `SIGHUP`, when there is an agents file to reload on it.
+    hangup: Option<Signal>,
 }
 
 impl Application {
@@ -44,6 +49,14 @@ impl Application {
             .with_context(|| format!("cannot listen on port {}", config.port))?;
         let port = listener.local_addr()?.port();
         let state = AppState::build_with_clock(config, clock).await?;
+        // Installed before the server listens, so from the moment it answers a SIGHUP
+        // reloads the agents instead of ending the process (the signal's default).
+        let hangup = match state.config.agents_file {
+            Some(_) => {
+                Some(signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?)
+            }
+            None => None,
+        };
         let connections = connection_budget(state.config.max_concurrent_calls);
         let data = web::Data::from(Arc::clone(&state));
         let request_timeout = state.config.request_timeout;
@@ -74,6 +87,7 @@ impl Application {
             port,
             server,
             state,
+            hangup,
         })
     }
 
@@ -88,12 +102,23 @@ impl Application {
 
     /// Serves until SIGTERM/SIGINT (or `lifecycle.begin_drain()`) has led to a finished drain.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let supervisor = supervise(Arc::clone(&self.state), self.server.handle());
+        let Self {
+            server,
+            state,
+            hangup,
+            ..
+        } = self;
+        let supervisor = supervise(Arc::clone(&state), server.handle());
         tokio::spawn(supervisor);
-        let served = self.server.await;
+        let reloader =
+            hangup.map(|hangup| tokio::spawn(reload_on_hangup(Arc::clone(&state), hangup)));
+        let served = server.await;
+        if let Some(reloader) = reloader {
+            reloader.abort();
+        }
         // The last calls' records are still queued: commit them before the process exits.
-        self.state.records.flush().await;
-        record_exit(&self.state).await;
+        state.records.flush().await;
+        record_exit(&state).await;
         served
     }
 }
@@ -206,11 +231,84 @@ async fn wait_until_idle(state: &AppState) {
 }
 
 async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler can be installed");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler can be installed");
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// Why `AGENTS_FILE` was not reloaded; the agents in use stay.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("AGENTS_FILE is not set: there is no agents file to reload")]
+    NoAgentsFile,
+    #[error("{0}")]
+    Invalid(#[from] AgentFileErrors),
+    #[error("the reload did not finish: the server is shutting down")]
+    Interrupted,
+}
+
+/// Reads `AGENTS_FILE` again, checked as at startup (including that a webhook secret is
+/// configured if any agent calls the business). Valid: calls that start from now on get the new
+/// agents (live calls keep theirs), and the number of agents is returned. Invalid: every problem
+/// is logged and the agents in use are kept. `SIGHUP` calls it; tests call it directly.
+pub async fn reload_agents(state: &AppState) -> Result<usize, ReloadError> {
+    let Some(path) = state.config.agents_file.clone() else {
+        return Err(ReloadError::NoAgentsFile);
+    };
+    let file = path.display().to_string();
+    let defaults = AgentDefaults {
+        voice: state.config.openai_voice.clone(),
+        model: state.config.openai_realtime_model.clone(),
+    };
+    let signed = state.config.webhook_secret.is_some();
+    // File reads (the agents file and its instructions files) stay off the async threads.
+    let loaded = tokio::task::spawn_blocking(move || {
+        // The environment as the process started with it (`.env` included): the variables
+        // `authorization_env` names.
+        let agents = agents_file::load(&path, &defaults, &|name| std::env::var(name).ok())?;
+        if !signed && let Some(problem) = agents_file::missing_webhook_secret(&agents) {
+            return Err(AgentFileErrors::whole_file(&path, problem));
+        }
+        Ok(agents)
+    })
+    .await
+    .map_err(|_| ReloadError::Interrupted)?;
+    match loaded {
+        Ok(agents) => {
+            let names: Vec<&str> = agents
+                .profiles()
+                .iter()
+                .map(|agent| agent.name.as_str())
+                .collect();
+            let count = names.len();
+            tracing::info!(
+                file,
+                agents = names.join(", "),
+                "AGENTS_FILE reloaded: calls that start from now on use these agents"
+            );
+            state.agents.replace(agents);
+            Ok(count)
+        }
+        Err(errors) => {
+            let problems: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+            tracing::error!(
+                file,
+                problems = problems.join("; "),
+                "AGENTS_FILE not reloaded: it has problems, so the agents in use are kept"
+            );
+            Err(errors.into())
+        }
+    }
+}
+
+/// Reloads the agents on every `SIGHUP` until the server stops.
+async fn reload_on_hangup(state: Arc<AppState>, mut hangup: Signal) {
+    while hangup.recv().await.is_some() {
+        tracing::info!("SIGHUP received: reloading AGENTS_FILE");
+        // Both outcomes are logged by `reload_agents`.
+        let _ = reload_agents(&state).await;
     }
 }

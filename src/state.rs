@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::admission::Admission;
-use crate::agents::{AgentProfile, Agents, AgentsHandle};
+use crate::agents::{Agents, AgentsHandle};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::lifecycle::Lifecycle;
@@ -20,7 +20,7 @@ use crate::webhooks::BusinessClient;
 
 pub struct AppState {
     pub config: Config,
-    /// The agents new calls are routed to; replaced whole when the agents file is reloaded.
+    /// The agents new calls are answered by; `SIGHUP` replaces them when `AGENTS_FILE` is set.
     pub agents: AgentsHandle,
     pub admission: Arc<Admission>,
     pub lifecycle: Lifecycle,
@@ -77,7 +77,7 @@ impl AppState {
         let business = BusinessClient::new(config.webhook_secret.clone(), Arc::clone(&clock))?;
         let lease_keeper = machines::spawn_lease_keeper(store.clone(), Arc::clone(&clock));
         Ok(Arc::new(Self {
-            agents: AgentsHandle::new(Agents::single(AgentProfile::from_config(&config))),
+            agents: AgentsHandle::new(Agents::clone(&config.agents)),
             twilio,
             business,
             admission: Admission::new(config.max_concurrent_calls),

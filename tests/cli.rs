@@ -171,3 +171,42 @@ fn a_complete_env_file_serves_on_port_and_sigterm_exits_cleanly() {
     assert!(logs.contains("SIGTERM"), "{logs}");
     assert!(!logs.contains("super-secret-token") && !logs.contains("sk-live-secret"));
 }
+
+#[test]
+fn a_bad_agents_file_names_its_line_and_key_and_exits_2() {
+    let dir = empty_dir("bad-agents");
+    let agents = dir.join("agents.toml");
+    std::fs::write(
+        &agents,
+        "[[agent]]\nname = \"support\"\ninstructions = \"Help.\"\nvoice = \"cedar\"\nvoise = \"ash\"\n\n\
+         [[agent]]\nname = \"support\"\ninstructions = \"Help.\"\n",
+    )
+    .unwrap();
+    let output = Command::new(BINARY)
+        .current_dir(&dir)
+        .env_clear()
+        .env("TWILIO_ACCOUNT_SID", "AC0123456789abcdef0123456789abcdef")
+        .env("TWILIO_AUTH_TOKEN", "super-secret-token")
+        .env("OPENAI_API_KEY", "sk-live-secret")
+        .env("PUBLIC_BASE_URL", "https://example.ngrok.app")
+        .env("AGENTS_FILE", &agents)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    let file = agents.display();
+    assert!(
+        stderr.contains(&format!(
+            "{file}:5: agent \"support\": key `voise` is unknown"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "{file}:8: agent \"support\": key `name` \"support\" is already the name of the agent on line 2"
+        )),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 2, "one line per problem: {stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -13,7 +13,6 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde_json::Value;
 
-use crate::config::Config;
 use crate::domain::phone::E164;
 
 /// The names the built-in tools are declared to OpenAI with; no agent tool may take them.
@@ -138,16 +137,17 @@ pub const DEFAULT_CONTEXT_TIMEOUT: Duration = Duration::from_millis(1500);
 pub const DEFAULT_TOOL_TIMEOUT: Duration = Duration::from_millis(5000);
 
 impl AgentProfile {
-    /// The one agent the environment describes (`AGENT_*`, `OPENAI_VOICE`, the model).
-    pub fn from_config(config: &Config) -> Self {
+    /// The one agent the environment describes (`AGENT_*`, `OPENAI_VOICE`, the model), for a
+    /// server without `AGENTS_FILE`; the configuration builds it before the `Config` exists.
+    pub fn from_environment(
+        instructions: String,
+        greeting: Option<String>,
+        voice: String,
+        model: String,
+    ) -> Self {
         Self {
-            greeting: config.agent_greeting.clone(),
-            ..Self::new(
-                "default",
-                &config.agent_instructions,
-                &config.openai_voice,
-                &config.openai_realtime_model,
-            )
+            greeting,
+            ..Self::new("default", &instructions, &voice, &model)
         }
     }
 
