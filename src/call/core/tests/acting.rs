@@ -1054,6 +1054,8 @@ fn a_refused_or_unusable_context_configures_the_agent_at_once() {
         (500, ANSWER),
         (200, "not json"),
         (200, "[1]"),
+        // An array is no answer either, though serde could read it field by field.
+        (200, r#"["Be rude."]"#),
         (200, r#"{"greeting": 5}"#),
     ] {
         let mut h = Harness::acting(context_agent());
