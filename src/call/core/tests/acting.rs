@@ -695,6 +695,20 @@ fn a_transferred_stream_that_lingers_is_closed() {
 }
 
 #[test]
+fn no_holding_sentence_while_a_transfer_waits_for_playback_or_for_twilio() {
+    let mut h = transfer_pending();
+    // The agent's last words are still playing well past the holding delay.
+    let waiting = h.tick_after(HOLDING_AFTER * 2);
+    assert!(to_agent(&waiting).is_empty(), "{waiting:?}");
+    let actions = h.echo("m2");
+    let (task, ..) = redirect(&actions).expect("the transfer is asked for");
+    // Twilio takes its time to answer the redirect.
+    let waiting = h.tick_after(HOLDING_AFTER * 2);
+    assert!(to_agent(&waiting).is_empty(), "{waiting:?}");
+    assert!(to_agent(&h.feed(Input::TaskDone(task, TaskOutput::Redirected(Ok(()))))).is_empty());
+}
+
+#[test]
 fn a_refused_transfer_tells_the_agent_after_its_response_and_the_call_goes_on() {
     let mut h = Harness::acting(acting_agent());
     h.ready();
@@ -865,6 +879,29 @@ fn a_goodbye_openai_never_says_ends_the_call_at_the_farewell_limit() {
     ));
     let actions = h.tick_after(Duration::from_millis(1));
     assert_eq!(plan(&actions).reason, EndReason::MaxDuration);
+}
+
+#[test]
+fn no_holding_sentence_after_the_goodbye() {
+    let limit = Duration::from_secs(60);
+    let mut h = limited(limit);
+    h.ready();
+    h.advance(limit - Duration::from_millis(500));
+    h.created("resp_1");
+    let (task, ..) = business_request(&h.call("resp_1", "call_1", "lookup_order", "{}"));
+    h.done("resp_1");
+    // The limit comes before the holding delay: the goodbye is asked for instead.
+    let sent = to_agent(&h.tick_after(Duration::from_millis(500)));
+    assert!(speech_only_response(&sent[0]).contains("time limit"));
+    h.created("resp_bye");
+    h.delta("resp_bye", "item_bye", FRAME);
+    h.done("resp_bye");
+    // The goodbye plays on past the holding delay; the tool is still out.
+    let waiting = h.tick_after(HOLDING_AFTER);
+    assert!(to_agent(&waiting).is_empty(), "{waiting:?}");
+    assert!(!h.core.is_ended());
+    h.answer(task, 200, "x");
+    assert_eq!(plan(&h.echo("m1")).reason, EndReason::MaxDuration);
 }
 
 // --- Silence.
