@@ -117,9 +117,13 @@ pub struct ContextAnswer {
 }
 
 impl ContextAnswer {
-    /// A 2xx answer's body; anything but a JSON object of the right shape is refused.
+    /// A 2xx answer's body; anything but a JSON object of the right shape is refused. The
+    /// object is checked first because serde also reads a struct from an array, field by
+    /// field, so `["…"]` would otherwise pass as `instructions`.
     pub fn parse(body: &[u8]) -> Result<Self, String> {
-        serde_json::from_slice(body)
+        let object: Map<String, Value> = serde_json::from_slice(body)
+            .map_err(|error| format!("the answer is not a JSON object ({error})"))?;
+        serde_json::from_value(Value::Object(object))
             .map_err(|error| format!("the answer is not usable JSON ({error})"))
     }
 }
@@ -334,6 +338,26 @@ mod tests {
         assert_eq!(brief.system_messages.len(), 2);
         assert!(brief.system_messages[0].contains("Ask about the delivery."));
         assert_eq!(brief.system_messages[1], "Ada ordered a lamp.");
+    }
+
+    #[test]
+    fn only_an_object_is_an_answer() {
+        assert_eq!(
+            ContextAnswer::parse(br#"{"instructions":"Be kind.","extra":1}"#)
+                .unwrap()
+                .instructions
+                .as_deref(),
+            Some("Be kind.")
+        );
+        for body in [
+            &br#"["Be rude."]"#[..],
+            b"[]",
+            b"\"x\"",
+            b"null",
+            b"{\"greeting\":5}",
+        ] {
+            assert!(ContextAnswer::parse(body).is_err(), "{body:?}");
+        }
     }
 
     #[test]

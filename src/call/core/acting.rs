@@ -134,7 +134,9 @@ impl<L: MediaLeg> CallCore<L> {
             .zip(self.silence.quiet_since)
             .map(|(policy, since)| since + policy.reprompt_after);
         [
-            ready.then(|| self.tools.holding_due_at()).flatten(),
+            self.may_hold()
+                .then(|| self.tools.holding_due_at())
+                .flatten(),
             ready.then_some(self.keypad.tell_at).flatten(),
             self.wrap_up.as_ref().map(|wrap_up| wrap_up.deadline),
             self.max_duration_at,
@@ -144,6 +146,16 @@ impl<L: MediaLeg> CallCore<L> {
         .into_iter()
         .flatten()
         .min()
+    }
+
+    /// A holding sentence fills a tool's silence in a conversation that goes on. Once the call
+    /// is on its way out (`end_call`, a transfer, a goodbye) nothing more is to be said: a
+    /// pending `transfer_call` has no result until Twilio moved the call, and "I am checking"
+    /// would play over the transfer or after the goodbye.
+    fn may_hold(&self) -> bool {
+        matches!(self.link, AgentLink::Ready)
+            && self.wrap_up.is_none()
+            && matches!(self.transfer, Transfer::None)
     }
 
     pub(super) fn acting_timer(&mut self, now: Instant) {
@@ -163,7 +175,7 @@ impl<L: MediaLeg> CallCore<L> {
         if self.keypad.tell_at.is_some_and(|at| now >= at) {
             self.tell_keypresses(now);
         }
-        if self.tools.take_holding_due(now) {
+        if self.may_hold() && self.tools.take_holding_due(now) {
             tracing::debug!("a tool is slow: the agent says a holding sentence");
             self.actions
                 .push_back(Action::ToAgent(events::response_create_with(

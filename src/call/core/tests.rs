@@ -641,3 +641,5 @@ fn the_summary_has_the_transcript_in_order_with_speakers_and_usage() {
     assert_eq!(summary.usage.total_tokens, 30);
     assert_eq!(summary.duration, Duration::from_secs(3));
 }
+
+mod acting;
