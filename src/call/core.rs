@@ -739,10 +739,8 @@ impl<L: MediaLeg> CallCore<L> {
         self.metrics.openai_errors.inc();
         let code = error.code.as_deref().unwrap_or("");
         self.record_event("openai_error", code, Some(error.message.clone()), now);
-        if code == "conversation_already_has_active_response" {
-            // A response we asked for will not come; another one is running.
-            self.tools.response_refused();
-        }
+        // The error may be the refusal of a response we asked for: it will not come.
+        self.tools.response_refused();
         match error.severity() {
             ErrorSeverity::Benign => {
                 tracing::debug!(code, message = %error.message, "OpenAI reported a harmless race");

@@ -2,10 +2,10 @@
 //!
 //! OpenAI rejects a `response.create` while a response is active, and a tool's output is only
 //! useful once the response that asked for it is over. So outputs are held per *round* (the
-//! function calls of one response) until every call of the round has its result and the
-//! response's `response.done` has arrived; then they go out together, followed by exactly one
-//! `response.create`, unless the caller is speaking (the VAD's own response will read them) or
-//! another response is already running.
+//! function calls of one response) until every call of the round has its result, the
+//! response's `response.done` has arrived and no other response is running (one that started
+//! meanwhile could not read them); then they go out together, followed by exactly one
+//! `response.create`, unless the caller is speaking (the VAD's own response will read them).
 //!
 //! A slow tool must not leave dead air: if a round's results are not in 1.2 s after its first
 //! request and nothing is being said, the agent is asked for one short holding sentence
@@ -154,7 +154,9 @@ impl ToolLedger {
         self.response_requested = true;
     }
 
-    /// OpenAI refused a `response.create` (one was already active): none is pending any more.
+    /// OpenAI reported an error, perhaps refusing a `response.create` (one was already
+    /// active, say): none is counted as pending any more, so a refused request cannot block
+    /// every later one. At worst the next request meets a running response and is refused too.
     pub fn response_refused(&mut self) {
         self.response_requested = false;
     }
@@ -207,8 +209,12 @@ impl ToolLedger {
         !self.rounds.is_empty()
     }
 
-    /// The next complete round's outputs, oldest round first.
-    pub fn release(&mut self) -> Option<Release> {
+    /// The next complete round's outputs, oldest round first. `may_respond` is `false` while
+    /// the call is on its way out: the outputs still go, but nothing new is said.
+    pub fn release(&mut self, may_respond: bool) -> Option<Release> {
+        if self.active_response.is_some() {
+            return None;
+        }
         let index = self.rounds.iter().position(Round::is_complete)?;
         let round = self.rounds.remove(index);
         let wants_response = round.calls.iter().all(|call| call.wants_response);
@@ -217,7 +223,8 @@ impl ToolLedger {
             .into_iter()
             .filter_map(|call| Some((call.call_id, call.output?)))
             .collect();
-        let respond = wants_response
+        let respond = may_respond
+            && wants_response
             && !outputs.is_empty()
             && !self.caller_speaking
             && !self.is_response_active();
@@ -281,16 +288,16 @@ mod tests {
         let t0 = Instant::now();
         let mut ledger = ledger_with_call("resp_1", "call_1", t0);
         ledger.set_output("call_1", "{\"ok\":1}".into(), true);
-        assert_eq!(ledger.release(), None, "response.done has not arrived");
+        assert_eq!(ledger.release(true), None, "response.done has not arrived");
         ledger.response_done("resp_1");
         assert_eq!(
-            ledger.release(),
+            ledger.release(true),
             Some(Release {
                 outputs: vec![("call_1".into(), "{\"ok\":1}".into())],
                 respond: true
             })
         );
-        assert_eq!(ledger.release(), None);
+        assert_eq!(ledger.release(true), None);
         assert!(!ledger.has_pending());
     }
 
@@ -301,9 +308,9 @@ mod tests {
         assert!(ledger.add_call("resp_1", "call_b", t0));
         ledger.response_done("resp_1");
         ledger.set_output("call_b", "b".into(), true);
-        assert_eq!(ledger.release(), None, "call_a has no result yet");
+        assert_eq!(ledger.release(true), None, "call_a has no result yet");
         ledger.set_output("call_a", "a".into(), true);
-        let release = ledger.release().unwrap();
+        let release = ledger.release(true).unwrap();
         assert_eq!(
             release.outputs,
             vec![("call_a".into(), "a".into()), ("call_b".into(), "b".into())]
@@ -319,19 +326,40 @@ mod tests {
     }
 
     #[test]
-    fn no_response_while_the_caller_speaks_or_another_response_runs() {
+    fn no_response_while_the_caller_speaks_and_none_while_the_call_ends() {
         let t0 = Instant::now();
         let mut ledger = ledger_with_call("resp_1", "call_1", t0);
         ledger.response_done("resp_1");
         ledger.speech_started();
         ledger.set_output("call_1", "x".into(), true);
-        assert!(!ledger.release().unwrap().respond);
+        assert!(!ledger.release(true).unwrap().respond);
 
+        let mut ledger = ledger_with_call("resp_1", "call_1", t0);
+        ledger.response_done("resp_1");
+        ledger.set_output("call_1", "x".into(), true);
+        assert!(!ledger.release(false).unwrap().respond);
+        assert!(!ledger.is_response_active());
+    }
+
+    #[test]
+    fn outputs_wait_for_a_response_that_started_meanwhile() {
+        let t0 = Instant::now();
         let mut ledger = ledger_with_call("resp_1", "call_1", t0);
         ledger.response_done("resp_1");
         ledger.response_created("resp_2");
         ledger.set_output("call_1", "x".into(), true);
-        assert!(!ledger.release().unwrap().respond);
+        assert_eq!(ledger.release(true), None, "resp_2 could not read them");
+        ledger.response_done("resp_2");
+        assert!(ledger.release(true).unwrap().respond);
+    }
+
+    #[test]
+    fn an_error_clears_a_pending_request() {
+        let mut ledger = ToolLedger::default();
+        ledger.note_response_requested();
+        assert!(ledger.is_response_active());
+        ledger.response_refused();
+        assert!(!ledger.is_response_active());
     }
 
     #[test]
@@ -343,9 +371,9 @@ mod tests {
         ledger.response_done("resp_2");
         ledger.set_output("call_1", "1".into(), true);
         ledger.set_output("call_2", "2".into(), true);
-        assert!(ledger.release().unwrap().respond);
+        assert!(ledger.release(true).unwrap().respond);
         assert!(
-            !ledger.release().unwrap().respond,
+            !ledger.release(true).unwrap().respond,
             "the first one is on its way"
         );
         ledger.response_created("resp_3");
@@ -360,7 +388,7 @@ mod tests {
         let mut ledger = ledger_with_call("resp_1", "call_1", t0);
         ledger.set_output("call_1", "{\"ok\":true}".into(), false);
         ledger.response_done("resp_1");
-        assert!(!ledger.release().unwrap().respond);
+        assert!(!ledger.release(true).unwrap().respond);
     }
 
     #[test]
@@ -398,9 +426,13 @@ mod tests {
         assert!(ledger.take_holding_due(t0 + HOLDING_AFTER));
         ledger.response_created("resp_hold");
         ledger.set_output("call_1", "late".into(), true);
-        assert_eq!(ledger.release(), None, "the holding sentence is being said");
+        assert_eq!(
+            ledger.release(true),
+            None,
+            "the holding sentence is being said"
+        );
         ledger.response_done("resp_hold");
-        let release = ledger.release().unwrap();
+        let release = ledger.release(true).unwrap();
         assert_eq!(release.outputs, vec![("call_1".into(), "late".into())]);
         assert!(release.respond);
     }
@@ -425,7 +457,7 @@ mod tests {
         ledger.set_output("call_2", "two".into(), true);
         ledger.withdraw("call_1");
         assert_eq!(
-            ledger.release().unwrap().outputs,
+            ledger.release(true).unwrap().outputs,
             vec![("call_2".into(), "two".into())]
         );
         let mut ledger = ledger_with_call("resp_1", "call_1", t0);

@@ -188,7 +188,9 @@ impl<L: MediaLeg> CallCore<L> {
 
     /// Looks again at everything that waits for a condition rather than a time.
     pub(super) fn after_input(&mut self, now: Instant) {
-        while let Some(release) = self.tools.release() {
+        // Once the call is ending, answers still reach the agent, but nothing new is said.
+        let may_respond = self.wrap_up.is_none() && matches!(self.transfer, Transfer::None);
+        while let Some(release) = self.tools.release(may_respond) {
             for (call_id, output) in &release.outputs {
                 self.actions
                     .push_back(Action::ToAgent(events::function_call_output(
