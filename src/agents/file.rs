@@ -800,6 +800,23 @@ impl Loader<'_> {
         }
     }
 
+    /// An MCP server is reached by OpenAI, not by callbridge: only a public https URL can work.
+    fn mcp_url(&mut self, label: &str, raw: Spanned<String>) -> Option<String> {
+        let value = raw.get_ref().trim();
+        match url::Url::parse(value) {
+            Ok(url) if url.scheme() == "https" && url.host().is_some() => Some(value.to_owned()),
+            _ => {
+                self.bad(
+                    label,
+                    "server_url",
+                    raw.span(),
+                    "must be an https:// URL that OpenAI can reach (OpenAI calls MCP servers, not callbridge)",
+                );
+                None
+            }
+        }
+    }
+
     fn tools(
         &mut self,
         agent: &str,
@@ -969,7 +986,7 @@ impl Loader<'_> {
                 &mut labels,
             );
             let server_url = match server.server_url {
-                Some(url) => self.business_url(&label, "server_url", url),
+                Some(url) => self.mcp_url(&label, url),
                 None => {
                     if !was_removed("server_url") {
                         self.bad(&label, "server_url", header.clone(), "is missing");

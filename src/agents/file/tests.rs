@@ -677,6 +677,14 @@ fn urls_are_https_or_http_to_a_loopback_host() {
 }
 
 #[test]
+fn an_mcp_server_must_be_reachable_by_openai() {
+    let problems = errors(&format!(
+        "{MINIMAL}[[agent.mcp]]\nserver_label = \"m\"\nserver_url = \"http://127.0.0.1:9000/sse\"\n"
+    ));
+    assert_problem(&problems, 6, "server_url", "https://");
+}
+
+#[test]
 fn a_tool_description_is_at_most_1024_characters() {
     let tool = |description: &str| {
         format!(
