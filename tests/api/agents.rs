@@ -76,6 +76,29 @@ async fn a_reload_replaces_the_agents_for_new_calls_and_a_bad_file_keeps_them() 
         1,
         "a started call keeps its agents"
     );
+    // `/voice` routes by the number called: the TwiML names the agent the stream will use.
+    for (n, to, expected) in [
+        (1, "whatsapp:+15551230002", "sales"),
+        (2, "+15551230001", "support"),
+        (3, "whatsapp:+15559999999", "support"),
+    ] {
+        let params = form(&[
+            ("CallSid", &call_sid(n)),
+            ("AccountSid", ACCOUNT_SID),
+            ("From", "whatsapp:+5511999990000"),
+            ("To", to),
+            ("Direction", "inbound"),
+            ("CallStatus", "ringing"),
+        ]);
+        let twiml = parse_twiml(
+            &app.post_signed("/voice", &params)
+                .await
+                .text()
+                .await
+                .unwrap(),
+        );
+        assert_eq!(twiml.parameters["agent"], expected, "a call to {to}");
+    }
 
     // A file with problems: every one is reported, and the agents in use stay.
     file.write(&format!(

@@ -1,6 +1,7 @@
 //! End-to-end tests: each spawns the real application on port 0 and talks to it as Twilio does.
 //! One test binary (zero2prod's layout) so the crate is linked once.
 
+mod acting;
 mod agents;
 mod business;
 mod calls;
