@@ -184,8 +184,10 @@ pub enum ToolOutcome {
     Unreachable,
     /// The agent's arguments were not a JSON object; no request was made.
     InvalidArguments,
-    /// The agent named a tool it does not have.
+    /// The agent named a tool it does not have (counted under the tool name `unknown`).
     UnknownTool,
+    /// The call ended before the answer came.
+    CallEnded,
 }
 
 impl ToolOutcome {
@@ -197,6 +199,7 @@ impl ToolOutcome {
             Self::Unreachable => "unreachable",
             Self::InvalidArguments => "invalid_arguments",
             Self::UnknownTool => "unknown_tool",
+            Self::CallEnded => "call_ended",
         }
     }
 }
@@ -288,7 +291,8 @@ pub struct Metrics {
     pub store_write_failures: Counter,
     pub openai_connect: Latency,
     pub first_agent_audio: Latency,
-    /// Labelled by tool name: the names come from the agents file, a bounded set.
+    /// Labelled by tool name: the names come from the agents file, a bounded set (a name the
+    /// model made up is counted as `unknown`).
     tool_calls: Family<ToolLabels, Counter>,
     tool_duration: Family<ToolNameLabels, Histogram, fn() -> Histogram>,
     context_requests: Family<ContextLabels, Counter>,

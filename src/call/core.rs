@@ -225,6 +225,9 @@ pub struct CallCore<L: MediaLeg> {
     /// The default agent until `start` names the call's own.
     agent: Arc<AgentProfile>,
     parties: Parties,
+    /// The agent's instructions as this call filled them (placeholders, the business's
+    /// additions), once the session is configured.
+    instructions: String,
     settings: CallSettings,
     metrics: Arc<Metrics>,
     accepted_at: Instant,
@@ -276,6 +279,7 @@ impl<L: MediaLeg> CallCore<L> {
             agents: setup.agents,
             agent,
             parties: Parties::default(),
+            instructions: String::new(),
             next_heartbeat: at + setup.settings.heartbeat_interval,
             settings: setup.settings,
             metrics: setup.metrics,
@@ -828,6 +832,7 @@ impl<L: MediaLeg> CallCore<L> {
         self.ended = Some((reason, now));
         self.metrics.call_ended(reason);
         self.tools.clear();
+        self.abandon_tool_requests(now);
         let cut_off = self.playback.finish();
         self.apply_corrections(cut_off);
         let call_sid = self.streaming_call_sid();

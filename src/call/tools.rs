@@ -159,6 +159,12 @@ impl ToolLedger {
     /// every later one. At worst the next request meets a running response and is refused too.
     pub fn response_refused(&mut self) {
         self.response_requested = false;
+        // A refused holding sentence is not retried: its round goes on without it.
+        for round in &mut self.rounds {
+            if round.holding == Holding::Requested {
+                round.holding = Holding::Said;
+            }
+        }
     }
 
     pub fn response_created(&mut self, response_id: &str) {
@@ -212,7 +218,9 @@ impl ToolLedger {
     /// The next complete round's outputs, oldest round first. `may_respond` is `false` while
     /// the call is on its way out: the outputs still go, but nothing new is said.
     pub fn release(&mut self, may_respond: bool) -> Option<Release> {
-        if self.active_response.is_some() {
+        // A response running or already asked for could not read outputs sent now, and a second
+        // `response.create` would be refused: they wait for it to finish.
+        if self.is_response_active() {
             return None;
         }
         let index = self.rounds.iter().position(Round::is_complete)?;
@@ -372,14 +380,39 @@ mod tests {
         ledger.set_output("call_1", "1".into(), true);
         ledger.set_output("call_2", "2".into(), true);
         assert!(ledger.release(true).unwrap().respond);
-        assert!(
-            !ledger.release(true).unwrap().respond,
-            "the first one is on its way"
-        );
+        assert_eq!(ledger.release(true), None, "the first one is on its way");
         ledger.response_created("resp_3");
         assert!(ledger.is_response_active());
+        assert_eq!(ledger.release(true), None);
         ledger.response_done("resp_3");
         assert!(!ledger.is_response_active());
+        let second = ledger.release(true).unwrap();
+        assert_eq!(second.outputs, vec![("call_2".into(), "2".into())]);
+        assert!(second.respond, "its own response, after the first one");
+    }
+
+    #[test]
+    fn outputs_wait_for_a_response_the_call_asked_for() {
+        let t0 = Instant::now();
+        let mut ledger = ledger_with_call("resp_1", "call_1", t0);
+        ledger.response_done("resp_1");
+        ledger.set_output("call_1", "x".into(), true);
+        ledger.note_response_requested();
+        assert_eq!(ledger.release(true), None);
+        ledger.response_created("resp_keys");
+        ledger.response_done("resp_keys");
+        assert!(ledger.release(true).unwrap().respond);
+    }
+
+    #[test]
+    fn a_refused_holding_sentence_does_not_hold_the_round() {
+        let t0 = Instant::now();
+        let mut ledger = ledger_with_call("resp_1", "call_1", t0);
+        ledger.response_done("resp_1");
+        assert!(ledger.take_holding_due(t0 + HOLDING_AFTER));
+        ledger.response_refused();
+        ledger.set_output("call_1", "x".into(), true);
+        assert!(ledger.release(true).unwrap().respond);
     }
 
     #[test]

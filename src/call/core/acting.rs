@@ -139,7 +139,7 @@ impl<L: MediaLeg> CallCore<L> {
                 .flatten(),
             ready.then_some(self.keypad.tell_at).flatten(),
             self.wrap_up.as_ref().map(|wrap_up| wrap_up.deadline),
-            self.max_duration_at,
+            self.max_duration_at.filter(|_| !self.is_ending()),
             linger,
             silence,
         ]
@@ -158,8 +158,27 @@ impl<L: MediaLeg> CallCore<L> {
             && matches!(self.transfer, Transfer::None)
     }
 
+    /// Asks the agent for one response following `extra`, with no tool calls. A response's
+    /// `instructions` replace the session's for that response, so the call's own instructions
+    /// (persona, language, the business's additions) come first.
+    fn say(&mut self, extra: &str) {
+        let instructions = format!("{}\n\n{extra}", self.instructions);
+        self.actions
+            .push_back(Action::ToAgent(events::response_create_with(
+                &instructions,
+                true,
+            )));
+        self.tools.note_response_requested();
+    }
+
+    /// Whether the call is already on its way out (a goodbye, `end_call`, a transfer).
+    fn is_ending(&self) -> bool {
+        self.wrap_up.is_some() || !matches!(self.transfer, Transfer::None)
+    }
+
     pub(super) fn acting_timer(&mut self, now: Instant) {
-        if self.max_duration_at.is_some_and(|at| now >= at) {
+        // While another ending is under way the limit waits: if a transfer fails, it applies.
+        if !self.is_ending() && self.max_duration_at.is_some_and(|at| now >= at) {
             self.max_duration_at = None;
             tracing::info!("the call reached its time limit: the agent says goodbye");
             self.start_farewell(EndReason::MaxDuration, now);
@@ -177,11 +196,7 @@ impl<L: MediaLeg> CallCore<L> {
         }
         if self.may_hold() && self.tools.take_holding_due(now) {
             tracing::debug!("a tool is slow: the agent says a holding sentence");
-            self.actions
-                .push_back(Action::ToAgent(events::response_create_with(
-                    HOLDING_INSTRUCTIONS,
-                    true,
-                )));
+            self.say(HOLDING_INSTRUCTIONS);
         }
         self.check_silence(now);
     }
@@ -189,7 +204,7 @@ impl<L: MediaLeg> CallCore<L> {
     /// Looks again at everything that waits for a condition rather than a time.
     pub(super) fn after_input(&mut self, now: Instant) {
         // Once the call is ending, answers still reach the agent, but nothing new is said.
-        let may_respond = self.wrap_up.is_none() && matches!(self.transfer, Transfer::None);
+        let may_respond = !self.is_ending();
         while let Some(release) = self.tools.release(may_respond) {
             for (call_id, output) in &release.outputs {
                 self.actions
@@ -357,7 +372,12 @@ impl<L: MediaLeg> CallCore<L> {
         now: Instant,
     ) {
         let took = now.saturating_duration_since(asked_at);
-        self.metrics.tool_called(tool, outcome, took);
+        let label = if outcome == ToolOutcome::UnknownTool {
+            "unknown"
+        } else {
+            tool
+        };
+        self.metrics.tool_called(label, outcome, took);
         tracing::info!(
             tool,
             call_id,
@@ -383,6 +403,19 @@ impl<L: MediaLeg> CallCore<L> {
     }
 
     fn on_builtin(&mut self, builtin: Builtin, call_id: String, arguments: &str, now: Instant) {
+        if self.is_ending() {
+            let output = error_output("the call is already ending");
+            self.finish_tool_call(
+                &call_id,
+                builtin.name(),
+                arguments,
+                ToolOutcome::Refused,
+                output,
+                now,
+                now,
+            );
+            return;
+        }
         match builtin {
             Builtin::EndCall => {
                 self.finish_tool_call(
@@ -453,18 +486,16 @@ impl<L: MediaLeg> CallCore<L> {
             return;
         };
         if wrap_up.farewell == Farewell::Due && !self.tools.is_response_active() {
-            let instructions = match wrap_up.reason {
+            wrap_up.farewell = Farewell::Requested;
+            let goodbye = match wrap_up.reason {
                 EndReason::Silence => SILENCE_FAREWELL,
                 _ => TIME_LIMIT_FAREWELL,
             };
-            self.actions
-                .push_back(Action::ToAgent(events::response_create_with(
-                    instructions,
-                    true,
-                )));
-            self.tools.note_response_requested();
-            wrap_up.farewell = Farewell::Requested;
+            self.say(goodbye);
         }
+        let Some(wrap_up) = &self.wrap_up else {
+            return;
+        };
         let heard = matches!(wrap_up.farewell, Farewell::NotNeeded | Farewell::Said)
             && !self.playback.has_unplayed_audio();
         if !heard && now < wrap_up.deadline {
@@ -559,6 +590,23 @@ impl<L: MediaLeg> CallCore<L> {
         }
     }
 
+    /// The call is over: tool requests still out are recorded as such, since their answers
+    /// have nowhere to go.
+    pub(super) fn abandon_tool_requests(&mut self, now: Instant) {
+        let requests: Vec<ToolRequest> = self.tool_requests.drain().map(|(_, r)| r).collect();
+        for request in requests {
+            self.record_tool_call(
+                &request.call_id,
+                &request.tool,
+                &request.arguments,
+                ToolOutcome::CallEnded,
+                None,
+                request.asked_at,
+                now,
+            );
+        }
+    }
+
     // --- Keypresses.
 
     pub(super) fn on_keypress(&mut self, digit: &str, now: Instant) {
@@ -587,12 +635,13 @@ impl<L: MediaLeg> CallCore<L> {
             return;
         }
         let pressed = keys.join(" ");
-        tracing::info!(keys = %pressed, "the caller pressed keys");
+        // Keys are often a PIN or a card number: the log says how many, not which.
+        tracing::info!(keys = keys.len(), "the caller pressed keys");
         self.actions
             .push_back(Action::ToAgent(events::user_text(&format!(
                 "The caller pressed: {pressed}"
             ))));
-        if !self.tools.is_response_active() {
+        if !self.tools.is_response_active() && !self.is_ending() {
             self.actions
                 .push_back(Action::ToAgent(events::response_create()));
             self.tools.note_response_requested();
@@ -640,12 +689,7 @@ impl<L: MediaLeg> CallCore<L> {
                 check_in = self.silence.check_ins,
                 "the caller is silent: the agent checks in"
             );
-            self.actions
-                .push_back(Action::ToAgent(events::response_create_with(
-                    CHECK_IN_INSTRUCTIONS,
-                    true,
-                )));
-            self.tools.note_response_requested();
+            self.say(CHECK_IN_INSTRUCTIONS);
             self.record_event("silence", "check_in", None, now);
         } else {
             tracing::info!("the caller stayed silent: the agent says goodbye");

@@ -211,6 +211,7 @@ impl<L: MediaLeg> CallCore<L> {
                 .push_back(Action::ToAgent(events::response_create()));
             self.tools.note_response_requested();
         }
+        self.instructions = brief.instructions;
         self.flush_early_audio();
         self.link = AgentLink::Ready;
     }

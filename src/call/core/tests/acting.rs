@@ -255,10 +255,17 @@ fn error_in(event: &Value) -> String {
 }
 
 /// A `response.create` with instructions of its own and no tools allowed.
+/// What a response that may not call tools was asked to say, after the call's own
+/// instructions (a response's instructions replace the session's, so they come first).
 fn speech_only_response(event: &Value) -> &str {
     assert_eq!(event["type"], "response.create", "{event}");
     assert_eq!(event["response"]["tool_choice"], "none", "{event}");
-    event["response"]["instructions"].as_str().unwrap()
+    let instructions = event["response"]["instructions"].as_str().unwrap();
+    let (own, extra) = instructions
+        .rsplit_once("\n\n")
+        .unwrap_or_else(|| panic!("the call's instructions come first: {instructions:?}"));
+    assert!(!own.is_empty(), "{instructions:?}");
+    extra
 }
 
 // --- Function calls.
@@ -1150,4 +1157,43 @@ fn an_outbound_calls_context_request_carries_the_variables_post_calls_stored() {
     assert_eq!(system_text(&sent[2]), "Y");
     assert_eq!(system_text(&sent[3]), "Z Ada");
     assert_eq!(sent[4], response_create());
+}
+
+// --- Review findings.
+
+#[test]
+fn a_tool_still_out_when_the_call_ends_is_recorded_as_such() {
+    let mut h = Harness::acting(acting_agent());
+    h.ready();
+    h.created("resp_1");
+    h.call("resp_1", "call_1", "lookup_order", r#"{"order_id":"42"}"#);
+    let actions = h.twilio(json!({"event": "stop"}));
+    let recorded = events_of(&actions, "tool_call");
+    assert_eq!(recorded.len(), 1, "{actions:?}");
+    assert_eq!(recorded[0].1.as_deref(), Some("call_ended"));
+    assert!(h.metric(r#"callbridge_tool_calls_total{tool="lookup_order",outcome="call_ended"} 1"#));
+}
+
+#[test]
+fn a_second_ending_while_one_is_under_way_is_refused_and_recorded() {
+    let mut h = Harness::acting(acting_agent());
+    h.ready();
+    h.created("resp_1");
+    h.delta("resp_1", "item_1", FRAME);
+    h.call("resp_1", "call_1", "end_call", "{}");
+    let actions = h.call("resp_1", "call_2", "end_call", "{}");
+    let recorded = events_of(&actions, "tool_call");
+    assert_eq!(recorded[0].1.as_deref(), Some("refused"), "{actions:?}");
+    let sent = to_agent(&h.done("resp_1"));
+    assert_eq!(sent.len(), 2, "two outputs and no response: {sent:?}");
+    assert!(error_in(&sent[1]).contains("already ending"), "{sent:?}");
+}
+
+#[test]
+fn a_made_up_tool_name_is_counted_as_unknown() {
+    let mut h = Harness::acting(acting_agent());
+    h.ready();
+    h.created("resp_1");
+    h.call("resp_1", "call_1", "rm_rf_everything", "{}");
+    assert!(h.metric(r#"callbridge_tool_calls_total{tool="unknown",outcome="unknown_tool"} 1"#));
 }
