@@ -7,6 +7,8 @@
 //! with the stored id and body, and retries on a fixed schedule until the business accepts it,
 //! answers 410, or a day has passed.
 
+pub mod worker;
+
 use std::time::Duration;
 
 use serde::Serialize;
