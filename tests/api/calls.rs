@@ -10,7 +10,7 @@ use crate::helpers::*;
 use crate::stream::{app_with, connected_call};
 use callbridge_testkit::realtime::FakeRealtime;
 
-const API_TOKEN: &str = "test-api-token-0123456789abcdef0123";
+pub const API_TOKEN: &str = "test-api-token-0123456789abcdef0123";
 
 impl Client {
     pub async fn api_get(&self, path: &str) -> reqwest::Response {
