@@ -24,6 +24,19 @@ impl Clock for SystemClock {
 
 /// `2026-11-22T02:48:51Z`: the UTC time people and clients read in error messages.
 pub fn rfc3339(unix_ms: i64) -> String {
+    let (date, seconds) = utc(unix_ms);
+    format!("{date}:{seconds:02}Z")
+}
+
+/// `2026-11-22T02:48:51.123Z`: as `rfc3339`, to the millisecond, for the timestamps of events
+/// (two events of one call may be less than a second apart).
+pub fn rfc3339_millis(unix_ms: i64) -> String {
+    let (date, seconds) = utc(unix_ms);
+    format!("{date}:{seconds:02}.{:03}Z", unix_ms.rem_euclid(1000))
+}
+
+/// `2026-11-22T02:48` and the seconds of the minute, in UTC.
+fn utc(unix_ms: i64) -> (String, i64) {
     let seconds = unix_ms.div_euclid(1000);
     let (days, of_day) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
     // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
@@ -41,12 +54,12 @@ pub fn rfc3339(unix_ms: i64) -> String {
         shifted_month - 9
     };
     let year = year_of_era + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+    let date = format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}",
         of_day / 3600,
-        of_day % 3600 / 60,
-        of_day % 60
-    )
+        of_day % 3600 / 60
+    );
+    (date, of_day % 60)
 }
 
 #[cfg(test)]
@@ -59,6 +72,19 @@ mod tests {
         assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_795_315_731_999), "2026-11-22T02:48:51Z");
         assert_eq!(rfc3339(4_102_444_799_000), "2099-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn event_timestamps_keep_the_milliseconds() {
+        assert_eq!(rfc3339_millis(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            rfc3339_millis(1_795_315_731_999),
+            "2026-11-22T02:48:51.999Z"
+        );
+        assert_eq!(
+            rfc3339_millis(1_795_315_731_005),
+            "2026-11-22T02:48:51.005Z"
+        );
     }
 
     #[test]

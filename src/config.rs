@@ -14,6 +14,7 @@ use crate::agents::file::{self as agents_file, AgentDefaults};
 use crate::agents::{AgentProfile, Agents};
 use crate::call::core::CallSettings;
 use crate::domain::phone::E164;
+use crate::events::EventSettings;
 use crate::store::machines::MachineId;
 use crate::twilio::ids::{AccountSid, ContentSid};
 use crate::webhooks::WebhookSecret;
@@ -59,6 +60,11 @@ pub struct Config {
     pub agents_file: Option<PathBuf>,
     /// `CALLBRIDGE_WEBHOOK_SECRET`: signs the requests made to the business.
     pub webhook_secret: Option<WebhookSecret>,
+    /// `CALLBRIDGE_EVENTS_URL`: where call and permission events are delivered. When set,
+    /// events are written to the outbox and a delivery worker runs (the secret is then set too).
+    pub events_url: Option<String>,
+    /// How events are delivered; not environment variables (tests shorten them).
+    pub events: EventSettings,
     pub database_url: String,
     pub outbound_calls_per_day: u32,
     pub max_concurrent_calls: usize,
@@ -300,12 +306,6 @@ fn agent_setup<F: Fn(&str) -> Option<String>>(r: &mut Reader<'_, F>) -> AgentSet
             }
         }
     };
-    if let Some(agents) = &agents
-        && webhook_secret.is_none()
-        && let Some(problem) = agents_file::missing_webhook_secret(agents)
-    {
-        r.problems.push(problem);
-    }
     AgentSetup {
         model,
         voice,
@@ -314,6 +314,35 @@ fn agent_setup<F: Fn(&str) -> Option<String>>(r: &mut Reader<'_, F>) -> AgentSet
         agents,
         agents_file,
         webhook_secret,
+    }
+}
+
+/// `CALLBRIDGE_EVENTS_URL`: where events go. The same rule as a tool's URL: https, or http to a
+/// loopback host only, where nothing on the network can read or change the events.
+fn events_url(raw: &str) -> Result<Option<String>, String> {
+    agents_file::check_business_url(raw).map(|()| Some(raw.to_owned()))
+}
+
+/// Everything that sends signed requests to the business needs `CALLBRIDGE_WEBHOOK_SECRET`:
+/// one problem naming all of them (the agents that call it, the events URL) if it is unset.
+fn webhook_secret_needed<F: Fn(&str) -> Option<String>>(
+    r: &mut Reader<'_, F>,
+    agent: &AgentSetup,
+    events_url: Option<&str>,
+) {
+    if agent.webhook_secret.is_some() {
+        return;
+    }
+    let mut callers = agent
+        .agents
+        .as_ref()
+        .map(agents_file::business_callers)
+        .unwrap_or_default();
+    if events_url.is_some() {
+        callers.push("CALLBRIDGE_EVENTS_URL (call and permission events)".to_owned());
+    }
+    if let Some(problem) = agents_file::missing_webhook_secret_for(&callers) {
+        r.problems.push(problem);
     }
 }
 
@@ -419,6 +448,8 @@ impl Config {
             websocket_url,
         );
         let agent = agent_setup(&mut r);
+        let events_url = r.parsed("CALLBRIDGE_EVENTS_URL", None, events_url);
+        webhook_secret_needed(&mut r, &agent, events_url.as_deref());
         let database_url = r.parsed(
             "DATABASE_URL",
             DEFAULT_DATABASE_URL.to_owned(),
@@ -471,6 +502,8 @@ impl Config {
             agents: Arc::new(agents),
             agents_file: agent.agents_file,
             webhook_secret: agent.webhook_secret,
+            events_url,
+            events: EventSettings::default(),
             database_url,
             outbound_calls_per_day,
             max_concurrent_calls,
@@ -737,6 +770,79 @@ mod tests {
             let encoded = bad.trim_start_matches("whsec_");
             assert!(!errors[0].contains(encoded), "{errors:?}");
         }
+    }
+
+    #[test]
+    fn the_events_url_is_https_or_loopback_http_and_needs_the_webhook_secret() {
+        let config = Config::from_lookup(env(MINIMAL)).unwrap();
+        assert_eq!(config.events_url, None);
+        assert_eq!(config.events, EventSettings::default());
+
+        for url in [
+            "https://backend.example.com/callbridge/events",
+            "http://127.0.0.1:8000/events",
+            "http://localhost:8000/events",
+            "http://[::1]:8000/events",
+        ] {
+            let mut pairs = MINIMAL.to_vec();
+            pairs.extend([
+                ("CALLBRIDGE_EVENTS_URL", url),
+                ("CALLBRIDGE_WEBHOOK_SECRET", WEBHOOK_SECRET),
+            ]);
+            let config = Config::from_lookup(env(&pairs)).unwrap();
+            assert_eq!(config.events_url.as_deref(), Some(url));
+        }
+
+        for bad in [
+            "http://backend.example.com/events",
+            "ftp://127.0.0.1/events",
+            "not a url",
+        ] {
+            let mut pairs = MINIMAL.to_vec();
+            pairs.extend([
+                ("CALLBRIDGE_EVENTS_URL", bad),
+                ("CALLBRIDGE_WEBHOOK_SECRET", WEBHOOK_SECRET),
+            ]);
+            let errors = Config::from_lookup(env(&pairs)).unwrap_err().0;
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert!(
+                errors[0].starts_with("CALLBRIDGE_EVENTS_URL "),
+                "{errors:?}"
+            );
+        }
+
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push((
+            "CALLBRIDGE_EVENTS_URL",
+            "https://backend.example.com/events",
+        ));
+        let errors = Config::from_lookup(env(&pairs)).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with("CALLBRIDGE_WEBHOOK_SECRET is missing"),
+            "{errors:?}"
+        );
+        assert!(errors[0].contains("CALLBRIDGE_EVENTS_URL"), "{errors:?}");
+    }
+
+    #[test]
+    fn one_problem_names_everything_that_needs_the_webhook_secret() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/agents.example.toml");
+        let mut pairs = MINIMAL.to_vec();
+        pairs.extend([
+            ("AGENTS_FILE", example),
+            (
+                "CALLBRIDGE_EVENTS_URL",
+                "https://backend.example.com/events",
+            ),
+        ]);
+        let errors = Config::from_lookup(env(&pairs)).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].contains("agent \"support\" (tool \"lookup_order\")"),
+            "{errors:?}"
+        );
+        assert!(errors[0].contains("CALLBRIDGE_EVENTS_URL"), "{errors:?}");
     }
 
     #[test]

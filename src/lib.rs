@@ -12,6 +12,7 @@ pub mod config;
 pub mod consent;
 pub mod domain;
 pub mod error;
+pub mod events;
 pub mod json;
 pub mod lifecycle;
 pub mod limits;

@@ -253,6 +253,47 @@ struct ContextLabels {
     outcome: ContextOutcome,
 }
 
+/// What became of one attempt to deliver an event, for `event_deliveries_total{outcome}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeliveryOutcome {
+    /// The business answered 2xx.
+    Delivered,
+    /// Anything else, or no answer in time: it is tried again later.
+    Retried,
+    /// As `Retried`, after the last attempt of the delivery window: no more attempts.
+    Failed,
+    /// The business answered 410 Gone: no more attempts.
+    Stopped,
+}
+
+impl DeliveryOutcome {
+    pub const ALL: [DeliveryOutcome; 4] =
+        [Self::Delivered, Self::Retried, Self::Failed, Self::Stopped];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Delivered => "delivered",
+            Self::Retried => "retried",
+            Self::Failed => "failed",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
+impl EncodeLabelValue for DeliveryOutcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        std::fmt::Write::write_str(encoder, self.label())
+    }
+}
+
+/// `type` is the event's type as stored: only ever one of the types this code writes (or a
+/// newer version's, sharing the database), so a bounded set.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DeliveryLabels {
+    r#type: String,
+    outcome: DeliveryOutcome,
+}
+
 /// One field per metric. Counters are registered without `_total`: the encoder appends it, so
 /// `calls_started` is exposed as `callbridge_calls_started_total`.
 pub struct Metrics {
@@ -297,6 +338,12 @@ pub struct Metrics {
     tool_duration: Family<ToolNameLabels, Histogram, fn() -> Histogram>,
     context_requests: Family<ContextLabels, Counter>,
     pub dtmf_digits: Counter,
+    event_deliveries: Family<DeliveryLabels, Counter>,
+    /// Set by the delivery worker after each round from a count in the database, not at scrape
+    /// time: a scrape must not wait on the database (nor fail with it), and with Postgres the
+    /// count is the shared backlog of every machine, so any machine's value (take the max) is
+    /// the whole picture. It lags by at most one poll; 0 on a machine without events.
+    pub events_pending: Gauge,
 }
 
 impl Default for Metrics {
@@ -333,6 +380,14 @@ impl Default for Metrics {
         r.register_with_unit("tool_duration", "Time from a function call to its result, by tool", Unit::Seconds, tool_duration.clone());
         let context_requests = register(r, "context_requests", "Context lookups at call start, by outcome", Family::<ContextLabels, Counter>::default());
         let dtmf_digits = register(r, "dtmf_digits", "Keypresses (DTMF digits) received from callers", Counter::default());
+        let event_deliveries = register(r, "event_deliveries", "Attempts to deliver events to CALLBRIDGE_EVENTS_URL, by event type and outcome", Family::<DeliveryLabels, Counter>::default());
+        let events_pending = register(r, "events_pending", "Events waiting in the outbox for delivery (every machine's, as of the last delivery round)", Gauge::default());
+        // Every series of the types this code writes exists from the start, at 0.
+        for kind in crate::events::EventType::ALL {
+            for outcome in DeliveryOutcome::ALL {
+                let _ = event_deliveries.get_or_create_owned(&DeliveryLabels { r#type: kind.as_str().to_owned(), outcome });
+            }
+        }
         Self {
             registry,
             live_calls,
@@ -372,6 +427,8 @@ impl Default for Metrics {
             tool_duration,
             context_requests,
             dtmf_digits,
+            event_deliveries,
+            events_pending,
         }
     }
 }
@@ -422,6 +479,24 @@ impl Metrics {
         self.context_requests
             .get_or_create(&ContextLabels { outcome })
             .inc();
+    }
+
+    pub fn event_delivered(&self, event_type: &str, outcome: DeliveryOutcome) {
+        self.event_deliveries
+            .get_or_create(&DeliveryLabels {
+                r#type: event_type.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn event_deliveries(&self, event_type: &str, outcome: DeliveryOutcome) -> u64 {
+        self.event_deliveries
+            .get_or_create(&DeliveryLabels {
+                r#type: event_type.to_owned(),
+                outcome,
+            })
+            .get()
     }
 
     /// OpenMetrics text format (`CONTENT_TYPE`), ending with `# EOF`. Fails only if a metric
@@ -586,6 +661,9 @@ mod tests {
             "callbridge_store_write_failures_total",
             "callbridge_openai_connect_seconds_count",
             "callbridge_first_agent_audio_seconds_count",
+            "callbridge_events_pending",
+            "callbridge_event_deliveries_total{type=\"call.ended\",outcome=\"failed\"}",
+            "callbridge_event_deliveries_total{type=\"call_permission.updated\",outcome=\"delivered\"}",
         ] {
             assert_eq!(sample(&text, name), "0", "{name}");
         }
@@ -594,6 +672,35 @@ mod tests {
             !text.contains("..\n"),
             "help texts end with one full stop: {text}"
         );
+    }
+
+    #[test]
+    fn event_deliveries_are_counted_by_type_and_outcome() {
+        let metrics = Metrics::default();
+        metrics.event_delivered("call.ended", DeliveryOutcome::Retried);
+        metrics.event_delivered("call.ended", DeliveryOutcome::Retried);
+        metrics.event_delivered("call.started", DeliveryOutcome::Delivered);
+        metrics.events_pending.set(3);
+        assert_eq!(
+            metrics.event_deliveries("call.ended", DeliveryOutcome::Retried),
+            2
+        );
+        let text = render(&metrics);
+        assert_eq!(
+            sample(
+                &text,
+                "callbridge_event_deliveries_total{type=\"call.ended\",outcome=\"retried\"}"
+            ),
+            "2"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "callbridge_event_deliveries_total{type=\"call.started\",outcome=\"delivered\"}"
+            ),
+            "1"
+        );
+        assert_eq!(sample(&text, "callbridge_events_pending"), "3");
     }
 
     #[test]

@@ -200,6 +200,10 @@ async fn supervise(state: Arc<AppState>, server: ServerHandle) {
 /// by the shutdown, and the machine's lease is given up.
 async fn record_exit(state: &AppState) {
     state.lease_keeper.abort();
+    // Events still pending stay in the outbox; the next start (or another machine) sends them.
+    if let Some(worker) = &state.events_worker {
+        worker.abort();
+    }
     match state
         .store
         .release_machine(EndReason::Shutdown.label(), state.clock.now_ms())

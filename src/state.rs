@@ -9,6 +9,7 @@ use crate::admission::Admission;
 use crate::agents::{Agents, AgentsHandle};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+use crate::events::worker::EventsWorker;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::openai::client::RealtimeDialer;
@@ -34,11 +35,14 @@ pub struct AppState {
     pub business: BusinessClient,
     /// Renews this machine's lease until the process exits (see `store::machines`).
     pub lease_keeper: tokio::task::AbortHandle,
+    /// Delivers events to `CALLBRIDGE_EVENTS_URL`, when it is set (see `events`).
+    pub events_worker: Option<tokio::task::AbortHandle>,
 }
 
 impl AppState {
     /// Opens the database (applying migrations), takes this machine's lease (recording the calls
-    /// its previous incarnation was cut off from as lost) and starts the record writer.
+    /// its previous incarnation was cut off from as lost) and starts the record writer, and the
+    /// events worker when `CALLBRIDGE_EVENTS_URL` is set.
     pub async fn build(config: Config) -> anyhow::Result<Arc<Self>> {
         Self::build_with_clock(config, Arc::new(SystemClock)).await
     }
@@ -50,9 +54,13 @@ impl AppState {
     ) -> anyhow::Result<Arc<Self>> {
         crate::tls::install_crypto_provider();
         let machine = config.machine_id.clone().unwrap_or_else(MachineId::random);
-        let store = Store::connect_as(&config.database_url, machine)
+        let mut store = Store::connect_as(&config.database_url, machine)
             .await
             .context("DATABASE_URL")?;
+        // Before any clone is made: every copy of the store then writes events.
+        if config.events_url.is_some() {
+            store.enable_events();
+        }
         let lost = store
             .claim_machine(clock.now_ms())
             .await
@@ -76,6 +84,17 @@ impl AppState {
         )?;
         let business = BusinessClient::new(config.webhook_secret.clone(), Arc::clone(&clock))?;
         let lease_keeper = machines::spawn_lease_keeper(store.clone(), Arc::clone(&clock));
+        let events_worker = config.events_url.as_ref().map(|url| {
+            EventsWorker::new(
+                store.clone(),
+                business.clone(),
+                url.clone(),
+                config.events.clone(),
+                Arc::clone(&metrics),
+                Arc::clone(&clock),
+            )
+            .spawn()
+        });
         Ok(Arc::new(Self {
             agents: AgentsHandle::new(Agents::clone(&config.agents)),
             twilio,
@@ -89,6 +108,7 @@ impl AppState {
             records,
             clock,
             lease_keeper,
+            events_worker,
         }))
     }
 }

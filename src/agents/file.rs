@@ -131,7 +131,13 @@ pub fn load(
 /// makes requests to the business; `None` when no agent makes any. Those requests are signed
 /// with the secret, so the business can tell them from anyone else's.
 pub fn missing_webhook_secret(agents: &Agents) -> Option<String> {
-    let callers: Vec<String> = agents
+    missing_webhook_secret_for(&business_callers(agents))
+}
+
+/// Every agent that makes requests to the business, with what in it does (`agent "support"
+/// (context_url, tool "lookup_order")`).
+pub fn business_callers(agents: &Agents) -> Vec<String> {
+    agents
         .profiles()
         .iter()
         .filter(|agent| agent.calls_the_business())
@@ -148,13 +154,19 @@ pub fn missing_webhook_secret(agents: &Agents) -> Option<String> {
             );
             format!("agent {:?} ({})", agent.name, what.join(", "))
         })
-        .collect();
+        .collect()
+}
+
+/// The message asking for `CALLBRIDGE_WEBHOOK_SECRET` on behalf of `callers` (whatever makes
+/// signed requests: agents, the events URL); `None` when there are none.
+pub fn missing_webhook_secret_for(callers: &[String]) -> Option<String> {
     (!callers.is_empty()).then(|| {
         format!(
             "CALLBRIDGE_WEBHOOK_SECRET is missing: it signs the requests callbridge makes to the \
-             business, and {} makes them; set it to whsec_ and a base64 key \
+             business, and {} {} them; set it to whsec_ and a base64 key \
              (whsec_$(openssl rand -base64 32))",
-            callers.join(", ")
+            callers.join(", "),
+            if callers.len() == 1 { "makes" } else { "make" }
         )
     })
 }
@@ -1113,7 +1125,7 @@ fn valid_address(rest: &str) -> bool {
 
 /// https anywhere; http only to a loopback host, where nothing on the network can read or change
 /// the request on its way.
-fn check_business_url(value: &str) -> Result<(), String> {
+pub(crate) fn check_business_url(value: &str) -> Result<(), String> {
     let url = url::Url::parse(value).map_err(|e| format!("is not a valid URL ({e})"))?;
     let loopback = match url.host() {
         Some(url::Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),

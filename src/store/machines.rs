@@ -88,17 +88,33 @@ impl Store {
         .bind(now_ms)
         .execute(&mut *tx)
         .await?;
-        let lost = sqlx::query(
-            "UPDATE calls SET ended_at = $1, end_reason = $2 WHERE machine_id = $3 AND ended_at IS NULL",
+        let lost: Vec<String> = sqlx::query_scalar(
+            "UPDATE calls SET ended_at = $1, end_reason = $2 WHERE machine_id = $3 AND ended_at IS NULL \
+             RETURNING call_sid",
         )
         .bind(now_ms)
         .bind(END_REASON_LOST)
         .bind(self.machine.as_str())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        .fetch_all(&mut *tx)
+        .await?;
+        self.commit_ended(tx, &lost, now_ms).await
+    }
+
+    /// Announces the calls a sweep just ended (`call.ended`, as for any call that ends), commits,
+    /// and returns how many there were. A call recorded as lost whose machine was only slow
+    /// gets a second `call.ended` when its true end is recorded.
+    async fn commit_ended(
+        &self,
+        mut tx: sqlx::Transaction<'_, sqlx::Any>,
+        ended: &[String],
+        now_ms: i64,
+    ) -> anyhow::Result<u64> {
+        let announced = self.announce_calls_ended(&mut tx, ended, now_ms).await?;
         tx.commit().await?;
-        Ok(lost)
+        if announced > 0 {
+            self.wake_events();
+        }
+        Ok(u64::try_from(ended.len()).unwrap_or(u64::MAX))
     }
 
     /// Renews this machine's lease. Re-creates it if a sweep removed it while this process was
@@ -121,26 +137,25 @@ impl Store {
     pub async fn end_lost_calls(&self, now_ms: i64) -> anyhow::Result<u64> {
         let expired_before = now_ms.saturating_sub(millis(LEASE));
         let mut tx = self.pool.begin().await?;
-        let lost = sqlx::query(
+        let lost: Vec<String> = sqlx::query_scalar(
             "UPDATE calls SET ended_at = $1, end_reason = $2 \
              WHERE ended_at IS NULL AND machine_id IS NOT NULL AND machine_id <> $3 \
              AND NOT EXISTS (SELECT 1 FROM machines \
-                 WHERE machines.machine_id = calls.machine_id AND machines.heartbeat_at > $4)",
+                 WHERE machines.machine_id = calls.machine_id AND machines.heartbeat_at > $4) \
+             RETURNING call_sid",
         )
         .bind(now_ms)
         .bind(END_REASON_LOST)
         .bind(self.machine.as_str())
         .bind(expired_before)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        .fetch_all(&mut *tx)
+        .await?;
         sqlx::query("DELETE FROM machines WHERE heartbeat_at <= $1 AND machine_id <> $2")
             .bind(expired_before)
             .bind(self.machine.as_str())
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
-        Ok(lost)
+        self.commit_ended(tx, &lost, now_ms).await
     }
 
     /// At exit: records every call this machine still carries as ended for `end_reason` (the
@@ -148,21 +163,20 @@ impl Store {
     /// other machine waits for it. Returns how many calls it ended.
     pub async fn release_machine(&self, end_reason: &str, now_ms: i64) -> anyhow::Result<u64> {
         let mut tx = self.pool.begin().await?;
-        let ended = sqlx::query(
-            "UPDATE calls SET ended_at = $1, end_reason = $2 WHERE machine_id = $3 AND ended_at IS NULL",
+        let ended: Vec<String> = sqlx::query_scalar(
+            "UPDATE calls SET ended_at = $1, end_reason = $2 WHERE machine_id = $3 AND ended_at IS NULL \
+             RETURNING call_sid",
         )
         .bind(now_ms)
         .bind(end_reason)
         .bind(self.machine.as_str())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        .fetch_all(&mut *tx)
+        .await?;
         sqlx::query("DELETE FROM machines WHERE machine_id = $1")
             .bind(self.machine.as_str())
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
-        Ok(ended)
+        self.commit_ended(tx, &ended, now_ms).await
     }
 }
 

@@ -7,17 +7,21 @@
 
 pub mod machines;
 pub mod models;
+pub mod outbox;
 pub mod permissions;
 pub mod writer;
 
-use std::sync::Once;
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::any::AnyPoolOptions;
-use sqlx::{AnyPool, Executor, Row};
+use sqlx::any::{AnyArguments, AnyPoolOptions};
+use sqlx::query::Query;
+use sqlx::{Any, AnyConnection, AnyPool, Executor, Row};
+use tokio::sync::Notify;
 
 use crate::call::transcript::TranscriptLine;
+use crate::events::EventType;
 use crate::twilio::call::{CallProgress, CallStatus, Direction};
 use machines::MachineId;
 use models::{CallDetail, CallEvent, CallRecord, ListCursor, StatusUpdate, StoredLine};
@@ -98,6 +102,11 @@ pub struct Store {
     pool: AnyPool,
     /// Stamped on the calls whose streams this process carries (see `machines`).
     machine: MachineId,
+    backend: Backend,
+    /// Set when events are delivered to the business (`enable_events`): changes then write
+    /// their events to the outbox, and this wakes this machine's delivery worker after each
+    /// commit that wrote one.
+    events: Option<Arc<Notify>>,
 }
 
 /// A `calls` row as `call_columns!` selects it.
@@ -255,7 +264,12 @@ impl Store {
             .await
             .with_context(|| format!("cannot open the database ({})", redact_url(url)))?;
         migrate(&pool).await?;
-        Ok(Self { pool, machine })
+        Ok(Self {
+            pool,
+            machine,
+            backend,
+            events: None,
+        })
     }
 
     pub fn pool(&self) -> &AnyPool {
@@ -406,122 +420,60 @@ impl Store {
     }
 
     /// Applies the bridge's records in one transaction: one commit per batch keeps SQLite's
-    /// fsyncs to a few per second however many calls are live.
+    /// fsyncs to a few per second however many calls are live. With events enabled, a stream's
+    /// start and a call's end write their events in the same transaction, so they exist exactly
+    /// when the change does.
     pub async fn apply(&self, records: &[Record]) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
+        let mut announced = false;
         for record in records {
-            let query = match record {
-                Record::StreamStarted { call_sid, stream_sid, agent, at_ms } => sqlx::query(
-                    "UPDATE calls SET stream_sid = $1, answered_at = COALESCE(answered_at, $2), machine_id = $3, \
-                     agent = $4 WHERE call_sid = $5",
-                )
-                .bind(stream_sid)
-                .bind(*at_ms)
-                .bind(self.machine.as_str())
-                .bind(agent)
-                .bind(call_sid),
-                Record::Transcript { call_sid, line } => sqlx::query(
-                    "INSERT INTO transcript_lines (call_sid, sequence, speaker, text, offset_ms, truncated) \
-                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-                )
-                .bind(call_sid)
-                .bind(i64::from(line.sequence))
-                .bind(line.speaker.as_str())
-                .bind(storable(&line.text).into_owned())
-                .bind(i64::try_from(line.offset_ms).unwrap_or(i64::MAX))
-                .bind(i64::from(line.truncated)),
-                Record::TranscriptCorrection {
-                    call_sid,
-                    sequence,
-                    text,
-                    truncated,
-                } => sqlx::query(
-                    "UPDATE transcript_lines SET text = $1, truncated = $2 WHERE call_sid = $3 AND sequence = $4",
-                )
-                .bind(storable(text).into_owned())
-                .bind(i64::from(*truncated))
-                .bind(call_sid)
-                .bind(i64::from(*sequence)),
-                Record::Event { call_sid, kind, name, detail, data, at_ms } => sqlx::query(
-                    "INSERT INTO call_events (id, call_sid, kind, name, detail, data, at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                )
-                .bind(random_id())
-                .bind(call_sid)
-                .bind(*kind)
-                .bind(storable(name).into_owned())
-                .bind(detail.as_deref().map(|d| storable(d).into_owned()))
-                .bind(data.as_ref().map(|d| storable(&d.to_string()).into_owned()))
-                .bind(*at_ms),
-                Record::CallEnded {
-                    call_sid,
-                    end_reason,
-                    openai_session_id,
-                    input_tokens,
-                    output_tokens,
-                    total_tokens,
-                    at_ms,
-                } => sqlx::query(
-                    // A call swept as lost whose machine was only slow, not dead, gets its true
-                    // end after all.
-                    "UPDATE calls SET end_reason = $1, openai_session_id = COALESCE($2, openai_session_id), \
-                     input_tokens = $3, output_tokens = $4, total_tokens = $5, \
-                     ended_at = CASE WHEN end_reason = $8 THEN $6 ELSE COALESCE(ended_at, $6) END \
-                     WHERE call_sid = $7",
-                )
-                .bind(*end_reason)
-                .bind(openai_session_id)
-                .bind(*input_tokens)
-                .bind(*output_tokens)
-                .bind(*total_tokens)
-                .bind(*at_ms)
-                .bind(call_sid)
-                .bind(machines::END_REASON_LOST),
-            };
-            query.execute(&mut *tx).await?;
+            record_query(record, &self.machine)
+                .execute(&mut *tx)
+                .await?;
+            announced |= self.announce_record(&mut tx, record).await?;
         }
         tx.commit().await?;
+        if announced {
+            self.wake_events();
+        }
         Ok(())
     }
 
+    /// The event a record announces, written to the outbox: `call.started` with the call as
+    /// it now stands, `call.ended` with the whole call as `GET /calls/{sid}` shows it (the
+    /// core records the last transcript lines and corrections before the end, in the same
+    /// batch or an earlier one). Returns whether an event was written.
+    async fn announce_record(
+        &self,
+        conn: &mut AnyConnection,
+        record: &Record,
+    ) -> anyhow::Result<bool> {
+        if !self.events_enabled() {
+            return Ok(false);
+        }
+        match record {
+            Record::StreamStarted {
+                call_sid, at_ms, ..
+            } => {
+                let Some(call) = call_record(conn, call_sid).await? else {
+                    return Ok(false);
+                };
+                outbox::enqueue(conn, EventType::CallStarted, *at_ms, *at_ms, &call).await?;
+                Ok(true)
+            }
+            Record::CallEnded {
+                call_sid, at_ms, ..
+            } => outbox::enqueue_call_ended(conn, call_sid, *at_ms).await,
+            Record::Transcript { .. }
+            | Record::TranscriptCorrection { .. }
+            | Record::Event { .. } => Ok(false),
+        }
+    }
+
+    /// The call, its events and its transcript, as `GET /calls/{sid}` shows them.
     pub async fn call(&self, call_sid: &str) -> anyhow::Result<Option<CallDetail>> {
-        let Some(row) = sqlx::query_as::<_, CallRow>(concat!(
-            "SELECT ",
-            call_columns!(),
-            " FROM calls WHERE call_sid = $1"
-        ))
-        .bind(call_sid)
-        .fetch_optional(&self.pool)
-        .await?
-        else {
-            return Ok(None);
-        };
-        let call = row.into_record()?;
-        let mut events: Vec<CallEvent> = sqlx::query_as::<_, EventRow>(
-            "SELECT kind, name, sequence_number, detail, data, at FROM call_events WHERE call_sid = $1 \
-             ORDER BY at, COALESCE(sequence_number, 0), id",
-        )
-        .bind(call_sid)
-        .fetch_all(&self.pool)
-        .await?
-        .into_iter()
-        .map(CallEvent::from)
-        .collect();
-        order_status_events(&mut events);
-        let transcript = sqlx::query_as::<_, LineRow>(
-            "SELECT sequence, speaker, text, offset_ms, truncated FROM transcript_lines \
-             WHERE call_sid = $1 ORDER BY sequence",
-        )
-        .bind(call_sid)
-        .fetch_all(&self.pool)
-        .await?
-        .into_iter()
-        .map(StoredLine::from)
-        .collect();
-        Ok(Some(CallDetail {
-            call,
-            events,
-            transcript,
-        }))
+        let mut conn = self.pool.acquire().await?;
+        call_detail(&mut conn, call_sid).await
     }
 
     /// Newest first; `before` continues after the last call of the previous page.
@@ -557,6 +509,143 @@ impl Store {
         };
         rows.into_iter().map(CallRow::into_record).collect()
     }
+}
+
+/// The statement that applies one record.
+fn record_query<'q>(record: &'q Record, machine: &'q MachineId) -> Query<'q, Any, AnyArguments> {
+    match record {
+        Record::StreamStarted {
+            call_sid,
+            stream_sid,
+            agent,
+            at_ms,
+        } => sqlx::query(
+            "UPDATE calls SET stream_sid = $1, answered_at = COALESCE(answered_at, $2), machine_id = $3, \
+             agent = $4 WHERE call_sid = $5",
+        )
+        .bind(stream_sid)
+        .bind(*at_ms)
+        .bind(machine.as_str())
+        .bind(agent)
+        .bind(call_sid),
+        Record::Transcript { call_sid, line } => sqlx::query(
+            "INSERT INTO transcript_lines (call_sid, sequence, speaker, text, offset_ms, truncated) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        )
+        .bind(call_sid)
+        .bind(i64::from(line.sequence))
+        .bind(line.speaker.as_str())
+        .bind(storable(&line.text).into_owned())
+        .bind(i64::try_from(line.offset_ms).unwrap_or(i64::MAX))
+        .bind(i64::from(line.truncated)),
+        Record::TranscriptCorrection {
+            call_sid,
+            sequence,
+            text,
+            truncated,
+        } => sqlx::query(
+            "UPDATE transcript_lines SET text = $1, truncated = $2 WHERE call_sid = $3 AND sequence = $4",
+        )
+        .bind(storable(text).into_owned())
+        .bind(i64::from(*truncated))
+        .bind(call_sid)
+        .bind(i64::from(*sequence)),
+        Record::Event {
+            call_sid,
+            kind,
+            name,
+            detail,
+            data,
+            at_ms,
+        } => sqlx::query(
+            "INSERT INTO call_events (id, call_sid, kind, name, detail, data, at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(random_id())
+        .bind(call_sid)
+        .bind(*kind)
+        .bind(storable(name).into_owned())
+        .bind(detail.as_deref().map(|d| storable(d).into_owned()))
+        .bind(data.as_ref().map(|d| storable(&d.to_string()).into_owned()))
+        .bind(*at_ms),
+        Record::CallEnded {
+            call_sid,
+            end_reason,
+            openai_session_id,
+            input_tokens,
+            output_tokens,
+            total_tokens,
+            at_ms,
+        } => sqlx::query(
+            // A call swept as lost whose machine was only slow, not dead, gets its true
+            // end after all.
+            "UPDATE calls SET end_reason = $1, openai_session_id = COALESCE($2, openai_session_id), \
+             input_tokens = $3, output_tokens = $4, total_tokens = $5, \
+             ended_at = CASE WHEN end_reason = $8 THEN $6 ELSE COALESCE(ended_at, $6) END \
+             WHERE call_sid = $7",
+        )
+        .bind(*end_reason)
+        .bind(openai_session_id)
+        .bind(*input_tokens)
+        .bind(*output_tokens)
+        .bind(*total_tokens)
+        .bind(*at_ms)
+        .bind(call_sid)
+        .bind(machines::END_REASON_LOST),
+    }
+}
+
+/// The call's record, read on `conn`: the pool's, or a transaction's (which then sees its
+/// own changes).
+async fn call_record(
+    conn: &mut AnyConnection,
+    call_sid: &str,
+) -> anyhow::Result<Option<CallRecord>> {
+    sqlx::query_as::<_, CallRow>(concat!(
+        "SELECT ",
+        call_columns!(),
+        " FROM calls WHERE call_sid = $1"
+    ))
+    .bind(call_sid)
+    .fetch_optional(&mut *conn)
+    .await?
+    .map(CallRow::into_record)
+    .transpose()
+}
+
+/// What `Store::call` returns, read on `conn` (see `call_record`).
+async fn call_detail(
+    conn: &mut AnyConnection,
+    call_sid: &str,
+) -> anyhow::Result<Option<CallDetail>> {
+    let Some(call) = call_record(conn, call_sid).await? else {
+        return Ok(None);
+    };
+    let mut events: Vec<CallEvent> = sqlx::query_as::<_, EventRow>(
+        "SELECT kind, name, sequence_number, detail, data, at FROM call_events WHERE call_sid = $1 \
+         ORDER BY at, COALESCE(sequence_number, 0), id",
+    )
+    .bind(call_sid)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(CallEvent::from)
+    .collect();
+    order_status_events(&mut events);
+    let transcript = sqlx::query_as::<_, LineRow>(
+        "SELECT sequence, speaker, text, offset_ms, truncated FROM transcript_lines \
+         WHERE call_sid = $1 ORDER BY sequence",
+    )
+    .bind(call_sid)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(StoredLine::from)
+    .collect();
+    Ok(Some(CallDetail {
+        call,
+        events,
+        transcript,
+    }))
 }
 
 /// Status callbacks can arrive out of order; Twilio's `SequenceNumber` is their true order. They

@@ -4,6 +4,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Serialize, Serializer};
 
+use crate::events::DeliveryStatus;
 use crate::twilio::call::{CallStatus, Direction};
 
 /// A status callback from Twilio, as stored.
@@ -95,17 +96,74 @@ impl ListCursor {
     }
 
     pub fn encode(&self) -> String {
-        URL_SAFE_NO_PAD.encode(format!("{}:{}", self.created_at_ms, self.call_sid))
+        encode_position(self.created_at_ms, &self.call_sid)
     }
 
     pub fn decode(raw: &str) -> Option<Self> {
-        let bytes = URL_SAFE_NO_PAD.decode(raw).ok()?;
-        let text = String::from_utf8(bytes).ok()?;
-        let (at, call_sid) = text.split_once(':')?;
+        let (created_at_ms, call_sid) = decode_position(raw)?;
         Some(Self {
-            created_at_ms: at.parse().ok()?,
-            call_sid: call_sid.to_owned(),
+            created_at_ms,
+            call_sid,
         })
+    }
+}
+
+/// A newest-first position, `(time, key)`, as an opaque token: clients hand it back and never
+/// build one.
+fn encode_position(at_ms: i64, key: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{at_ms}:{key}"))
+}
+
+fn decode_position(raw: &str) -> Option<(i64, String)> {
+    let bytes = URL_SAFE_NO_PAD.decode(raw).ok()?;
+    let text = String::from_utf8(bytes).ok()?;
+    let (at, key) = text.split_once(':')?;
+    Some((at.parse().ok()?, key.to_owned()))
+}
+
+/// One event for the business and how its delivery stands, for the API.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventDelivery {
+    /// The `webhook-id` every attempt carries (`msg_…`).
+    pub id: String,
+    /// `call.started`, `call.ended`, `call_permission.updated`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub status: DeliveryStatus,
+    /// Attempts made since the event was written (or last retried by hand).
+    pub attempts: i64,
+    pub created_at_ms: i64,
+    /// When the next attempt is due; `None` once the event is delivered, failed or stopped.
+    pub next_attempt_at_ms: Option<i64>,
+    /// Why the last attempt failed (a status, a timeout, a network error).
+    pub last_error: Option<String>,
+    /// The HTTP status of the last answer, if one came.
+    pub last_status: Option<u16>,
+    pub delivered_at_ms: Option<i64>,
+}
+
+/// Position in the newest-first list of events; opaque to API clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventCursor {
+    pub created_at_ms: i64,
+    pub id: String,
+}
+
+impl EventCursor {
+    pub fn after(event: &EventDelivery) -> Self {
+        Self {
+            created_at_ms: event.created_at_ms,
+            id: event.id.clone(),
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        encode_position(self.created_at_ms, &self.id)
+    }
+
+    pub fn decode(raw: &str) -> Option<Self> {
+        let (created_at_ms, id) = decode_position(raw)?;
+        Some(Self { created_at_ms, id })
     }
 }
 
@@ -123,5 +181,19 @@ mod tests {
         assert_eq!(ListCursor::decode("!!"), None);
         assert_eq!(ListCursor::decode(&URL_SAFE_NO_PAD.encode("x:CA1")), None);
         assert_eq!(ListCursor::decode(&URL_SAFE_NO_PAD.encode("12")), None);
+    }
+
+    #[test]
+    fn event_cursors_round_trip() {
+        let cursor = EventCursor {
+            created_at_ms: 1_700_000_000_123,
+            id: "msg_0123abcd".into(),
+        };
+        assert_eq!(EventCursor::decode(&cursor.encode()), Some(cursor));
+        assert_eq!(EventCursor::decode("!!"), None);
+        assert_eq!(
+            EventCursor::decode(&URL_SAFE_NO_PAD.encode("x:msg_1")),
+            None
+        );
     }
 }

@@ -10,6 +10,7 @@ use crate::consent::{
     self, GRANT_VALIDITY_MS, IgnoredReply, Permission, PermissionState, REQUEST_SPACING_MS,
     ReplyEffect, SentRequest, UNANSWERED_CALLS_BEFORE_REVOCATION,
 };
+use crate::events::PermissionChange;
 use crate::twilio::call::{CallProgress, CallStatus, Direction};
 
 /// What became of a permission reply.
@@ -256,9 +257,13 @@ impl Store {
                 effect = ReplyEffect::Ignore(IgnoredReply::RequestClosed);
             }
         }
-        let (state, expires_at) = match effect {
-            ReplyEffect::Grant => (PermissionState::Granted, Some(at_ms + GRANT_VALIDITY_MS)),
-            ReplyEffect::Reject => (PermissionState::Rejected, None),
+        let (state, expires_at, change) = match effect {
+            ReplyEffect::Grant => (
+                PermissionState::Granted,
+                Some(at_ms + GRANT_VALIDITY_MS),
+                PermissionChange::Granted,
+            ),
+            ReplyEffect::Reject => (PermissionState::Rejected, None, PermissionChange::Rejected),
             ReplyEffect::Ignore(_) => {
                 tx.commit().await?;
                 return Ok(ReplyOutcome::New(effect));
@@ -269,11 +274,12 @@ impl Store {
             .bind(at_ms)
             .execute(&mut *tx)
             .await?;
+        // A new grant's expiry is news again: it is announced once it comes.
         sqlx::query(
             "INSERT INTO call_permissions (user_number, state, answered_at, expires_at, reply_message_sid, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $3) \
              ON CONFLICT (user_number) DO UPDATE SET state = $2, answered_at = $3, expires_at = $4, \
-             reply_message_sid = $5, consecutive_unanswered = 0, updated_at = $3",
+             reply_message_sid = $5, consecutive_unanswered = 0, updated_at = $3, expiry_announced_at = NULL",
         )
         .bind(user)
         .bind(state.as_str())
@@ -282,27 +288,44 @@ impl Store {
         .bind(message_sid)
         .execute(&mut *tx)
         .await?;
+        let announced = self
+            .announce_permission(&mut tx, user, change, at_ms)
+            .await?;
         tx.commit().await?;
+        if announced {
+            self.wake_events();
+        }
         Ok(ReplyOutcome::New(effect))
     }
 
     /// WhatsApp no longer lets us call this user. Requests sent before now can no longer grant:
     /// only an acceptance of a new request gives the permission back.
+    /// A permission already revoked stays as it is, and is not announced again.
     pub async fn revoke_permission(&self, user: &str, at_ms: i64) -> anyhow::Result<()> {
         let mut tx = self.pool().begin().await?;
-        sqlx::query(
-            "UPDATE call_permissions SET state = 'revoked', updated_at = $1 WHERE user_number = $2",
+        let revoked = sqlx::query(
+            "UPDATE call_permissions SET state = 'revoked', updated_at = $1 \
+             WHERE user_number = $2 AND state <> 'revoked'",
         )
         .bind(at_ms)
         .bind(user)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected()
+            == 1;
         sqlx::query(CLOSE_OPEN_REQUESTS)
             .bind(user)
             .bind(at_ms)
             .execute(&mut *tx)
             .await?;
+        let announced = revoked
+            && self
+                .announce_permission(&mut tx, user, PermissionChange::Revoked, at_ms)
+                .await?;
         tx.commit().await?;
+        if announced {
+            self.wake_events();
+        }
         Ok(())
     }
 
@@ -326,15 +349,25 @@ impl Store {
         }
         let mut tx = self.pool().begin().await?;
         sqlx::query(
-            "UPDATE call_permissions SET consecutive_unanswered = consecutive_unanswered + 1, updated_at = $1, \
-             state = CASE WHEN consecutive_unanswered + 1 >= $3 THEN 'revoked' ELSE state END \
+            "UPDATE call_permissions SET consecutive_unanswered = consecutive_unanswered + 1, updated_at = $1 \
              WHERE user_number = $2",
         )
         .bind(at_ms)
         .bind(user)
-        .bind(UNANSWERED_CALLS_BEFORE_REVOCATION)
         .execute(&mut *tx)
         .await?;
+        // Only the call that makes the run long enough revokes (and is announced): a later
+        // unanswered call finds the permission revoked already.
+        let revoked = sqlx::query(
+            "UPDATE call_permissions SET state = 'revoked' \
+             WHERE user_number = $1 AND consecutive_unanswered >= $2 AND state <> 'revoked'",
+        )
+        .bind(user)
+        .bind(UNANSWERED_CALLS_BEFORE_REVOCATION)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
         // As for any revocation, the requests sent before it can no longer grant.
         sqlx::query(
             "UPDATE permission_requests SET closed_at = $2 \
@@ -345,7 +378,14 @@ impl Store {
         .bind(at_ms)
         .execute(&mut *tx)
         .await?;
+        let announced = revoked
+            && self
+                .announce_permission(&mut tx, user, PermissionChange::Revoked, at_ms)
+                .await?;
         tx.commit().await?;
+        if announced {
+            self.wake_events();
+        }
         Ok(())
     }
 

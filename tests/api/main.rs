@@ -6,6 +6,7 @@ mod agents;
 mod business;
 mod calls;
 mod endings;
+mod events;
 mod fake_twilio;
 mod hardening;
 mod helpers;
