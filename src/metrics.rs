@@ -371,7 +371,7 @@ impl Default for Metrics {
         let malformed = register(r, "malformed_messages", "Messages that could not be understood, by sender; each was ignored", Family::<MalformedLabels, Counter>::default());
         let openai_errors = register(r, "openai_errors", "Error events received from OpenAI Realtime", Counter::default());
         let store_records_dropped = register(r, "store_records_dropped", "Call records dropped because the database writer was too far behind", Counter::default());
-        let store_transcript_waits = register(r, "store_transcript_waits", "Transcript lines that waited for room in the database writer's queue", Counter::default());
+        let store_transcript_waits = register(r, "store_transcript_waits", "Records kept at any cost (transcript lines, call starts and ends) that waited for room in the database writer's queue", Counter::default());
         let store_write_failures = register(r, "store_write_failures", "Records the database refused after retries", Counter::default());
         let openai_connect = register_seconds(r, "openai_connect", "Time from Twilio's start (token accepted) to the OpenAI session being open: the wait the pre-connect could not hide");
         let first_agent_audio = register_seconds(r, "first_agent_audio", "Time from Twilio start to the first agent audio sent to the caller");

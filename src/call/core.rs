@@ -190,8 +190,9 @@ pub enum Action {
     },
     /// Hand this record to the writer; it may be dropped if the writer is hopelessly behind.
     Record(Record),
-    /// Hand this transcript record to the writer, waiting for room rather than losing it.
-    RecordTranscript(Record),
+    /// Hand this record to the writer, waiting for room rather than losing it: transcript
+    /// lines, and the call's start and end (the business's events are written with them).
+    RecordDurably(Record),
     /// Run this side work and report back.
     Spawn(TaskId, SideTask),
     /// The call is over: close both legs as the plan says. Always the last action.
@@ -532,7 +533,7 @@ impl<L: MediaLeg> CallCore<L> {
         self.parties = Parties::from_stream(parameter("from"), parameter("to"), direction);
         self.max_duration_at = self.agent.max_call_duration.map(|limit| now + limit);
         self.actions
-            .push_back(Action::Record(Record::StreamStarted {
+            .push_back(Action::RecordDurably(Record::StreamStarted {
                 call_sid: start.call_sid.to_string(),
                 stream_sid: start.stream_sid.to_string(),
                 agent: self.agent.name.clone(),
@@ -840,15 +841,16 @@ impl<L: MediaLeg> CallCore<L> {
             self.record_event("stream", "ended", Some(reason.label().to_owned()), now);
             let usage = self.usage;
             let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-            self.actions.push_back(Action::Record(Record::CallEnded {
-                call_sid: sid.to_string(),
-                end_reason: reason.label(),
-                openai_session_id: self.session_id.clone(),
-                input_tokens: tokens(usage.input_tokens),
-                output_tokens: tokens(usage.output_tokens),
-                total_tokens: tokens(usage.total_tokens),
-                at_ms: self.wall_ms(now),
-            }));
+            self.actions
+                .push_back(Action::RecordDurably(Record::CallEnded {
+                    call_sid: sid.to_string(),
+                    end_reason: reason.label(),
+                    openai_session_id: self.session_id.clone(),
+                    input_tokens: tokens(usage.input_tokens),
+                    output_tokens: tokens(usage.output_tokens),
+                    total_tokens: tokens(usage.total_tokens),
+                    at_ms: self.wall_ms(now),
+                }));
         }
         self.actions.push_back(Action::End(EndPlan::new(
             reason,
@@ -950,7 +952,7 @@ impl<L: MediaLeg> CallCore<L> {
                     text: correction.text,
                     truncated: correction.truncated,
                 };
-                self.actions.push_back(Action::RecordTranscript(record));
+                self.actions.push_back(Action::RecordDurably(record));
             }
         }
     }
@@ -979,7 +981,7 @@ impl<L: MediaLeg> CallCore<L> {
                 call_sid: call_sid.to_owned(),
                 line: line.clone(),
             };
-            self.actions.push_back(Action::RecordTranscript(record));
+            self.actions.push_back(Action::RecordDurably(record));
         }
         self.transcript.push(line);
     }

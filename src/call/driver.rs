@@ -197,8 +197,8 @@ where
                     }
                 }
                 Action::Record(record) => self.state.records.record(record),
-                Action::RecordTranscript(record) => {
-                    self.state.records.record_transcript(record).await;
+                Action::RecordDurably(record) => {
+                    self.state.records.record_durably(record).await;
                 }
                 Action::Spawn(id, task) => {
                     self.tasks

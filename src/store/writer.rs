@@ -49,8 +49,9 @@ impl RecordWriter {
         }
     }
 
-    /// Waits for room rather than lose a transcript line.
-    pub async fn record_transcript(&self, record: Record) {
+    /// Waits for room rather than lose the record: transcript lines, and a call's start and
+    /// end, which the business's events are made of.
+    pub async fn record_durably(&self, record: Record) {
         match self.queue.try_send(Command::Write(record)) {
             Err(mpsc::error::TrySendError::Full(command)) => {
                 self.metrics.store_transcript_waits.inc();
@@ -188,7 +189,7 @@ mod tests {
             truncated: false,
         };
         writer
-            .record_transcript(Record::Transcript {
+            .record_durably(Record::Transcript {
                 call_sid: "CA1".into(),
                 line,
             })

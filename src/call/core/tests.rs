@@ -381,7 +381,7 @@ fn barge_in_sends_clear_before_anything_else_then_truncates_at_what_was_heard() 
         "content_index": 0,
         "transcript": "one two three four five six seven eight nine ten"
     }));
-    assert!(matches!(recorded[0], Action::RecordTranscript(_)));
+    assert!(matches!(recorded[0], Action::RecordDurably(_)));
     // Twilio has played two of the five frames (40 ms) when the caller speaks.
     h.twilio(json!({"event": "mark", "mark": {"name": "m2"}}));
 
@@ -401,7 +401,7 @@ fn barge_in_sends_clear_before_anything_else_then_truncates_at_what_was_heard() 
     assert_eq!(sent[0]["audio_end_ms"], 90);
     assert!(matches!(
         actions.last(),
-        Some(Action::RecordTranscript(Record::TranscriptCorrection {
+        Some(Action::RecordDurably(Record::TranscriptCorrection {
             truncated: true,
             ..
         }))
@@ -488,7 +488,7 @@ fn assert_ends(
         "{name}"
     );
     let ended = actions.iter().find_map(|a| match a {
-        Action::Record(Record::CallEnded { end_reason, .. }) => Some(*end_reason),
+        Action::RecordDurably(Record::CallEnded { end_reason, .. }) => Some(*end_reason),
         _ => None,
     });
     assert_eq!(ended, Some(reason.label()), "{name}: the end is recorded");
