@@ -57,7 +57,7 @@ impl Default for EventSettings {
             ],
             give_up_after: 24 * 60 * MINUTE,
             request_timeout: Duration::from_secs(10),
-            lease: MINUTE,
+            lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             jitter: 0.2,
             concurrency: 8,
