@@ -19,6 +19,40 @@ use crate::twilio::rest::RestError;
 /// Largest API body accepted: a 4 KB call context plus room for the JSON around it.
 pub const MAX_JSON_BODY: usize = 16 * 1024;
 
+const DEFAULT_PAGE: i64 = 20;
+const MAX_PAGE: i64 = 100;
+
+/// A list route's `limit`: 20 when absent, 1 to 100 when given.
+pub fn page_limit(raw: Option<&str>) -> Result<i64, ApiError> {
+    match raw {
+        None => Ok(DEFAULT_PAGE),
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| {
+                ApiError::InvalidParameter(format!(
+                    "limit must be a whole number from 1 to {MAX_PAGE}, got {raw:?}"
+                ))
+            }),
+    }
+}
+
+/// A list route's `before`, which only a previous page's `next_before` can give.
+pub fn page_cursor<T>(
+    raw: Option<&str>,
+    decode: impl FnOnce(&str) -> Option<T>,
+) -> Result<Option<T>, ApiError> {
+    raw.map(|raw| {
+        decode(raw).ok_or_else(|| {
+            ApiError::InvalidParameter(
+                "before must be the next_before value of a previous page".into(),
+            )
+        })
+    })
+    .transpose()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("the API is disabled: set CALLBRIDGE_API_TOKEN to enable it")]
@@ -27,6 +61,10 @@ pub enum ApiError {
     Unauthorized,
     #[error("no call with this CallSid is known")]
     CallNotFound,
+    #[error("no event with this id is waiting or failed (a delivered event is not sent again)")]
+    EventNotFound,
+    #[error("events are not configured: set CALLBRIDGE_EVENTS_URL (see .env.example)")]
+    EventsDisabled,
     #[error("{0}")]
     InvalidParameter(String),
     #[error("{0}")]
@@ -104,6 +142,8 @@ impl ApiError {
             Self::Disabled => "api_disabled",
             Self::Unauthorized => "unauthorized",
             Self::CallNotFound => "call_not_found",
+            Self::EventNotFound => "event_not_found",
+            Self::EventsDisabled => "events_disabled",
             Self::InvalidParameter(_) => "invalid_parameter",
             Self::InvalidJson(_) => "invalid_json",
             Self::InvalidPhoneNumber(_) => "invalid_phone_number",
@@ -134,11 +174,12 @@ impl From<anyhow::Error> for ApiError {
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            Self::Disabled | Self::OutboundDisabled(_) | Self::Unavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Disabled
+            | Self::OutboundDisabled(_)
+            | Self::EventsDisabled
+            | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::CallNotFound => StatusCode::NOT_FOUND,
+            Self::CallNotFound | Self::EventNotFound => StatusCode::NOT_FOUND,
             Self::InvalidParameter(_) | Self::InvalidJson(_) => StatusCode::BAD_REQUEST,
             Self::InvalidPhoneNumber(_)
             | Self::ContextTooLong(_)

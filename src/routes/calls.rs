@@ -4,12 +4,9 @@ use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::api::{ApiCaller, ApiError};
+use super::api::{ApiCaller, ApiError, page_cursor, page_limit};
 use crate::state::AppState;
 use crate::store::models::ListCursor;
-
-const DEFAULT_PAGE: i64 = 20;
-const MAX_PAGE: i64 = 100;
 
 pub async fn get_call(
     _caller: ApiCaller,
@@ -35,26 +32,8 @@ pub async fn list_calls(
     state: web::Data<AppState>,
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let limit = match query.limit.as_deref() {
-        None => DEFAULT_PAGE,
-        Some(raw) => raw
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=MAX_PAGE).contains(n))
-            .ok_or_else(|| {
-                ApiError::InvalidParameter(format!(
-                    "limit must be a whole number from 1 to {MAX_PAGE}, got {raw:?}"
-                ))
-            })?,
-    };
-    let before = match query.before.as_deref() {
-        None => None,
-        Some(raw) => Some(ListCursor::decode(raw).ok_or_else(|| {
-            ApiError::InvalidParameter(
-                "before must be the next_before value of a previous page".into(),
-            )
-        })?),
-    };
+    let limit = page_limit(query.limit.as_deref())?;
+    let before = page_cursor(query.before.as_deref(), ListCursor::decode)?;
     let calls = state.store.list_calls(limit, before.as_ref()).await?;
     let next_before = (i64::try_from(calls.len()) == Ok(limit))
         .then(|| calls.last().map(|call| ListCursor::after(call).encode()))

@@ -2,6 +2,7 @@
 
 mod api;
 mod calls;
+mod events;
 mod health;
 mod messaging;
 mod metrics;
@@ -33,5 +34,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route(
             "/calls/{call_sid}/hangup",
             web::post().to(outbound::hang_up),
-        );
+        )
+        .route("/events", web::get().to(events::list_events))
+        .route("/events/{id}/retry", web::post().to(events::retry_event));
 }

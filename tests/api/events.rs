@@ -22,9 +22,10 @@ use callbridge_testkit::business::{Answer, BusinessRequest, FakeBusiness};
 use serde_json::{Value, json};
 
 use crate::calls::API_TOKEN;
+use crate::fake_twilio::{agent_audio, frame};
 use crate::helpers::{ManualClock, call_sid, spawn_app_with, test_config};
 use crate::store::fresh_databases;
-use crate::stream::connected_call;
+use crate::stream::{connected_call, delta};
 use callbridge_testkit::realtime::FakeRealtime;
 
 const USER: &str = "+5511999990000";
@@ -951,8 +952,30 @@ async fn a_call_announces_its_start_and_its_end_as_the_api_shows_it() {
     );
     assert_eq!(started_body["data"]["ended_at_ms"], Value::Null);
 
-    session.send(json!({"type":"response.output_audio_transcript.done","response_id":"resp","item_id":"item_a1","output_index":0,"content_index":0,"transcript":"Hello! How can I help?"}));
+    // The agent says a line, 2 s of audio; the caller hears 0.5 s of it, then barges in.
+    session
+        .send(json!({"type":"response.created","response":{"id":"resp","status":"in_progress"}}));
+    let mut marks = Vec::new();
+    for _ in 0..20 {
+        session.send(delta("resp", "item_a1", &agent_audio(100, 0x7F)));
+    }
+    for _ in 0..20 {
+        assert_eq!(twilio.recv().await["event"], "media");
+        marks.push(
+            twilio.recv().await["mark"]["name"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    session.send(json!({"type":"response.output_audio_transcript.done","response_id":"resp","item_id":"item_a1","output_index":0,"content_index":0,"transcript":"Hello! How can I help you with your order today, or with anything else?"}));
     app.call_with_lines(&sid, 1).await;
+    for name in &marks[..5] {
+        twilio.echo_mark(name).await;
+    }
+    twilio.media(0, &frame(0, 0)).await;
+    session.send(json!({"type":"input_audio_buffer.speech_started","audio_start_ms":500,"item_id":"item_user"}));
+    assert_eq!(twilio.recv().await["event"], "clear");
     twilio.stop().await;
     twilio.closed_within(Duration::from_secs(2)).await;
 
@@ -967,7 +990,16 @@ async fn a_call_announces_its_start_and_its_end_as_the_api_shows_it() {
         .await
         .unwrap();
     assert_eq!(ended_body["data"], shown);
-    assert_eq!(shown["transcript"][0]["text"], "Hello! How can I help?");
+    let line = &shown["transcript"][0];
+    assert_eq!(
+        line["truncated"], true,
+        "the event has the corrected line: {line}"
+    );
+    assert!(
+        line["text"].as_str().unwrap().len()
+            < "Hello! How can I help you with your order today, or with anything else?".len(),
+        "{line}"
+    );
     assert_ne!(started.header("webhook-id"), ended.header("webhook-id"));
     // The outcome is recorded once the business's answer is back.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -987,4 +1019,116 @@ async fn without_an_events_url_the_app_writes_and_sends_no_events() {
     let app = spawn_app_with(test_config(&[])).await;
     assert!(!app.state.store.events_enabled());
     assert!(app.state.events_worker.is_none());
+}
+
+#[tokio::test]
+async fn operators_list_deliveries_and_send_a_stopped_one_again() {
+    let business = FakeBusiness::start().await;
+    business.answer("/events", Answer::status(410));
+    let events_url = business.url("/events");
+    let mut config = test_config(&[
+        ("CALLBRIDGE_API_TOKEN", API_TOKEN),
+        ("CALLBRIDGE_WEBHOOK_SECRET", FakeBusiness::SECRET),
+        ("CALLBRIDGE_EVENTS_URL", events_url.as_str()),
+    ]);
+    config.events.poll_interval = Duration::from_millis(50);
+    let app = spawn_app_with(config).await;
+    grant(&app.state.store, USER, 1, app.state.clock.now_ms()).await;
+    let first = business.next_request("/events").await;
+    let id = first.header("webhook-id").unwrap().to_owned();
+
+    let stopped = wait_for_listed(&app, "stopped", &id).await;
+    assert_eq!(stopped["type"], "call_permission.updated");
+    assert_eq!(stopped["last_status"], 410);
+    assert_eq!(stopped["attempts"], 1);
+    let pending: Value = app
+        .api_get("/events?status=pending")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(pending["events"], json!([]));
+
+    business.answer("/events", Answer::status(204));
+    let retried = app
+        .http
+        .post(format!("{}/events/{id}/retry", app.address))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retried.status(), 200);
+    let again = business.next_request("/events").await;
+    assert_eq!(again.header("webhook-id"), Some(id.as_str()));
+    assert_eq!(again.body, first.body, "the same bytes");
+    wait_for_listed(&app, "delivered", &id).await;
+
+    // What the API refuses, and how.
+    for (request, status, code) in [
+        (
+            app.http
+                .post(format!("{}/events/msg_nope/retry", app.address)),
+            404,
+            "event_not_found",
+        ),
+        (
+            app.http.get(format!("{}/events?status=lost", app.address)),
+            400,
+            "invalid_parameter",
+        ),
+        (
+            app.http.get(format!("{}/events?limit=0", app.address)),
+            400,
+            "invalid_parameter",
+        ),
+        (
+            app.http.get(format!("{}/events?before=zz", app.address)),
+            400,
+            "invalid_parameter",
+        ),
+    ] {
+        let response = request.bearer_auth(API_TOKEN).send().await.unwrap();
+        assert_eq!(response.status(), status);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{body}");
+    }
+    let anonymous = app
+        .http
+        .get(format!("{}/events", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+
+    let without = spawn_app_with(test_config(&[("CALLBRIDGE_API_TOKEN", API_TOKEN)])).await;
+    let response = without.api_get("/events").await;
+    assert_eq!(response.status(), 503);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "events_disabled");
+}
+
+/// The delivery of event `id` once it is listed under `status`.
+async fn wait_for_listed(app: &crate::helpers::TestApp, status: &str, id: &str) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let page: Value = app
+            .api_get(&format!("/events?status={status}&limit=100"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        if let Some(found) = page["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["id"] == id)
+        {
+            return found.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id} never became {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
