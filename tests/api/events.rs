@@ -33,7 +33,7 @@ const DAY: i64 = 86_400_000;
 const SECOND: Duration = Duration::from_secs(1);
 
 /// A store that writes events, speaking for `machine`.
-async fn events_store(url: &str, machine: &str) -> Store {
+pub(crate) async fn events_store(url: &str, machine: &str) -> Store {
     let mut store = Store::connect_as(url, MachineId::parse(machine).unwrap())
         .await
         .unwrap();
@@ -379,7 +379,7 @@ async fn calls_ended_by_a_sweep_are_announced_too() {
 }
 
 /// Enqueues `n` events (revocations of distinct users) and returns their ids.
-async fn enqueue_events(store: &Store, n: usize, at_ms: i64) -> Vec<String> {
+pub(crate) async fn enqueue_events(store: &Store, n: usize, at_ms: i64) -> Vec<String> {
     for i in 0..n {
         let user = format!("+55119{i:08}");
         grant(store, &user, 9000, at_ms).await;

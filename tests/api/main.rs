@@ -7,6 +7,7 @@ mod business;
 mod calls;
 mod endings;
 mod events;
+mod events_durable;
 mod fake_twilio;
 mod hardening;
 mod helpers;
