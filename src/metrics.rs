@@ -344,6 +344,10 @@ pub struct Metrics {
     /// count is the shared backlog of every machine, so any machine's value (take the max) is
     /// the whole picture. It lags by at most one poll; 0 on a machine without events.
     pub events_pending: Gauge,
+    /// `agent_reconnects_total{outcome="ok"}`.
+    pub agent_reconnected: Counter,
+    /// `agent_reconnects_total{outcome="failed"}`: every attempt failed; the call ended.
+    pub agent_reconnect_failed: Counter,
 }
 
 impl Default for Metrics {
@@ -380,6 +384,7 @@ impl Default for Metrics {
         r.register_with_unit("tool_duration", "Time from a function call to its result, by tool", Unit::Seconds, tool_duration.clone());
         let context_requests = register(r, "context_requests", "Context lookups at call start, by outcome", Family::<ContextLabels, Counter>::default());
         let dtmf_digits = register(r, "dtmf_digits", "Keypresses (DTMF digits) received from callers", Counter::default());
+        let agent_reconnects = register(r, "agent_reconnects", "OpenAI sessions lost mid-call, by whether a new one took over", Family::<OutcomeLabels, Counter>::default());
         let event_deliveries = register(r, "event_deliveries", "Attempts to deliver events to CALLBRIDGE_EVENTS_URL, by event type and outcome", Family::<DeliveryLabels, Counter>::default());
         let events_pending = register(r, "events_pending", "Events waiting in the outbox for delivery (every machine's, as of the last delivery round)", Gauge::default());
         // Every series of the types this code writes exists from the start, at 0.
@@ -429,8 +434,15 @@ impl Default for Metrics {
             dtmf_digits,
             event_deliveries,
             events_pending,
+            agent_reconnected: agent_reconnects.get_or_create_owned(&OutcomeLabels { outcome: "ok" }),
+            agent_reconnect_failed: agent_reconnects.get_or_create_owned(&OutcomeLabels { outcome: "failed" }),
         }
     }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
 }
 
 fn latency_histogram() -> Histogram {

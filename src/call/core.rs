@@ -184,6 +184,8 @@ pub enum Action {
     PingAgent,
     /// Prepare the agent's transport (no credentials yet).
     PreconnectAgent,
+    /// Close the agent's session (it was lost, or is being replaced); a new one may follow.
+    CloseAgent,
     /// Open the authenticated agent session with this model, over the prepared transport.
     OpenAgent {
         model: String,
@@ -263,6 +265,9 @@ pub struct CallCore<L: MediaLeg> {
     max_duration_at: Option<Instant>,
     silence: acting::Silence,
     keypad: acting::Keypad,
+    /// The system messages the session was briefed with, for a session that replaces it.
+    system_messages: Vec<String>,
+    reconnect: Option<survival::Reconnect>,
 }
 
 impl<L: MediaLeg> CallCore<L> {
@@ -309,6 +314,8 @@ impl<L: MediaLeg> CallCore<L> {
             max_duration_at: None,
             silence: acting::Silence::default(),
             keypad: acting::Keypad::default(),
+            system_messages: Vec::new(),
+            reconnect: None,
         }
     }
 
@@ -330,6 +337,7 @@ impl<L: MediaLeg> CallCore<L> {
             start_deadline,
             self.briefing.deadline(),
             self.acting_deadline(),
+            self.reconnect_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -388,8 +396,16 @@ impl<L: MediaLeg> CallCore<L> {
             Input::AgentOpened => self.on_agent_opened(now),
             Input::AgentOpenFailed(error) => {
                 tracing::error!(%error, "cannot open the OpenAI Realtime session");
-                self.link = AgentLink::Failed;
-                self.end(EndReason::AgentUnreachable, now);
+                // A session that replaces a lost one failing is the call's agent failing.
+                let reason = if self.is_reconnecting() {
+                    EndReason::AgentFailed
+                } else {
+                    EndReason::AgentUnreachable
+                };
+                if !self.agent_lost(&error, now) {
+                    self.link = AgentLink::Failed;
+                    self.end(reason, now);
+                }
             }
             Input::AgentText(text) => {
                 self.agent_seen = now;
@@ -402,18 +418,15 @@ impl<L: MediaLeg> CallCore<L> {
             Input::AgentAlive => self.agent_seen = now,
             Input::AgentClosed(detail) => {
                 tracing::warn!(close = %detail, "OpenAI closed the session");
-                self.link = AgentLink::Closed;
-                self.end(EndReason::AgentFailed, now);
+                self.session_gone(&detail, now);
             }
             Input::AgentBroken(error) => {
                 tracing::warn!(%error, "the OpenAI socket broke");
-                self.link = AgentLink::Closed;
-                self.end(EndReason::AgentFailed, now);
+                self.session_gone(&error, now);
             }
             Input::AgentSendFailed => {
                 tracing::warn!("the OpenAI socket refused a frame");
-                self.link = AgentLink::Closed;
-                self.end(EndReason::AgentFailed, now);
+                self.session_gone("a frame was refused", now);
             }
 
             Input::TaskDone(id, output) => self.on_task_done(id, output, now),
@@ -588,8 +601,22 @@ impl<L: MediaLeg> CallCore<L> {
         }
     }
 
+    /// The session's socket is gone: a new session takes over if it can, else the call ends.
+    fn session_gone(&mut self, why: &str, now: Instant) {
+        if !self.agent_lost(why, now) {
+            self.link = AgentLink::Closed;
+            self.end(EndReason::AgentFailed, now);
+        }
+    }
+
     fn on_transport_failed(&mut self, error: &str, now: Instant) {
         tracing::error!(%error, "cannot reach the OpenAI Realtime server");
+        if self.is_reconnecting() {
+            if !self.agent_lost(error, now) {
+                self.end(EndReason::AgentFailed, now);
+            }
+            return;
+        }
         let authorised = matches!(self.link, AgentLink::Authorised);
         self.link = AgentLink::Failed;
         if authorised {
@@ -615,7 +642,7 @@ impl<L: MediaLeg> CallCore<L> {
         }
         self.agent_seen = now;
         self.link = AgentLink::AwaitingContext;
-        self.configure_agent_when_ready();
+        self.configure_agent_when_ready(now);
     }
 
     fn on_task_done(&mut self, id: TaskId, output: TaskOutput, now: Instant) {
@@ -746,6 +773,12 @@ impl<L: MediaLeg> CallCore<L> {
         self.record_event("openai_error", code, Some(error.message.clone()), now);
         // The error may be the refusal of a response we asked for: it will not come.
         self.tools.response_refused();
+        if code == "session_expired" {
+            // OpenAI's cap on a session's age: the call moves to a fresh one.
+            tracing::info!("the OpenAI session reached its time limit: moving to a new one");
+            self.session_gone("the session expired", now);
+            return;
+        }
         match error.severity() {
             ErrorSeverity::Benign => {
                 tracing::debug!(code, message = %error.message, "OpenAI reported a harmless race");
@@ -799,6 +832,7 @@ impl<L: MediaLeg> CallCore<L> {
         }
         self.briefing_timer(now);
         self.acting_timer(now);
+        self.reconnect_timer(now);
         if self.ended.is_some() || now < self.next_heartbeat {
             return;
         }
@@ -1016,5 +1050,6 @@ impl<L: MediaLeg> CallCore<L> {
 
 mod acting;
 mod briefing;
+mod survival;
 #[cfg(test)]
 mod tests;

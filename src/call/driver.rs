@@ -33,6 +33,9 @@ use crate::twilio::socket;
 use crate::webhooks::{BusinessError, WebhookId};
 
 type TwilioMessage = actix_ws::Message;
+
+/// How long closing a lost or replaced session may hold the call's loop.
+const LOST_SESSION_CLOSE: std::time::Duration = std::time::Duration::from_millis(100);
 type LocalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
 
 /// The agent dial in flight: first the transport, then (once `start` was checked) the upgrade.
@@ -188,6 +191,9 @@ where
                         Dial::Transport(dialer.preconnect().await)
                     }));
                 }
+                // Mid-call the audio waits for this: a lost socket refuses at once, and a live one
+                // (an expired session) takes its close frame at once too.
+                Action::CloseAgent => self.close_agent(LOST_SESSION_CLOSE).await,
                 Action::OpenAgent { model } => {
                     if let Some(prepared) = self.transport.take() {
                         let dialer = self.dialer;
@@ -308,17 +314,23 @@ where
         }
     }
 
-    /// Closes both legs as the plan says: the agent first (it must stop billing), then a
-    /// drain's hang-up, then the stream with the plan's code.
-    async fn close(&mut self, plan: &EndPlan, control: &impl CallControl, times: EndingTimes) {
-        if let Some(tx) = self.agent_tx.as_mut() {
+    /// Closes the agent's socket (a close frame if it still takes one) and forgets it, so a
+    /// lost session stops billing and a new one can take its place.
+    async fn close_agent(&mut self, within: std::time::Duration) {
+        if let Some(mut tx) = self.agent_tx.take() {
             let close = async {
                 let _ = tx.send(AgentMessage::Close(None)).await;
                 let _ = tx.close().await;
             };
-            let _ = tokio::time::timeout(times.agent_close_timeout, close).await;
+            let _ = tokio::time::timeout(within, close).await;
         }
         self.agent_rx = None;
+    }
+
+    /// Closes both legs as the plan says: the agent first (it must stop billing), then a
+    /// drain's hang-up, then the stream with the plan's code.
+    async fn close(&mut self, plan: &EndPlan, control: &impl CallControl, times: EndingTimes) {
+        self.close_agent(times.agent_close_timeout).await;
         self.dial = None;
         ending::hang_up_before_closing(plan, control, times).await;
         let reason = CloseReason {

@@ -630,6 +630,12 @@ pub fn user_text(text: &str) -> String {
     message("user", text)
 }
 
+/// What the agent said earlier, as the caller heard it: re-seeds a fresh session after the
+/// previous one was lost (assistant items take `output_text`; audio items cannot be created).
+pub fn assistant_text(text: &str) -> String {
+    message("assistant", text)
+}
+
 fn message(role: &'static str, text: &str) -> String {
     #[derive(Serialize)]
     struct Item<'a> {
@@ -648,7 +654,11 @@ fn message(role: &'static str, text: &str) -> String {
         kind: "message",
         role,
         content: [Content {
-            kind: "input_text",
+            kind: if role == "assistant" {
+                "output_text"
+            } else {
+                "input_text"
+            },
             text,
         }],
     })

@@ -4,7 +4,7 @@
 //! load generator, so that a frame's round trip crosses the bridge twice.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -25,6 +25,8 @@ pub struct FakeRealtime {
     /// Base URL to put in `OPENAI_REALTIME_URL`.
     pub url: String,
     upgrades: Arc<AtomicUsize>,
+    /// Set by [`FakeRealtime::refuse_new_sessions`]: upgrades are then answered 503.
+    refusing: Arc<AtomicBool>,
     sessions: Mutex<mpsc::UnboundedReceiver<FakeSession>>,
 }
 
@@ -51,12 +53,15 @@ impl FakeRealtime {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("ws://{}/v1/realtime", listener.local_addr().unwrap());
         let upgrades = Arc::new(AtomicUsize::new(0));
+        let refusing = Arc::new(AtomicBool::new(false));
         let (session_tx, session_rx) = mpsc::unbounded_channel();
         let counter = Arc::clone(&upgrades);
+        let refuse = Arc::clone(&refusing);
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let session_tx = session_tx.clone();
                 let counter = Arc::clone(&counter);
+                let refuse = Arc::clone(&refuse);
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
                     let mut path_and_query = String::new();
@@ -70,7 +75,11 @@ impl FakeRealtime {
                             .get("authorization")
                             .is_some_and(|v| v == format!("Bearer {API_KEY}").as_str());
                         let beta = request.headers().contains_key("openai-beta");
-                        if authorized && !beta {
+                        if refuse.load(Ordering::SeqCst) {
+                            let mut refusal = ErrorResponse::new(None);
+                            *refusal.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                            Err(refusal)
+                        } else if authorized && !beta {
                             Ok(response)
                         } else {
                             let mut refusal = ErrorResponse::new(None);
@@ -113,8 +122,15 @@ impl FakeRealtime {
         Self {
             url,
             upgrades,
+            refusing,
             sessions: Mutex::new(session_rx),
         }
+    }
+
+    /// From now on every upgrade is refused (503), as an OpenAI that cannot be reached would:
+    /// a call whose session is lost then finds no replacement.
+    pub fn refuse_new_sessions(&self) {
+        self.refusing.store(true, Ordering::SeqCst);
     }
 
     /// WebSocket upgrade requests seen (each would be a billed session at OpenAI).

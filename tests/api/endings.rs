@@ -85,6 +85,7 @@ async fn a_failed_agent_closes_the_stream_for_the_apology_then_hangs_up_through_
     let mut twilio = FakeTwilio::start_call(&e.app, &sid).await;
     let mut session = e.fake.next_session().await;
     session.expect_session_update().await;
+    e.fake.refuse_new_sessions();
     drop(session);
     let closed_at = Instant::now();
     assert_eq!(

@@ -15,4 +15,5 @@ mod outbound;
 mod server;
 mod store;
 mod stream;
+mod survival;
 mod voice;

@@ -301,7 +301,7 @@ async fn a_replayed_upgrade_is_refused_before_the_socket_exists() {
     let token = app.answer_call(&call_sid(1007)).await;
     let mut first = FakeTwilio::connect(&app, &token).await;
     first.start(&call_sid(1007), &token, ACCOUNT_SID).await;
-    fake.next_session().await;
+    let _session = fake.next_session().await;
     for _ in 0..3 {
         assert_eq!(FakeTwilio::refused_stream(&app, &token).await, 403);
     }
@@ -378,12 +378,21 @@ async fn twilio_stop_closes_the_openai_socket_within_a_second() {
 }
 
 #[tokio::test]
-async fn openai_dropping_the_socket_closes_the_twilio_stream() {
+async fn openai_dropping_the_socket_with_no_replacement_closes_the_twilio_stream() {
     let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[]).await;
     let (mut twilio, session) = connected_call(&app, &fake, &call_sid(1009)).await;
+    fake.refuse_new_sessions();
     drop(session);
-    assert!(twilio.closed_within(Duration::from_secs(5)).await.is_some());
+    assert_eq!(
+        twilio.closed_within(Duration::from_secs(8)).await,
+        Some(Some(1011))
+    );
+    assert_eq!(
+        fake.upgrades(),
+        4,
+        "the first session, then three attempts at another"
+    );
 }
 
 #[tokio::test]
@@ -398,7 +407,7 @@ async fn a_fatal_openai_error_closes_the_twilio_stream() {
         "input_audio_buffer.append",
         "a benign error is survived"
     );
-    session.send(json!({"type":"error","error":{"type":"invalid_request_error","code":"session_expired","message":"Your session hit the maximum duration of 60 minutes."}}));
+    session.send(json!({"type":"error","error":{"type":"invalid_request_error","code":"invalid_api_key","message":"Incorrect API key provided."}}));
     assert_eq!(
         twilio.closed_within(Duration::from_secs(5)).await,
         Some(Some(1011))
@@ -511,6 +520,7 @@ async fn an_openai_frame_declaring_more_than_1_mib_is_refused_at_its_header() {
     let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[]).await;
     let (mut twilio, mut session) = connected_call(&app, &fake, &call_sid(1018)).await;
+    fake.refuse_new_sessions();
     session.write_bytes(&text_frame_header(2 << 20, None));
     for _ in 0..4 {
         session.write_bytes(&TRICKLE);
@@ -518,7 +528,8 @@ async fn an_openai_frame_declaring_more_than_1_mib_is_refused_at_its_header() {
     assert_eq!(
         twilio.closed_within(Duration::from_secs(5)).await,
         Some(Some(1011)),
-        "the call ends (and the apology plays) after the header and a few KiB"
+        "the session is dropped after the header and a few KiB; with no replacement the call \
+         ends and the apology plays"
     );
     assert!(session.closed_within(Duration::from_secs(1)).await);
     assert_eq!(

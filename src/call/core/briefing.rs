@@ -116,7 +116,7 @@ impl<L: MediaLeg> CallCore<L> {
             self.ask_for_context(&variables, now);
         }
         self.briefing.outbound = Lookup::Known(found);
-        self.configure_agent_when_ready();
+        self.configure_agent_when_ready(now);
     }
 
     /// The context endpoint answered (or failed); a late answer finds the briefing complete
@@ -148,7 +148,7 @@ impl<L: MediaLeg> CallCore<L> {
             }
             Err((outcome, why)) => self.context_failed(outcome, why, now),
         }
-        self.configure_agent_when_ready();
+        self.configure_agent_when_ready(now);
     }
 
     pub(super) fn briefing_timer(&mut self, now: Instant) {
@@ -159,7 +159,7 @@ impl<L: MediaLeg> CallCore<L> {
         {
             let why = self.context_timeout_reason();
             self.context_failed(ContextOutcome::Timeout, why, now);
-            self.configure_agent_when_ready();
+            self.configure_agent_when_ready(now);
         }
     }
 
@@ -179,8 +179,12 @@ impl<L: MediaLeg> CallCore<L> {
 
     /// Configures the fresh session once both it and the call's briefing are there, then sends
     /// the caller audio that arrived meanwhile.
-    pub(super) fn configure_agent_when_ready(&mut self) {
+    pub(super) fn configure_agent_when_ready(&mut self, now: Instant) {
         if !matches!(self.link, AgentLink::AwaitingContext) || !self.briefing.is_complete() {
+            return;
+        }
+        if self.is_reconnecting() {
+            self.configure_reconnected(now);
             return;
         }
         let outbound = match &self.briefing.outbound {
@@ -212,6 +216,7 @@ impl<L: MediaLeg> CallCore<L> {
             self.tools.note_response_requested();
         }
         self.instructions = brief.instructions;
+        self.system_messages = brief.system_messages;
         self.flush_early_audio();
         self.link = AgentLink::Ready;
     }

@@ -517,16 +517,45 @@ fn every_way_the_media_leg_ends_a_call_has_its_reason_and_close_code() {
     assert_ends("broken", |h| h.feed(input()), broken);
 }
 
+/// Loses the session with `loss`, then has each of the three attempts at a new one fail;
+/// returns the actions of the last failure.
+fn lose_and_fail_reconnects(h: &mut Harness, loss: Input<'_>) -> Vec<Action> {
+    let actions = h.feed(loss);
+    assert!(actions.contains(&Action::CloseAgent), "{actions:?}");
+    assert!(!h.core.is_ended(), "a new session is tried first");
+    let mut last = Vec::new();
+    for delay in [0, 500, 2000] {
+        h.advance(Duration::from_millis(delay));
+        assert_eq!(
+            h.core.poll_timeout(),
+            Some(h.now),
+            "attempt after {delay} ms"
+        );
+        assert!(h.feed(Input::Timer).contains(&Action::PreconnectAgent));
+        last = h.feed(Input::AgentTransportFailed("refused".into()));
+    }
+    last
+}
+
 #[test]
 fn every_way_the_agent_or_a_drain_ends_a_call_has_its_reason_close_code_and_hang_up() {
     let failed = (EndReason::AgentFailed, 1011, RestHangUp::AfterApology);
+    // A lost session is replaced first; the call ends once three new ones were refused.
     let closed = || Input::AgentClosed("1000".into());
-    assert_ends("agent closed", |h| h.feed(closed()), failed);
+    assert_ends(
+        "agent closed",
+        |h| lose_and_fail_reconnects(h, closed()),
+        failed,
+    );
     let broken = || Input::AgentBroken("reset".into());
-    assert_ends("agent broken", |h| h.feed(broken()), failed);
+    assert_ends(
+        "agent broken",
+        |h| lose_and_fail_reconnects(h, broken()),
+        failed,
+    );
     assert_ends(
         "refused a frame",
-        |h| h.feed(Input::AgentSendFailed),
+        |h| lose_and_fail_reconnects(h, Input::AgentSendFailed),
         failed,
     );
     let fatal = json!({"type": "error", "error": {"type": "invalid_request_error", "code": "invalid_api_key", "message": "bad key"}});
@@ -643,3 +672,60 @@ fn the_summary_has_the_transcript_in_order_with_speakers_and_usage() {
 }
 
 mod acting;
+
+#[test]
+fn a_lost_session_is_replaced_reseeded_and_fed_the_audio_of_the_gap_in_order() {
+    let mut h = Harness::new();
+    h.ready();
+    h.agent(json!({"type":"conversation.item.input_audio_transcription.completed","item_id":"u1","content_index":0,"transcript":"Where is my order?"}));
+    h.agent(json!({"type":"response.output_audio_transcript.done","response_id":"r1","item_id":"a1","output_index":0,"content_index":0,"transcript":"It ships tomorrow."}));
+    let lost = h.feed(Input::AgentBroken("reset".into()));
+    assert!(lost.contains(&Action::CloseAgent), "{lost:?}");
+    assert_eq!(h.core.agent_link(), &AgentLink::Closed);
+
+    // The caller keeps talking while there is no session: held, not lost.
+    let gap: Vec<String> = ['A', 'B', 'C'].into_iter().map(frame_of).collect();
+    for payload in &gap {
+        assert!(to_agent(&h.media(payload)).is_empty());
+    }
+    assert!(h.feed(Input::Timer).contains(&Action::PreconnectAgent));
+    assert!(
+        h.feed(Input::AgentTransportReady)
+            .contains(&Action::OpenAgent {
+                model: "gpt-realtime-mini".into()
+            })
+    );
+    let sent = to_agent(&h.feed(Input::AgentOpened));
+    assert_eq!(sent[0]["type"], "session.update");
+    assert_eq!(sent[0]["session"]["instructions"], "Be brief.");
+    assert_eq!(sent[1]["item"]["role"], "user");
+    assert_eq!(
+        sent[1]["item"]["content"][0],
+        json!({"type":"input_text","text":"Where is my order?"})
+    );
+    assert_eq!(sent[2]["item"]["role"], "assistant");
+    assert_eq!(
+        sent[2]["item"]["content"][0],
+        json!({"type":"output_text","text":"It ships tomorrow."})
+    );
+    let appended: Vec<&str> = sent[3..]
+        .iter()
+        .map(|event| event["audio"].as_str().unwrap())
+        .collect();
+    assert_eq!(appended, gap.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(h.core.agent_link(), &AgentLink::Ready);
+    assert_eq!(h.metrics.agent_reconnected.get(), 1);
+    // Audio flows straight to the new session again.
+    assert_eq!(to_agent(&h.media(FRAME))[0]["audio"], FRAME);
+}
+
+#[test]
+fn an_expired_session_moves_the_call_to_a_new_one() {
+    let mut h = Harness::new();
+    h.ready();
+    let expired = json!({"type":"error","error":{"type":"invalid_request_error","code":"session_expired","message":"Your session hit the maximum duration of 60 minutes."}});
+    let actions = h.agent(expired);
+    assert!(actions.contains(&Action::CloseAgent), "{actions:?}");
+    assert!(!h.core.is_ended());
+    assert!(h.feed(Input::Timer).contains(&Action::PreconnectAgent));
+}

@@ -137,8 +137,13 @@ impl AgentDialer for ChannelDialer {
         if self.failure == DialFailure::Open {
             return Err(DialError::Timeout(self.open_delay));
         }
-        let halves = self.halves.lock().unwrap().take();
-        Ok(halves.expect("open is called at most once per call"))
+        // The fake has one session's halves: a second session (replacing a lost one) is
+        // refused, as an unreachable OpenAI would refuse it.
+        self.halves
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or(DialError::Timeout(Duration::ZERO))
     }
 }
 
@@ -1161,7 +1166,13 @@ async fn a_failed_agent_is_hung_up_after_the_apology_and_holds_its_slot_until_th
     let mut h = Harness::new().await;
     h.ready().await;
     h.agent_vanishes();
-    h.settle().await;
+    // Three attempts at a new session (at once, 0.5 s and 2 s later) are refused first.
+    h.advance(Duration::from_secs(3)).await;
+    assert_eq!(
+        h.dials.opens.load(Ordering::SeqCst),
+        4,
+        "the first and three more"
+    );
     assert_eq!(h.twilio_pending(), [twilio_close(CloseCode::Error)]);
     assert_eq!(
         h.control.hang_ups(),
@@ -1233,7 +1244,7 @@ async fn the_openai_socket_ending_closes_twilio_with_an_error() {
 async fn a_fatal_openai_error_ends_the_call() {
     let mut h = Harness::new().await;
     h.ready().await;
-    h.agent(openai_error("session_expired"));
+    h.agent(openai_error("invalid_api_key"));
     assert_eq!(h.ended().await.end_reason, EndReason::AgentFailed);
     assert_eq!(h.twilio_pending(), [twilio_close(CloseCode::Error)]);
     assert_eq!(h.metrics().openai_errors.get(), 1);
