@@ -4,6 +4,7 @@
 //! touching the process environment (which is `unsafe` to mutate once threads exist).
 
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +42,9 @@ pub struct Config {
     pub twilio_auth_token: SecretString,
     pub openai_api_key: SecretString,
     pub public_base_url: PublicBaseUrl,
+    /// `HOST`: the address to listen on. Loopback by default, so a server started on a laptop
+    /// is reachable through its tunnel only; containers set `0.0.0.0`.
+    pub host: IpAddr,
     pub port: u16,
     pub twilio_whatsapp_number: Option<E164>,
     pub twilio_call_permission_content_sid: Option<ContentSid>,
@@ -80,6 +84,36 @@ pub struct Config {
     /// `FLY_MACHINE_ID`: a name that survives restarts, so a restarted machine records the
     /// calls it was cut off from at once. Without it each process start gets a random one.
     pub machine_id: Option<MachineId>,
+    /// The variables that still hold the fake value `.env.example` gives them: the server
+    /// starts with them, but Twilio and OpenAI refuse them, so startup warns about each.
+    pub placeholders: Vec<&'static str>,
+}
+
+/// `.env.example`, whose fake values the server recognises (`Config::placeholders`).
+const ENV_EXAMPLE: &str = include_str!("../.env.example");
+
+/// The variables whose example value is a stand-in for the operator's own (an account, a key,
+/// a number, a URL), as opposed to a default that is fine to keep.
+const PLACEHOLDER_VARIABLES: [&str; 9] = [
+    "TWILIO_ACCOUNT_SID",
+    "TWILIO_AUTH_TOKEN",
+    "OPENAI_API_KEY",
+    "PUBLIC_BASE_URL",
+    "TWILIO_WHATSAPP_NUMBER",
+    "TWILIO_CALL_PERMISSION_CONTENT_SID",
+    "CALLBRIDGE_API_TOKEN",
+    "CALLBRIDGE_WEBHOOK_SECRET",
+    "CALLBRIDGE_EVENTS_URL",
+];
+
+/// The value `.env.example` shows for `name`, set or commented out (`# NAME=value`), without
+/// the quotes a `.env` reader would strip.
+fn example_value(name: &str) -> Option<&'static str> {
+    ENV_EXAMPLE.lines().find_map(|line| {
+        let line = line.trim_start_matches('#').trim_start();
+        let value = line.strip_prefix(name)?.strip_prefix('=')?.trim();
+        Some(value.trim_matches('"'))
+    })
 }
 
 /// `PUBLIC_BASE_URL` without a trailing slash. Every URL we sign-check or hand to Twilio is built
@@ -373,6 +407,11 @@ fn database_url(raw: &str) -> Result<String, String> {
     }
 }
 
+fn listen_address(raw: &str) -> Result<IpAddr, String> {
+    raw.parse()
+        .map_err(|_| format!("must be an IP address such as 127.0.0.1, 0.0.0.0 or ::, got {raw:?}"))
+}
+
 fn port_number(raw: &str) -> Result<u16, String> {
     raw.parse()
         .map_err(|_| format!("must be a port number (0-65535), got {raw:?}"))
@@ -427,6 +466,7 @@ impl Config {
                 .ok()
         });
 
+        let host = r.parsed("HOST", IpAddr::V4(Ipv4Addr::LOCALHOST), listen_address);
         let port = r.parsed("PORT", 8080u16, port_number);
         let whatsapp_number = r.parsed("TWILIO_WHATSAPP_NUMBER", None, whatsapp_sender);
         let content_sid = r.parsed("TWILIO_CALL_PERMISSION_CONTENT_SID", None, |raw| {
@@ -464,6 +504,13 @@ impl Config {
         let log_format = r.parsed("LOG_FORMAT", LogFormat::Pretty, log_format);
 
         let machine_id = r.parsed("FLY_MACHINE_ID", None, machine_id);
+        let placeholders = PLACEHOLDER_VARIABLES
+            .into_iter()
+            .filter(|name| {
+                r.optional(name)
+                    .is_some_and(|v| Some(v.as_str()) == example_value(name))
+            })
+            .collect();
 
         let (
             Some(twilio_account_sid),
@@ -489,6 +536,7 @@ impl Config {
             twilio_auth_token: SecretString::from(auth_token),
             openai_api_key: SecretString::from(openai_api_key),
             public_base_url,
+            host,
             port,
             twilio_whatsapp_number: whatsapp_number,
             twilio_call_permission_content_sid: content_sid,
@@ -513,6 +561,7 @@ impl Config {
             twilio_request_timeout: crate::twilio::rest::DEFAULT_REQUEST_TIMEOUT,
             call: CallSettings::default(),
             machine_id,
+            placeholders,
         })
     }
 }
@@ -557,6 +606,7 @@ mod tests {
     fn minimal_environment_gets_spec_defaults() {
         let config = Config::from_lookup(env(MINIMAL)).unwrap();
         assert_eq!(config.public_base_url.as_str(), "https://abc.ngrok.app");
+        assert_eq!(config.host, IpAddr::V4(Ipv4Addr::LOCALHOST));
         assert_eq!(config.port, 8080);
         assert_eq!(config.twilio_api_base_url, "https://api.twilio.com");
         assert_eq!(
@@ -584,6 +634,7 @@ mod tests {
         pairs[0] = ("TWILIO_ACCOUNT_SID", "XX123");
         pairs.extend([
             ("PORT", "eighty"),
+            ("HOST", "localhost:8080"),
             ("MAX_CONCURRENT_CALLS", "0"),
             ("LOG_FORMAT", "xml"),
             ("OPENAI_REALTIME_URL", "https://api.openai.com/v1/realtime"),
@@ -596,6 +647,7 @@ mod tests {
         for variable in [
             "TWILIO_ACCOUNT_SID",
             "PORT",
+            "HOST",
             "MAX_CONCURRENT_CALLS",
             "LOG_FORMAT",
             "OPENAI_REALTIME_URL",
@@ -609,7 +661,58 @@ mod tests {
                 "{variable} not reported in {errors:?}"
             );
         }
-        assert_eq!(errors.len(), 9);
+        assert_eq!(errors.len(), 10);
+    }
+
+    #[test]
+    fn host_takes_any_ip_address() {
+        for (raw, expected) in [
+            ("0.0.0.0", IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            ("::", IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)),
+            ("::1", IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)),
+        ] {
+            let mut pairs = MINIMAL.to_vec();
+            pairs.push(("HOST", raw));
+            assert_eq!(Config::from_lookup(env(&pairs)).unwrap().host, expected);
+        }
+    }
+
+    #[test]
+    fn every_placeholder_variable_has_an_example_value() {
+        for name in PLACEHOLDER_VARIABLES {
+            assert!(example_value(name).is_some(), "{name} not in .env.example");
+        }
+        assert_eq!(
+            example_value("OPENAI_API_KEY"),
+            Some("sk-replace-with-your-openai-api-key")
+        );
+    }
+
+    #[test]
+    fn the_example_values_are_recognised_as_placeholders() {
+        let config = Config::from_lookup(env(MINIMAL)).unwrap();
+        assert!(config.placeholders.is_empty(), "{:?}", config.placeholders);
+
+        let example: Vec<(&str, &str)> = [
+            "TWILIO_ACCOUNT_SID",
+            "OPENAI_API_KEY",
+            "CALLBRIDGE_API_TOKEN",
+        ]
+        .into_iter()
+        .map(|name| (name, example_value(name).unwrap()))
+        .collect();
+        let mut pairs = MINIMAL.to_vec();
+        pairs.retain(|(name, _)| !example.iter().any(|(n, _)| n == name));
+        pairs.extend(example);
+        let config = Config::from_lookup(env(&pairs)).unwrap();
+        assert_eq!(
+            config.placeholders,
+            [
+                "TWILIO_ACCOUNT_SID",
+                "OPENAI_API_KEY",
+                "CALLBRIDGE_API_TOKEN"
+            ]
+        );
     }
 
     #[test]

@@ -44,7 +44,7 @@ fn main() -> ExitCode {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let app = Application::build(config).await?;
-    tracing::info!(port = app.port(), "callbridge listening");
+    tracing::info!(address = %app.address(), "callbridge listening");
     app.run_until_stopped().await?;
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Builds the HTTP server from a `Config` and runs it until a drain completes; reloads
 //! `AGENTS_FILE` on `SIGHUP`.
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +30,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 const STOP_NOW_GRACE: Duration = Duration::from_secs(1);
 
 pub struct Application {
-    port: u16,
+    address: SocketAddr,
     server: Server,
     state: Arc<AppState>,
     /// `SIGHUP`, when there is an agents file to reload on it.
@@ -38,17 +38,19 @@ pub struct Application {
 }
 
 impl Application {
-    /// Binds `0.0.0.0:{PORT}` (port 0 picks a free port, as tests do) and prepares the server.
+    /// Binds `{HOST}:{PORT}` (port 0 picks a free port, as tests do) and prepares the server.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         Self::build_with_clock(config, Arc::new(SystemClock)).await
     }
 
     /// As `build`, measuring consent windows and call limits by `clock` (tests move it by days).
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind(("0.0.0.0", config.port))
-            .with_context(|| format!("cannot listen on port {}", config.port))?;
-        let port = listener.local_addr()?.port();
+        let requested = SocketAddr::new(config.host, config.port);
+        let listener = TcpListener::bind(requested)
+            .with_context(|| format!("cannot listen on {requested} (HOST and PORT)"))?;
+        let address = listener.local_addr()?;
         let state = AppState::build_with_clock(config, clock).await?;
+        announce(&state.config);
         // Installed before the server listens, so from the moment it answers a SIGHUP
         // reloads the agents instead of ending the process (the signal's default).
         let hangup = match state.config.agents_file {
@@ -84,7 +86,7 @@ impl Application {
         .listen(listener)?
         .run();
         Ok(Self {
-            port,
+            address,
             server,
             state,
             hangup,
@@ -92,7 +94,12 @@ impl Application {
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.address.port()
+    }
+
+    /// The address the server listens on, as bound (`HOST`, and the port picked for port 0).
+    pub fn address(&self) -> SocketAddr {
+        self.address
     }
 
     /// Shared state, so callers (tests, `main`) can start a drain or read metrics.
@@ -121,6 +128,70 @@ impl Application {
         record_exit(&state).await;
         served
     }
+}
+
+/// What a new operator needs to see at startup: the URLs Twilio's console wants, which optional
+/// features the configuration turns on, and any value still copied from `.env.example`.
+fn announce(config: &Config) {
+    for (setting, url) in twilio_urls(config) {
+        tracing::info!("paste into Twilio, {setting}: {url}");
+    }
+    tracing::info!("features: {}", features(config));
+    for name in &config.placeholders {
+        tracing::warn!(
+            "{name} still has the example value from .env.example: Twilio and OpenAI will refuse it; set your own"
+        );
+    }
+}
+
+/// Where each of our webhooks goes in Twilio's console, and its URL.
+fn twilio_urls(config: &Config) -> [(&'static str, String); 3] {
+    let base = &config.public_base_url;
+    [
+        ("TwiML App Voice Request URL (POST)", base.join("/voice")),
+        (
+            "TwiML App Status Callback URL (POST)",
+            base.join("/voice/status"),
+        ),
+        (
+            "WhatsApp sender's incoming-message webhook (POST)",
+            base.join("/messaging"),
+        ),
+    ]
+}
+
+/// One phrase per optional feature: on, or off with the variable that turns it on.
+fn features(config: &Config) -> String {
+    let outbound = match (
+        &config.twilio_whatsapp_number,
+        &config.twilio_call_permission_content_sid,
+    ) {
+        (Some(_), Some(_)) => "outbound calling on".to_owned(),
+        _ => "outbound calling off (set TWILIO_WHATSAPP_NUMBER and TWILIO_CALL_PERMISSION_CONTENT_SID)"
+            .to_owned(),
+    };
+    let api = if config.api_token.is_some() {
+        "API on"
+    } else {
+        "API off (set CALLBRIDGE_API_TOKEN)"
+    };
+    let agents = if config.agents_file.is_some() {
+        let names: Vec<&str> = config
+            .agents
+            .profiles()
+            .iter()
+            .map(|agent| agent.name.as_str())
+            .collect();
+        format!("agents by name on ({})", names.join(", "))
+    } else {
+        "agents by name off (one agent, \"default\"; set AGENTS_FILE)".to_owned()
+    };
+    let events = if config.events_url.is_some() {
+        "events on"
+    } else {
+        "events off (set CALLBRIDGE_EVENTS_URL)"
+    };
+    format!("{outbound}, {api}, {agents}, {events}")
 }
 
 struct Connections {
@@ -314,5 +385,74 @@ async fn reload_on_hangup(state: Arc<AppState>, mut hangup: Signal) {
         tracing::info!("SIGHUP received: reloading AGENTS_FILE");
         // Both outcomes are logged by `reload_agents`.
         let _ = reload_agents(&state).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> Config {
+        let mut all = vec![
+            ("TWILIO_ACCOUNT_SID", "AC0123456789abcdef0123456789abcdef"),
+            ("TWILIO_AUTH_TOKEN", "secret-token"),
+            ("OPENAI_API_KEY", "sk-test"),
+            ("PUBLIC_BASE_URL", "https://abc.ngrok.app/"),
+        ];
+        all.extend_from_slice(pairs);
+        Config::from_lookup(|name| {
+            all.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| (*v).to_owned())
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn the_twilio_urls_are_built_from_the_public_base_url() {
+        let urls: Vec<String> = twilio_urls(&config(&[]))
+            .into_iter()
+            .map(|(_, url)| url)
+            .collect();
+        assert_eq!(
+            urls,
+            [
+                "https://abc.ngrok.app/voice",
+                "https://abc.ngrok.app/voice/status",
+                "https://abc.ngrok.app/messaging",
+            ]
+        );
+    }
+
+    #[test]
+    fn features_say_what_is_on_and_what_turns_the_rest_on() {
+        assert_eq!(
+            features(&config(&[])),
+            "outbound calling off (set TWILIO_WHATSAPP_NUMBER and TWILIO_CALL_PERMISSION_CONTENT_SID), \
+             API off (set CALLBRIDGE_API_TOKEN), agents by name off (one agent, \"default\"; set AGENTS_FILE), \
+             events off (set CALLBRIDGE_EVENTS_URL)"
+        );
+        let token = "t".repeat(32);
+        let on = config(&[
+            ("TWILIO_WHATSAPP_NUMBER", "+15550001111"),
+            (
+                "TWILIO_CALL_PERMISSION_CONTENT_SID",
+                "HX0123456789abcdef0123456789abcdef",
+            ),
+            ("CALLBRIDGE_API_TOKEN", &token),
+            ("CALLBRIDGE_EVENTS_URL", "http://127.0.0.1:9/events"),
+            (
+                "CALLBRIDGE_WEBHOOK_SECRET",
+                "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            ),
+            (
+                "AGENTS_FILE",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/agents.example.toml"),
+            ),
+        ]);
+        assert_eq!(
+            features(&on),
+            "outbound calling on, API on, agents by name on (support, sales), events on"
+        );
     }
 }

@@ -93,25 +93,11 @@ fn free_port() -> u16 {
         .port()
 }
 
-#[test]
-fn a_complete_env_file_serves_on_port_and_sigterm_exits_cleanly() {
-    let dir = empty_dir("serve");
-    let port = free_port();
-    std::fs::write(
-        dir.join(".env"),
-        format!(
-            "TWILIO_ACCOUNT_SID=AC0123456789abcdef0123456789abcdef\n\
-             TWILIO_AUTH_TOKEN=super-secret-token\n\
-             OPENAI_API_KEY=sk-live-secret\n\
-             PUBLIC_BASE_URL=https://example.ngrok.app\n\
-             PORT={port}\n\
-             DATABASE_URL=sqlite://{}/callbridge.db?mode=rwc\n",
-            dir.display()
-        ),
-    )
-    .unwrap();
+/// Starts the binary in `dir` (whose `.env` sets PORT to `port`), waits until `/healthz`
+/// answers 200, sends SIGTERM, and returns everything it logged once it exited with 0.
+fn serve_until_sigterm(dir: &std::path::Path, port: u16) -> String {
     let mut child = Command::new(BINARY)
-        .current_dir(&dir)
+        .current_dir(dir)
         .env_clear()
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
@@ -130,7 +116,10 @@ fn a_complete_env_file_serves_on_port_and_sigterm_exits_cleanly() {
             let _ = stream.read_to_string(&mut reply);
             break reply.starts_with("HTTP/1.1 200");
         }
-        assert!(Instant::now() < deadline, "server did not start listening");
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("server did not start listening");
+        }
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(healthy);
@@ -168,8 +157,77 @@ fn a_complete_env_file_serves_on_port_and_sigterm_exits_cleanly() {
         .unwrap()
         .read_to_string(&mut logs)
         .unwrap();
+    logs
+}
+
+#[test]
+fn a_complete_env_file_serves_on_port_and_sigterm_exits_cleanly() {
+    let dir = empty_dir("serve");
+    let port = free_port();
+    std::fs::write(
+        dir.join(".env"),
+        format!(
+            "TWILIO_ACCOUNT_SID=AC0123456789abcdef0123456789abcdef\n\
+             TWILIO_AUTH_TOKEN=super-secret-token\n\
+             OPENAI_API_KEY=sk-live-secret\n\
+             PUBLIC_BASE_URL=https://example.ngrok.app\n\
+             PORT={port}\n\
+             DATABASE_URL=sqlite://{}/callbridge.db?mode=rwc\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let logs = serve_until_sigterm(&dir, port);
     assert!(logs.contains("SIGTERM"), "{logs}");
     assert!(!logs.contains("super-secret-token") && !logs.contains("sk-live-secret"));
+    // Loopback unless HOST says otherwise.
+    assert!(logs.contains(&format!("127.0.0.1:{port}")), "{logs}");
+    for url in ["/voice", "/voice/status", "/messaging"] {
+        assert!(
+            logs.lines().any(|line| line.contains("paste into Twilio")
+                && line.contains(&format!("https://example.ngrok.app{url}"))),
+            "{url}: {logs}"
+        );
+    }
+    assert!(
+        logs.lines()
+            .any(|line| line.contains("features: outbound calling off")
+                && line.contains("API off")
+                && line.contains("agents by name off")
+                && line.contains("events off")),
+        "{logs}"
+    );
+    assert!(!logs.contains("example value"), "{logs}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_example_env_file_starts_with_one_warning_per_placeholder() {
+    let dir = empty_dir("example");
+    let port = free_port();
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.env.example")).unwrap();
+    std::fs::write(
+        dir.join(".env"),
+        format!(
+            "{example}\nPORT={port}\nDATABASE_URL=sqlite://{}/callbridge.db?mode=rwc\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let logs = serve_until_sigterm(&dir, port);
+    let warnings: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains("still has the example value from .env.example"))
+        .collect();
+    assert_eq!(warnings.len(), REQUIRED.len(), "{logs}");
+    for (warning, variable) in warnings.iter().zip(REQUIRED) {
+        assert!(
+            warning.contains("WARN") && warning.contains(variable),
+            "{logs}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
