@@ -268,3 +268,119 @@ fn a_bad_agents_file_names_its_line_and_key_and_exits_2() {
     assert_eq!(stderr.lines().count(), 2, "one line per problem: {stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn version_prints_the_package_version() {
+    for flag in ["--version", "-V", "version"] {
+        let output = Command::new(BINARY).arg(flag).env_clear().output().unwrap();
+        assert_eq!(output.status.code(), Some(0));
+        assert_eq!(
+            String::from_utf8(output.stdout).unwrap(),
+            format!("callbridge {}\n", env!("CARGO_PKG_VERSION"))
+        );
+    }
+}
+
+/// The string literals of `source` (its test module left out) that `pick` accepts, e.g.
+/// environment variable names. A small scanner: comments, `'"'` and raw strings are skipped so
+/// their quotes do not shift which text counts as inside a literal.
+fn literals(source: &str, pick: impl Fn(&str) -> bool) -> Vec<String> {
+    let code = source.split("#[cfg(test)]").next().unwrap();
+    let mut found = Vec::new();
+    let mut rest = code;
+    while let Some(c) = rest.chars().next() {
+        if rest.starts_with("//") {
+            rest = rest.find('\n').map_or("", |end| &rest[end..]);
+        } else if rest.starts_with("'\"'") {
+            rest = &rest[3..];
+        } else if rest.starts_with("r#\"") {
+            rest = rest[3..].find("\"#").map_or("", |end| &rest[3 + end + 2..]);
+        } else if c == '"' {
+            let mut literal = String::new();
+            let mut chars = rest[1..].char_indices();
+            let mut end = rest.len() - 1;
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, escaped)) = chars.next() {
+                            literal.push(escaped);
+                        }
+                    }
+                    '"' => {
+                        end = i + 1;
+                        break;
+                    }
+                    c => literal.push(c),
+                }
+            }
+            if pick(&literal) {
+                found.push(literal);
+            }
+            rest = &rest[1 + end..];
+        } else {
+            rest = &rest[c.len_utf8()..];
+        }
+    }
+    found
+}
+
+#[test]
+fn help_lists_the_commands_every_variable_and_every_route() {
+    let output = Command::new(BINARY)
+        .arg("--help")
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let help = String::from_utf8(output.stdout).unwrap();
+    for command in ["serve", "help", "version"] {
+        assert!(
+            help.contains(&format!("\n  {command} ")),
+            "{command}: {help}"
+        );
+    }
+
+    let config =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/config.rs")).unwrap();
+    let variables = literals(&config, |literal| {
+        literal.len() > 2
+            && literal.starts_with(|c: char| c.is_ascii_uppercase())
+            && literal
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+    });
+    assert!(variables.len() > 20, "{variables:?}");
+    for variable in variables.iter().map(String::as_str).chain(["RUST_LOG"]) {
+        assert!(
+            help.lines()
+                .any(|line| line.trim_start().starts_with(&format!("{variable} "))),
+            "{variable} is read but --help does not explain it"
+        );
+    }
+
+    let routes =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/routes/mod.rs")).unwrap();
+    let paths = literals(&routes, |literal| literal.starts_with('/'));
+    assert!(paths.len() > 10, "{paths:?}");
+    for path in paths {
+        assert!(
+            help.contains(&format!(" {path} ")),
+            "route {path} is not in --help"
+        );
+    }
+}
+
+#[test]
+fn an_unknown_command_exits_2_and_points_at_help() {
+    let output = Command::new(BINARY)
+        .arg("srve")
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("\"srve\"") && stderr.contains("--help"),
+        "{stderr}"
+    );
+}
