@@ -227,6 +227,15 @@ impl ResponseError for ApiError {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` value. The scheme is matched in any case, as
+/// HTTP auth schemes are case-insensitive (RFC 9110 section 11.1) and clients do send `bearer`.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' '))
+}
+
 /// Proof the request carried `CALLBRIDGE_API_TOKEN`. Compared as SHA-256 digests so the time
 /// taken does not depend on how much of a guess was right.
 pub struct ApiCaller;
@@ -246,7 +255,7 @@ impl FromRequest for ApiCaller {
             .headers()
             .get(actix_web::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .unwrap_or("");
         let matches = Sha256::digest(presented.as_bytes())
             == Sha256::digest(expected.expose_secret().as_bytes());
