@@ -627,6 +627,27 @@ async fn bad_input_gets_a_clear_error() {
         );
     }
 
+    // Over the API's body limit: 413, in the API's JSON error shape, saying the limit.
+    let oversized = json!({"to": USER, "context": "x".repeat(20 * 1024)}).to_string();
+    {
+        let response = o
+            .app
+            .http
+            .post(format!("{}/calls", o.app.address))
+            .bearer_auth(API_TOKEN)
+            .header("content-type", "application/json")
+            .body(oversized)
+            .send()
+            .await
+            .unwrap();
+        let error = expect_error(response, 413, "body_too_large").await;
+        assert!(
+            error["message"].as_str().unwrap().contains("16384 bytes"),
+            "{error}"
+        );
+        assert_eq!(error["limit_bytes"], 16384);
+    }
+
     let anonymous = o
         .app
         .http
