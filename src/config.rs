@@ -396,6 +396,23 @@ fn agent_variables_unset<F: Fn(&str) -> Option<String>>(r: &mut Reader<'_, F>) {
     }
 }
 
+/// Outbound calling needs both the sender and the permission template: one without the other is
+/// a half-finished setup that would only show up as 503s from the API, so it is refused here.
+fn outbound_pair<F: Fn(&str) -> Option<String>>(r: &mut Reader<'_, F>) {
+    const PAIR: [&str; 2] = [
+        "TWILIO_WHATSAPP_NUMBER",
+        "TWILIO_CALL_PERMISSION_CONTENT_SID",
+    ];
+    let (set, unset) = match PAIR.map(|name| r.optional(name).is_some()) {
+        [true, false] => (PAIR[0], PAIR[1]),
+        [false, true] => (PAIR[1], PAIR[0]),
+        _ => return,
+    };
+    r.problems.push(format!(
+        "{unset} is missing: outbound calling needs it as well as {set} (set both, or neither)"
+    ));
+}
+
 fn database_url(raw: &str) -> Result<String, String> {
     if raw.starts_with("sqlite:")
         || raw.starts_with("postgres://")
@@ -474,6 +491,7 @@ impl Config {
                 .map(Some)
                 .map_err(|why| format!("is {why}"))
         });
+        outbound_pair(&mut r);
         let api_token = r.parsed("CALLBRIDGE_API_TOKEN", None, |raw| {
             long_enough_token(raw).map(|()| Some(SecretString::from(raw)))
         });
@@ -639,6 +657,10 @@ mod tests {
             ("LOG_FORMAT", "xml"),
             ("OPENAI_REALTIME_URL", "https://api.openai.com/v1/realtime"),
             ("TWILIO_WHATSAPP_NUMBER", "5551234"),
+            (
+                "TWILIO_CALL_PERMISSION_CONTENT_SID",
+                "HX0123456789abcdef0123456789abcdef",
+            ),
             ("DATABASE_URL", "mysql://x"),
             ("FLY_MACHINE_ID", "not a machine"),
             ("REQUEST_TIMEOUT_SECS", "0"),
@@ -713,6 +735,32 @@ mod tests {
                 "CALLBRIDGE_API_TOKEN"
             ]
         );
+    }
+
+    #[test]
+    fn outbound_needs_both_its_variables() {
+        for (set, value, missing) in [
+            (
+                "TWILIO_WHATSAPP_NUMBER",
+                "+15550001111",
+                "TWILIO_CALL_PERMISSION_CONTENT_SID",
+            ),
+            (
+                "TWILIO_CALL_PERMISSION_CONTENT_SID",
+                "HX0123456789abcdef0123456789abcdef",
+                "TWILIO_WHATSAPP_NUMBER",
+            ),
+        ] {
+            let mut pairs = MINIMAL.to_vec();
+            pairs.push((set, value));
+            let errors = Config::from_lookup(env(&pairs)).unwrap_err().0;
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert!(
+                errors[0].starts_with(&format!("{missing} is missing")),
+                "{errors:?}"
+            );
+            assert!(errors[0].contains(set), "{errors:?}");
+        }
     }
 
     #[test]
