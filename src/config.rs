@@ -134,6 +134,14 @@ impl PublicBaseUrl {
         if parsed.query().is_some() || parsed.fragment().is_some() {
             return Err("must not contain a query string or fragment".into());
         }
+        // Twilio is given `{PUBLIC_BASE_URL}/voice` and the routes are at `/voice`: a path here
+        // would make every signature check and every URL handed to Twilio wrong.
+        if parsed.path() != "/" {
+            return Err(format!(
+                "must be the server's origin only, with no path (got path {:?}); e.g. https://abc.ngrok.app",
+                parsed.path()
+            ));
+        }
         Ok(Self(trimmed.to_owned()))
     }
 
@@ -761,6 +769,20 @@ mod tests {
             );
             assert!(errors[0].contains(set), "{errors:?}");
         }
+    }
+
+    #[test]
+    fn a_public_base_url_with_a_path_is_refused() {
+        for bad in ["https://abc.ngrok.app/voice", "https://abc.ngrok.app/app/"] {
+            let mut pairs = MINIMAL.to_vec();
+            pairs[3] = ("PUBLIC_BASE_URL", bad);
+            let errors = Config::from_lookup(env(&pairs)).unwrap_err().0;
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert!(errors[0].starts_with("PUBLIC_BASE_URL must be the server's origin only"));
+        }
+        let mut pairs = MINIMAL.to_vec();
+        pairs[3] = ("PUBLIC_BASE_URL", "https://abc.ngrok.app:8443");
+        assert!(Config::from_lookup(env(&pairs)).is_ok());
     }
 
     #[test]
