@@ -3,6 +3,8 @@
 //! Parsing is a pure function over a lookup closure so tests can build a `Config` without ever
 //! touching the process environment (which is `unsafe` to mutate once threads exist).
 
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -466,10 +468,85 @@ fn log_format(raw: &str) -> Result<LogFormat, String> {
     }
 }
 
+/// The prefixes of callbridge's variables: a name with one of them that nothing reads is most
+/// likely a typo (`OPENAI_VOCE`), which would otherwise be ignored without a word.
+const OUR_PREFIXES: [&str; 4] = ["TWILIO_", "OPENAI_", "AGENT_", "CALLBRIDGE_"];
+
+/// Names with our prefixes that other programs read, so an operator's shell may well export
+/// them: Twilio's and OpenAI's own SDKs and CLIs, and this project's test suite.
+const OTHER_PROGRAMS_VARIABLES: [&str; 9] = [
+    "TWILIO_API_KEY",
+    "TWILIO_API_SECRET",
+    "TWILIO_REGION",
+    "TWILIO_EDGE",
+    "OPENAI_BASE_URL",
+    "OPENAI_ORG_ID",
+    "OPENAI_ORGANIZATION",
+    "OPENAI_PROJECT_ID",
+    "CALLBRIDGE_TEST_POSTGRES_URL",
+];
+
+/// One problem per name in `names` that has one of our prefixes but is not among `read` (the
+/// names the configuration asked for), with the closest of those as a suggestion.
+fn unknown_variables<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+    read: &BTreeSet<String>,
+) -> Vec<String> {
+    let mut unknown: Vec<&str> = names
+        .into_iter()
+        .filter(|name| OUR_PREFIXES.iter().any(|prefix| name.starts_with(prefix)))
+        .filter(|name| !read.contains(*name) && !OTHER_PROGRAMS_VARIABLES.contains(name))
+        .collect();
+    unknown.sort_unstable();
+    unknown
+        .into_iter()
+        .map(|name| {
+            let closest = read
+                .iter()
+                .map(|known| (strsim::levenshtein(name, known), known))
+                .min();
+            match closest {
+                Some((distance, known)) if distance <= 3 => {
+                    format!("{name} is not a callbridge variable: did you mean {known}?")
+                }
+                _ => format!(
+                    "{name} is not a callbridge variable; unset it (`callbridge --help` lists them)"
+                ),
+            }
+        })
+        .collect()
+}
+
 impl Config {
-    /// Reads the real process environment (after `.env` has been loaded by `main`).
+    /// Reads the real process environment (after `.env` has been loaded by `main`). A variable
+    /// whose name or value is not UTF-8 counts as unset, as `std::env::var` would have it.
     pub fn from_env() -> Result<Self, ConfigErrors> {
-        Self::from_lookup(|name| std::env::var(name).ok())
+        Self::from_vars(std::env::vars_os().filter_map(|(name, value)| {
+            Some((name.into_string().ok()?, value.into_string().ok()?))
+        }))
+    }
+
+    /// As `from_lookup` over these variables; besides, a name with one of our prefixes that
+    /// nothing in the configuration reads is a problem. "Reads" is what was asked for, so the
+    /// variables an agents file names (`authorization_env`) count as known.
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigErrors> {
+        let vars: HashMap<String, String> = vars.into_iter().collect();
+        let read = RefCell::new(BTreeSet::new());
+        let config = Self::from_lookup(|name| {
+            read.borrow_mut().insert(name.to_owned());
+            vars.get(name).cloned()
+        });
+        let unknown = unknown_variables(vars.keys().map(String::as_str), &read.into_inner());
+        match config {
+            Ok(_) if !unknown.is_empty() => Err(ConfigErrors(unknown)),
+            Err(mut errors) => {
+                errors.0.extend(unknown);
+                Err(errors)
+            }
+            ok => ok,
+        }
     }
 
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigErrors> {
@@ -783,6 +860,58 @@ mod tests {
         let mut pairs = MINIMAL.to_vec();
         pairs[3] = ("PUBLIC_BASE_URL", "https://abc.ngrok.app:8443");
         assert!(Config::from_lookup(env(&pairs)).is_ok());
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn an_unknown_variable_with_our_prefix_is_an_error_with_a_suggestion() {
+        let mut pairs = MINIMAL.to_vec();
+        pairs.extend([
+            ("OPENAI_VOCE", "ash"),
+            ("CALLBRIDGE_API_TOKN", "x"),
+            ("AGENT_WHATEVER_ELSE_ENTIRELY", "x"),
+            // Not ours, or other programs' own: left alone.
+            ("HOME", "/root"),
+            ("OPENAI_BASE_URL", "https://api.openai.com/v1"),
+            ("TWILIO_API_KEY", "SK123"),
+        ]);
+        let errors = Config::from_vars(vars(&pairs)).unwrap_err().0;
+        assert_eq!(
+            errors,
+            [
+                "AGENT_WHATEVER_ELSE_ENTIRELY is not a callbridge variable; unset it (`callbridge --help` lists them)",
+                "CALLBRIDGE_API_TOKN is not a callbridge variable: did you mean CALLBRIDGE_API_TOKEN?",
+                "OPENAI_VOCE is not a callbridge variable: did you mean OPENAI_VOICE?",
+            ]
+        );
+        // Joined to the other problems.
+        let errors = Config::from_vars(vars(&[("OPENAI_VOCE", "ash")]))
+            .unwrap_err()
+            .0;
+        assert!(errors.contains(&"TWILIO_ACCOUNT_SID is missing".to_owned()));
+        assert!(errors.last().unwrap().starts_with("OPENAI_VOCE "));
+
+        assert!(Config::from_vars(vars(MINIMAL)).is_ok());
+    }
+
+    #[test]
+    fn a_variable_an_agents_file_names_is_known() {
+        let scratch = Scratch::new("authorization-env");
+        let file = scratch.write(
+            "agents.toml",
+            "[[agent]]\nname = \"a\"\ninstructions = \"Help.\"\n\n[[agent.mcp]]\nserver_label = \"crm\"\n\
+             server_url = \"https://mcp.example.com/sse\"\nauthorization_env = \"OPENAI_CRM_TOKEN\"\n",
+        );
+        let mut pairs = MINIMAL.to_vec();
+        pairs.extend([("AGENTS_FILE", file.as_str()), ("OPENAI_CRM_TOKEN", "t")]);
+        let config = Config::from_vars(vars(&pairs));
+        assert!(config.is_ok(), "{config:?}");
     }
 
     #[test]
