@@ -13,8 +13,9 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::time::Instant;
 use tracing_actix_web::TracingLogger;
 
+use crate::admission::Occupancy;
 use crate::agents::file::{self as agents_file, AgentDefaults, AgentFileErrors};
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, SystemClock, rfc3339};
 use crate::config::Config;
 use crate::limits::{self, ConnectionBudget};
 use crate::metrics::EndReason;
@@ -239,6 +240,14 @@ async fn supervise(state: Arc<AppState>, server: ServerHandle) {
         () = shutdown_signal() => state.lifecycle.begin_drain(),
         () = state.lifecycle.drain_requested() => {}
     }
+    let occupancy = state.admission.occupancy_at(state.clock.now_ms());
+    let timeout_ms = i64::try_from(state.config.drain_timeout.as_millis()).unwrap_or(i64::MAX);
+    tracing::info!(
+        live = occupancy.live,
+        connecting = occupancy.pending,
+        "{}",
+        drain_plan(occupancy, state.clock.now_ms().saturating_add(timeout_ms))
+    );
     let drained = async {
         let deadline = Instant::now() + state.config.drain_timeout;
         if tokio::time::timeout_at(deadline, wait_until_idle(&state))
@@ -264,6 +273,21 @@ async fn supervise(state: Arc<AppState>, server: ServerHandle) {
             server.stop(false).await;
         }
     }
+}
+
+/// What a drain waits for and until when, said when it starts: a stop that seems to hang is
+/// most often a drain waiting for calls, and the operator should know how to cut it short.
+fn drain_plan(occupancy: Occupancy, deadline_ms: i64) -> String {
+    if occupancy.is_idle() {
+        return "draining: no calls to wait for; stopping".to_owned();
+    }
+    format!(
+        "draining: waiting for {} live calls and {} answered calls whose media stream has not opened yet, \
+         until {} (DRAIN_TIMEOUT_SECS), then the rest are closed; a second SIGTERM or SIGINT stops at once",
+        occupancy.live,
+        occupancy.pending,
+        rfc3339(deadline_ms)
+    )
 }
 
 /// The server has stopped and the bridges' records are committed: every call this machine
@@ -406,6 +430,32 @@ mod tests {
                 .map(|(_, v)| (*v).to_owned())
         })
         .unwrap()
+    }
+
+    #[test]
+    fn the_drain_says_what_it_waits_for_and_how_to_stop_at_once() {
+        let deadline = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+        assert_eq!(
+            drain_plan(
+                Occupancy {
+                    live: 3,
+                    pending: 1
+                },
+                deadline
+            ),
+            "draining: waiting for 3 live calls and 1 answered calls whose media stream has not opened yet, \
+             until 2026-01-01T00:00:00Z (DRAIN_TIMEOUT_SECS), then the rest are closed; a second SIGTERM or SIGINT stops at once"
+        );
+        assert_eq!(
+            drain_plan(
+                Occupancy {
+                    live: 0,
+                    pending: 0
+                },
+                deadline
+            ),
+            "draining: no calls to wait for; stopping"
+        );
     }
 
     #[test]

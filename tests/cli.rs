@@ -179,6 +179,7 @@ fn a_complete_env_file_serves_on_port_and_sigterm_exits_cleanly() {
     .unwrap();
     let logs = serve_until_sigterm(&dir, port);
     assert!(logs.contains("SIGTERM"), "{logs}");
+    assert!(logs.contains("draining: no calls to wait for"), "{logs}");
     assert!(!logs.contains("super-secret-token") && !logs.contains("sk-live-secret"));
     // Loopback unless HOST says otherwise.
     assert!(logs.contains(&format!("127.0.0.1:{port}")), "{logs}");
