@@ -406,6 +406,31 @@ fn agent_variables_unset<F: Fn(&str) -> Option<String>>(r: &mut Reader<'_, F>) {
     }
 }
 
+/// `TWILIO_WHATSAPP_NUMBER` and `TWILIO_CALL_PERMISSION_CONTENT_SID`, which come together.
+fn outbound_sender<F: Fn(&str) -> Option<String>>(
+    r: &mut Reader<'_, F>,
+) -> (Option<E164>, Option<ContentSid>) {
+    let whatsapp_number = r.parsed("TWILIO_WHATSAPP_NUMBER", None, whatsapp_sender);
+    let content_sid = r.parsed("TWILIO_CALL_PERMISSION_CONTENT_SID", None, |raw| {
+        ContentSid::parse(raw)
+            .map(Some)
+            .map_err(|why| format!("is {why}"))
+    });
+    outbound_pair(r);
+    (whatsapp_number, content_sid)
+}
+
+/// The names among `PLACEHOLDER_VARIABLES` whose value is still the one `.env.example` shows.
+fn placeholders<F: Fn(&str) -> Option<String>>(r: &Reader<'_, F>) -> Vec<&'static str> {
+    PLACEHOLDER_VARIABLES
+        .into_iter()
+        .filter(|name| {
+            r.optional(name)
+                .is_some_and(|v| Some(v.as_str()) == example_value(name))
+        })
+        .collect()
+}
+
 /// Outbound calling needs both the sender and the permission template: one without the other is
 /// a half-finished setup that would only show up as 503s from the API, so it is refused here.
 fn outbound_pair<F: Fn(&str) -> Option<String>>(r: &mut Reader<'_, F>) {
@@ -570,13 +595,7 @@ impl Config {
 
         let host = r.parsed("HOST", IpAddr::V4(Ipv4Addr::LOCALHOST), listen_address);
         let port = r.parsed("PORT", 8080u16, port_number);
-        let whatsapp_number = r.parsed("TWILIO_WHATSAPP_NUMBER", None, whatsapp_sender);
-        let content_sid = r.parsed("TWILIO_CALL_PERMISSION_CONTENT_SID", None, |raw| {
-            ContentSid::parse(raw)
-                .map(Some)
-                .map_err(|why| format!("is {why}"))
-        });
-        outbound_pair(&mut r);
+        let (whatsapp_number, content_sid) = outbound_sender(&mut r);
         let api_token = r.parsed("CALLBRIDGE_API_TOKEN", None, |raw| {
             long_enough_token(raw).map(|()| Some(SecretString::from(raw)))
         });
@@ -607,13 +626,7 @@ impl Config {
         let log_format = r.parsed("LOG_FORMAT", LogFormat::Pretty, log_format);
 
         let machine_id = r.parsed("FLY_MACHINE_ID", None, machine_id);
-        let placeholders = PLACEHOLDER_VARIABLES
-            .into_iter()
-            .filter(|name| {
-                r.optional(name)
-                    .is_some_and(|v| Some(v.as_str()) == example_value(name))
-            })
-            .collect();
+        let placeholders = placeholders(&r);
 
         let (
             Some(twilio_account_sid),
