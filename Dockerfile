@@ -47,6 +47,9 @@ RUN groupadd --system --gid 10001 callbridge \
 COPY --from=builder /src/target/release/callbridge /usr/local/bin/callbridge
 
 WORKDIR /app
+# callbridge listens on loopback unless told otherwise; in a container it must take connections
+# from outside it.
+ENV HOST=0.0.0.0
 EXPOSE 8080
 STOPSIGNAL SIGTERM
 

@@ -3,7 +3,10 @@
 //! Parsing is a pure function over a lookup closure so tests can build a `Config` without ever
 //! touching the process environment (which is `unsafe` to mutate once threads exist).
 
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +44,9 @@ pub struct Config {
     pub twilio_auth_token: SecretString,
     pub openai_api_key: SecretString,
     pub public_base_url: PublicBaseUrl,
+    /// `HOST`: the address to listen on. Loopback by default, so a server started on a laptop
+    /// is reachable through its tunnel only; containers set `0.0.0.0`.
+    pub host: IpAddr,
     pub port: u16,
     pub twilio_whatsapp_number: Option<E164>,
     pub twilio_call_permission_content_sid: Option<ContentSid>,
@@ -80,6 +86,36 @@ pub struct Config {
     /// `FLY_MACHINE_ID`: a name that survives restarts, so a restarted machine records the
     /// calls it was cut off from at once. Without it each process start gets a random one.
     pub machine_id: Option<MachineId>,
+    /// The variables that still hold the fake value `.env.example` gives them: the server
+    /// starts with them, but Twilio and OpenAI refuse them, so startup warns about each.
+    pub placeholders: Vec<&'static str>,
+}
+
+/// `.env.example`, whose fake values the server recognises (`Config::placeholders`).
+const ENV_EXAMPLE: &str = include_str!("../.env.example");
+
+/// The variables whose example value is a stand-in for the operator's own (an account, a key,
+/// a number, a URL), as opposed to a default that is fine to keep.
+const PLACEHOLDER_VARIABLES: [&str; 9] = [
+    "TWILIO_ACCOUNT_SID",
+    "TWILIO_AUTH_TOKEN",
+    "OPENAI_API_KEY",
+    "PUBLIC_BASE_URL",
+    "TWILIO_WHATSAPP_NUMBER",
+    "TWILIO_CALL_PERMISSION_CONTENT_SID",
+    "CALLBRIDGE_API_TOKEN",
+    "CALLBRIDGE_WEBHOOK_SECRET",
+    "CALLBRIDGE_EVENTS_URL",
+];
+
+/// The value `.env.example` shows for `name`, set or commented out (`# NAME=value`), without
+/// the quotes a `.env` reader would strip.
+fn example_value(name: &str) -> Option<&'static str> {
+    ENV_EXAMPLE.lines().find_map(|line| {
+        let line = line.trim_start_matches('#').trim_start();
+        let value = line.strip_prefix(name)?.strip_prefix('=')?.trim();
+        Some(value.trim_matches('"'))
+    })
 }
 
 /// `PUBLIC_BASE_URL` without a trailing slash. Every URL we sign-check or hand to Twilio is built
@@ -99,6 +135,14 @@ impl PublicBaseUrl {
         }
         if parsed.query().is_some() || parsed.fragment().is_some() {
             return Err("must not contain a query string or fragment".into());
+        }
+        // Twilio is given `{PUBLIC_BASE_URL}/voice` and the routes are at `/voice`: a path here
+        // would make every signature check and every URL handed to Twilio wrong.
+        if parsed.path() != "/" {
+            return Err(format!(
+                "must be the server's origin only, with no path (got path {:?}); e.g. https://abc.ngrok.app",
+                parsed.path()
+            ));
         }
         Ok(Self(trimmed.to_owned()))
     }
@@ -362,6 +406,48 @@ fn agent_variables_unset<F: Fn(&str) -> Option<String>>(r: &mut Reader<'_, F>) {
     }
 }
 
+/// `TWILIO_WHATSAPP_NUMBER` and `TWILIO_CALL_PERMISSION_CONTENT_SID`, which come together.
+fn outbound_sender<F: Fn(&str) -> Option<String>>(
+    r: &mut Reader<'_, F>,
+) -> (Option<E164>, Option<ContentSid>) {
+    let whatsapp_number = r.parsed("TWILIO_WHATSAPP_NUMBER", None, whatsapp_sender);
+    let content_sid = r.parsed("TWILIO_CALL_PERMISSION_CONTENT_SID", None, |raw| {
+        ContentSid::parse(raw)
+            .map(Some)
+            .map_err(|why| format!("is {why}"))
+    });
+    outbound_pair(r);
+    (whatsapp_number, content_sid)
+}
+
+/// The names among `PLACEHOLDER_VARIABLES` whose value is still the one `.env.example` shows.
+fn placeholders<F: Fn(&str) -> Option<String>>(r: &Reader<'_, F>) -> Vec<&'static str> {
+    PLACEHOLDER_VARIABLES
+        .into_iter()
+        .filter(|name| {
+            r.optional(name)
+                .is_some_and(|v| Some(v.as_str()) == example_value(name))
+        })
+        .collect()
+}
+
+/// Outbound calling needs both the sender and the permission template: one without the other is
+/// a half-finished setup that would only show up as 503s from the API, so it is refused here.
+fn outbound_pair<F: Fn(&str) -> Option<String>>(r: &mut Reader<'_, F>) {
+    const PAIR: [&str; 2] = [
+        "TWILIO_WHATSAPP_NUMBER",
+        "TWILIO_CALL_PERMISSION_CONTENT_SID",
+    ];
+    let (set, unset) = match PAIR.map(|name| r.optional(name).is_some()) {
+        [true, false] => (PAIR[0], PAIR[1]),
+        [false, true] => (PAIR[1], PAIR[0]),
+        _ => return,
+    };
+    r.problems.push(format!(
+        "{unset} is missing: outbound calling needs it as well as {set} (set both, or neither)"
+    ));
+}
+
 fn database_url(raw: &str) -> Result<String, String> {
     if raw.starts_with("sqlite:")
         || raw.starts_with("postgres://")
@@ -371,6 +457,11 @@ fn database_url(raw: &str) -> Result<String, String> {
     } else {
         Err("must start with sqlite:// or postgres://".into())
     }
+}
+
+fn listen_address(raw: &str) -> Result<IpAddr, String> {
+    raw.parse()
+        .map_err(|_| format!("must be an IP address such as 127.0.0.1, 0.0.0.0 or ::, got {raw:?}"))
 }
 
 fn port_number(raw: &str) -> Result<u16, String> {
@@ -402,10 +493,85 @@ fn log_format(raw: &str) -> Result<LogFormat, String> {
     }
 }
 
+/// The prefixes of callbridge's variables: a name with one of them that nothing reads is most
+/// likely a typo (`OPENAI_VOCE`), which would otherwise be ignored without a word.
+const OUR_PREFIXES: [&str; 4] = ["TWILIO_", "OPENAI_", "AGENT_", "CALLBRIDGE_"];
+
+/// Names with our prefixes that other programs read, so an operator's shell may well export
+/// them: Twilio's and OpenAI's own SDKs and CLIs, and this project's test suite.
+const OTHER_PROGRAMS_VARIABLES: [&str; 9] = [
+    "TWILIO_API_KEY",
+    "TWILIO_API_SECRET",
+    "TWILIO_REGION",
+    "TWILIO_EDGE",
+    "OPENAI_BASE_URL",
+    "OPENAI_ORG_ID",
+    "OPENAI_ORGANIZATION",
+    "OPENAI_PROJECT_ID",
+    "CALLBRIDGE_TEST_POSTGRES_URL",
+];
+
+/// One problem per name in `names` that has one of our prefixes but is not among `read` (the
+/// names the configuration asked for), with the closest of those as a suggestion.
+fn unknown_variables<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+    read: &BTreeSet<String>,
+) -> Vec<String> {
+    let mut unknown: Vec<&str> = names
+        .into_iter()
+        .filter(|name| OUR_PREFIXES.iter().any(|prefix| name.starts_with(prefix)))
+        .filter(|name| !read.contains(*name) && !OTHER_PROGRAMS_VARIABLES.contains(name))
+        .collect();
+    unknown.sort_unstable();
+    unknown
+        .into_iter()
+        .map(|name| {
+            let closest = read
+                .iter()
+                .map(|known| (strsim::levenshtein(name, known), known))
+                .min();
+            match closest {
+                Some((distance, known)) if distance <= 3 => {
+                    format!("{name} is not a callbridge variable: did you mean {known}?")
+                }
+                _ => format!(
+                    "{name} is not a callbridge variable; unset it (`callbridge --help` lists them)"
+                ),
+            }
+        })
+        .collect()
+}
+
 impl Config {
-    /// Reads the real process environment (after `.env` has been loaded by `main`).
+    /// Reads the real process environment (after `.env` has been loaded by `main`). A variable
+    /// whose name or value is not UTF-8 counts as unset, as `std::env::var` would have it.
     pub fn from_env() -> Result<Self, ConfigErrors> {
-        Self::from_lookup(|name| std::env::var(name).ok())
+        Self::from_vars(std::env::vars_os().filter_map(|(name, value)| {
+            Some((name.into_string().ok()?, value.into_string().ok()?))
+        }))
+    }
+
+    /// As `from_lookup` over these variables; besides, a name with one of our prefixes that
+    /// nothing in the configuration reads is a problem. "Reads" is what was asked for, so the
+    /// variables an agents file names (`authorization_env`) count as known.
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigErrors> {
+        let vars: HashMap<String, String> = vars.into_iter().collect();
+        let read = RefCell::new(BTreeSet::new());
+        let config = Self::from_lookup(|name| {
+            read.borrow_mut().insert(name.to_owned());
+            vars.get(name).cloned()
+        });
+        let unknown = unknown_variables(vars.keys().map(String::as_str), &read.into_inner());
+        match config {
+            Ok(_) if !unknown.is_empty() => Err(ConfigErrors(unknown)),
+            Err(mut errors) => {
+                errors.0.extend(unknown);
+                Err(errors)
+            }
+            ok => ok,
+        }
     }
 
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigErrors> {
@@ -427,13 +593,9 @@ impl Config {
                 .ok()
         });
 
+        let host = r.parsed("HOST", IpAddr::V4(Ipv4Addr::LOCALHOST), listen_address);
         let port = r.parsed("PORT", 8080u16, port_number);
-        let whatsapp_number = r.parsed("TWILIO_WHATSAPP_NUMBER", None, whatsapp_sender);
-        let content_sid = r.parsed("TWILIO_CALL_PERMISSION_CONTENT_SID", None, |raw| {
-            ContentSid::parse(raw)
-                .map(Some)
-                .map_err(|why| format!("is {why}"))
-        });
+        let (whatsapp_number, content_sid) = outbound_sender(&mut r);
         let api_token = r.parsed("CALLBRIDGE_API_TOKEN", None, |raw| {
             long_enough_token(raw).map(|()| Some(SecretString::from(raw)))
         });
@@ -464,6 +626,7 @@ impl Config {
         let log_format = r.parsed("LOG_FORMAT", LogFormat::Pretty, log_format);
 
         let machine_id = r.parsed("FLY_MACHINE_ID", None, machine_id);
+        let placeholders = placeholders(&r);
 
         let (
             Some(twilio_account_sid),
@@ -489,6 +652,7 @@ impl Config {
             twilio_auth_token: SecretString::from(auth_token),
             openai_api_key: SecretString::from(openai_api_key),
             public_base_url,
+            host,
             port,
             twilio_whatsapp_number: whatsapp_number,
             twilio_call_permission_content_sid: content_sid,
@@ -513,6 +677,7 @@ impl Config {
             twilio_request_timeout: crate::twilio::rest::DEFAULT_REQUEST_TIMEOUT,
             call: CallSettings::default(),
             machine_id,
+            placeholders,
         })
     }
 }
@@ -557,6 +722,7 @@ mod tests {
     fn minimal_environment_gets_spec_defaults() {
         let config = Config::from_lookup(env(MINIMAL)).unwrap();
         assert_eq!(config.public_base_url.as_str(), "https://abc.ngrok.app");
+        assert_eq!(config.host, IpAddr::V4(Ipv4Addr::LOCALHOST));
         assert_eq!(config.port, 8080);
         assert_eq!(config.twilio_api_base_url, "https://api.twilio.com");
         assert_eq!(
@@ -584,10 +750,15 @@ mod tests {
         pairs[0] = ("TWILIO_ACCOUNT_SID", "XX123");
         pairs.extend([
             ("PORT", "eighty"),
+            ("HOST", "localhost:8080"),
             ("MAX_CONCURRENT_CALLS", "0"),
             ("LOG_FORMAT", "xml"),
             ("OPENAI_REALTIME_URL", "https://api.openai.com/v1/realtime"),
             ("TWILIO_WHATSAPP_NUMBER", "5551234"),
+            (
+                "TWILIO_CALL_PERMISSION_CONTENT_SID",
+                "HX0123456789abcdef0123456789abcdef",
+            ),
             ("DATABASE_URL", "mysql://x"),
             ("FLY_MACHINE_ID", "not a machine"),
             ("REQUEST_TIMEOUT_SECS", "0"),
@@ -596,6 +767,7 @@ mod tests {
         for variable in [
             "TWILIO_ACCOUNT_SID",
             "PORT",
+            "HOST",
             "MAX_CONCURRENT_CALLS",
             "LOG_FORMAT",
             "OPENAI_REALTIME_URL",
@@ -609,7 +781,150 @@ mod tests {
                 "{variable} not reported in {errors:?}"
             );
         }
-        assert_eq!(errors.len(), 9);
+        assert_eq!(errors.len(), 10);
+    }
+
+    #[test]
+    fn host_takes_any_ip_address() {
+        for (raw, expected) in [
+            ("0.0.0.0", IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            ("::", IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)),
+            ("::1", IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)),
+        ] {
+            let mut pairs = MINIMAL.to_vec();
+            pairs.push(("HOST", raw));
+            assert_eq!(Config::from_lookup(env(&pairs)).unwrap().host, expected);
+        }
+    }
+
+    #[test]
+    fn every_placeholder_variable_has_an_example_value() {
+        for name in PLACEHOLDER_VARIABLES {
+            assert!(example_value(name).is_some(), "{name} not in .env.example");
+        }
+        assert_eq!(
+            example_value("OPENAI_API_KEY"),
+            Some("sk-replace-with-your-openai-api-key")
+        );
+    }
+
+    #[test]
+    fn the_example_values_are_recognised_as_placeholders() {
+        let config = Config::from_lookup(env(MINIMAL)).unwrap();
+        assert!(config.placeholders.is_empty(), "{:?}", config.placeholders);
+
+        let example: Vec<(&str, &str)> = [
+            "TWILIO_ACCOUNT_SID",
+            "OPENAI_API_KEY",
+            "CALLBRIDGE_API_TOKEN",
+        ]
+        .into_iter()
+        .map(|name| (name, example_value(name).unwrap()))
+        .collect();
+        let mut pairs = MINIMAL.to_vec();
+        pairs.retain(|(name, _)| !example.iter().any(|(n, _)| n == name));
+        pairs.extend(example);
+        let config = Config::from_lookup(env(&pairs)).unwrap();
+        assert_eq!(
+            config.placeholders,
+            [
+                "TWILIO_ACCOUNT_SID",
+                "OPENAI_API_KEY",
+                "CALLBRIDGE_API_TOKEN"
+            ]
+        );
+    }
+
+    #[test]
+    fn outbound_needs_both_its_variables() {
+        for (set, value, missing) in [
+            (
+                "TWILIO_WHATSAPP_NUMBER",
+                "+15550001111",
+                "TWILIO_CALL_PERMISSION_CONTENT_SID",
+            ),
+            (
+                "TWILIO_CALL_PERMISSION_CONTENT_SID",
+                "HX0123456789abcdef0123456789abcdef",
+                "TWILIO_WHATSAPP_NUMBER",
+            ),
+        ] {
+            let mut pairs = MINIMAL.to_vec();
+            pairs.push((set, value));
+            let errors = Config::from_lookup(env(&pairs)).unwrap_err().0;
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert!(
+                errors[0].starts_with(&format!("{missing} is missing")),
+                "{errors:?}"
+            );
+            assert!(errors[0].contains(set), "{errors:?}");
+        }
+    }
+
+    #[test]
+    fn a_public_base_url_with_a_path_is_refused() {
+        for bad in ["https://abc.ngrok.app/voice", "https://abc.ngrok.app/app/"] {
+            let mut pairs = MINIMAL.to_vec();
+            pairs[3] = ("PUBLIC_BASE_URL", bad);
+            let errors = Config::from_lookup(env(&pairs)).unwrap_err().0;
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert!(errors[0].starts_with("PUBLIC_BASE_URL must be the server's origin only"));
+        }
+        let mut pairs = MINIMAL.to_vec();
+        pairs[3] = ("PUBLIC_BASE_URL", "https://abc.ngrok.app:8443");
+        assert!(Config::from_lookup(env(&pairs)).is_ok());
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn an_unknown_variable_with_our_prefix_is_an_error_with_a_suggestion() {
+        let mut pairs = MINIMAL.to_vec();
+        pairs.extend([
+            ("OPENAI_VOCE", "ash"),
+            ("CALLBRIDGE_API_TOKN", "x"),
+            ("AGENT_WHATEVER_ELSE_ENTIRELY", "x"),
+            // Not ours, or other programs' own: left alone.
+            ("HOME", "/root"),
+            ("OPENAI_BASE_URL", "https://api.openai.com/v1"),
+            ("TWILIO_API_KEY", "SK123"),
+        ]);
+        let errors = Config::from_vars(vars(&pairs)).unwrap_err().0;
+        assert_eq!(
+            errors,
+            [
+                "AGENT_WHATEVER_ELSE_ENTIRELY is not a callbridge variable; unset it (`callbridge --help` lists them)",
+                "CALLBRIDGE_API_TOKN is not a callbridge variable: did you mean CALLBRIDGE_API_TOKEN?",
+                "OPENAI_VOCE is not a callbridge variable: did you mean OPENAI_VOICE?",
+            ]
+        );
+        // Joined to the other problems.
+        let errors = Config::from_vars(vars(&[("OPENAI_VOCE", "ash")]))
+            .unwrap_err()
+            .0;
+        assert!(errors.contains(&"TWILIO_ACCOUNT_SID is missing".to_owned()));
+        assert!(errors.last().unwrap().starts_with("OPENAI_VOCE "));
+
+        assert!(Config::from_vars(vars(MINIMAL)).is_ok());
+    }
+
+    #[test]
+    fn a_variable_an_agents_file_names_is_known() {
+        let scratch = Scratch::new("authorization-env");
+        let file = scratch.write(
+            "agents.toml",
+            "[[agent]]\nname = \"a\"\ninstructions = \"Help.\"\n\n[[agent.mcp]]\nserver_label = \"crm\"\n\
+             server_url = \"https://mcp.example.com/sse\"\nauthorization_env = \"OPENAI_CRM_TOKEN\"\n",
+        );
+        let mut pairs = MINIMAL.to_vec();
+        pairs.extend([("AGENTS_FILE", file.as_str()), ("OPENAI_CRM_TOKEN", "t")]);
+        let config = Config::from_vars(vars(&pairs));
+        assert!(config.is_ok(), "{config:?}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Builds the HTTP server from a `Config` and runs it until a drain completes; reloads
 //! `AGENTS_FILE` on `SIGHUP`.
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,8 +13,9 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::time::Instant;
 use tracing_actix_web::TracingLogger;
 
+use crate::admission::Occupancy;
 use crate::agents::file::{self as agents_file, AgentDefaults, AgentFileErrors};
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, SystemClock, rfc3339};
 use crate::config::Config;
 use crate::limits::{self, ConnectionBudget};
 use crate::metrics::EndReason;
@@ -30,7 +31,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 const STOP_NOW_GRACE: Duration = Duration::from_secs(1);
 
 pub struct Application {
-    port: u16,
+    address: SocketAddr,
     server: Server,
     state: Arc<AppState>,
     /// `SIGHUP`, when there is an agents file to reload on it.
@@ -38,17 +39,19 @@ pub struct Application {
 }
 
 impl Application {
-    /// Binds `0.0.0.0:{PORT}` (port 0 picks a free port, as tests do) and prepares the server.
+    /// Binds `{HOST}:{PORT}` (port 0 picks a free port, as tests do) and prepares the server.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         Self::build_with_clock(config, Arc::new(SystemClock)).await
     }
 
     /// As `build`, measuring consent windows and call limits by `clock` (tests move it by days).
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind(("0.0.0.0", config.port))
-            .with_context(|| format!("cannot listen on port {}", config.port))?;
-        let port = listener.local_addr()?.port();
+        let requested = SocketAddr::new(config.host, config.port);
+        let listener = TcpListener::bind(requested)
+            .with_context(|| format!("cannot listen on {requested} (HOST and PORT)"))?;
+        let address = listener.local_addr()?;
         let state = AppState::build_with_clock(config, clock).await?;
+        announce(&state.config);
         // Installed before the server listens, so from the moment it answers a SIGHUP
         // reloads the agents instead of ending the process (the signal's default).
         let hangup = match state.config.agents_file {
@@ -84,7 +87,7 @@ impl Application {
         .listen(listener)?
         .run();
         Ok(Self {
-            port,
+            address,
             server,
             state,
             hangup,
@@ -92,7 +95,12 @@ impl Application {
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.address.port()
+    }
+
+    /// The address the server listens on, as bound (`HOST`, and the port picked for port 0).
+    pub fn address(&self) -> SocketAddr {
+        self.address
     }
 
     /// Shared state, so callers (tests, `main`) can start a drain or read metrics.
@@ -121,6 +129,70 @@ impl Application {
         record_exit(&state).await;
         served
     }
+}
+
+/// What a new operator needs to see at startup: the URLs Twilio's console wants, which optional
+/// features the configuration turns on, and any value still copied from `.env.example`.
+fn announce(config: &Config) {
+    for (setting, url) in twilio_urls(config) {
+        tracing::info!("paste into Twilio, {setting}: {url}");
+    }
+    tracing::info!("features: {}", features(config));
+    for name in &config.placeholders {
+        tracing::warn!(
+            "{name} still has the example value from .env.example: Twilio and OpenAI will refuse it; set your own"
+        );
+    }
+}
+
+/// Where each of our webhooks goes in Twilio's console, and its URL.
+fn twilio_urls(config: &Config) -> [(&'static str, String); 3] {
+    let base = &config.public_base_url;
+    [
+        ("TwiML App Voice Request URL (POST)", base.join("/voice")),
+        (
+            "TwiML App Status Callback URL (POST)",
+            base.join("/voice/status"),
+        ),
+        (
+            "WhatsApp sender's incoming-message webhook (POST)",
+            base.join("/messaging"),
+        ),
+    ]
+}
+
+/// One phrase per optional feature: on, or off with the variable that turns it on.
+fn features(config: &Config) -> String {
+    let outbound = match (
+        &config.twilio_whatsapp_number,
+        &config.twilio_call_permission_content_sid,
+    ) {
+        (Some(_), Some(_)) => "outbound calling on".to_owned(),
+        _ => "outbound calling off (set TWILIO_WHATSAPP_NUMBER and TWILIO_CALL_PERMISSION_CONTENT_SID)"
+            .to_owned(),
+    };
+    let api = if config.api_token.is_some() {
+        "API on"
+    } else {
+        "API off (set CALLBRIDGE_API_TOKEN)"
+    };
+    let agents = if config.agents_file.is_some() {
+        let names: Vec<&str> = config
+            .agents
+            .profiles()
+            .iter()
+            .map(|agent| agent.name.as_str())
+            .collect();
+        format!("agents by name on ({})", names.join(", "))
+    } else {
+        "agents by name off (one agent, \"default\"; set AGENTS_FILE)".to_owned()
+    };
+    let events = if config.events_url.is_some() {
+        "events on"
+    } else {
+        "events off (set CALLBRIDGE_EVENTS_URL)"
+    };
+    format!("{outbound}, {api}, {agents}, {events}")
 }
 
 struct Connections {
@@ -168,6 +240,14 @@ async fn supervise(state: Arc<AppState>, server: ServerHandle) {
         () = shutdown_signal() => state.lifecycle.begin_drain(),
         () = state.lifecycle.drain_requested() => {}
     }
+    let occupancy = state.admission.occupancy_at(state.clock.now_ms());
+    let timeout_ms = i64::try_from(state.config.drain_timeout.as_millis()).unwrap_or(i64::MAX);
+    tracing::info!(
+        live = occupancy.live,
+        connecting = occupancy.pending,
+        "{}",
+        drain_plan(occupancy, state.clock.now_ms().saturating_add(timeout_ms))
+    );
     let drained = async {
         let deadline = Instant::now() + state.config.drain_timeout;
         if tokio::time::timeout_at(deadline, wait_until_idle(&state))
@@ -193,6 +273,21 @@ async fn supervise(state: Arc<AppState>, server: ServerHandle) {
             server.stop(false).await;
         }
     }
+}
+
+/// What a drain waits for and until when, said when it starts: a stop that seems to hang is
+/// most often a drain waiting for calls, and the operator should know how to cut it short.
+fn drain_plan(occupancy: Occupancy, deadline_ms: i64) -> String {
+    if occupancy.is_idle() {
+        return "draining: no calls to wait for; stopping".to_owned();
+    }
+    format!(
+        "draining: waiting for {} live calls and {} answered calls whose media stream has not opened yet, \
+         until {} (DRAIN_TIMEOUT_SECS), then the rest are closed; a second SIGTERM or SIGINT stops at once",
+        occupancy.live,
+        occupancy.pending,
+        rfc3339(deadline_ms)
+    )
 }
 
 /// The server has stopped and the bridges' records are committed: every call this machine
@@ -314,5 +409,100 @@ async fn reload_on_hangup(state: Arc<AppState>, mut hangup: Signal) {
         tracing::info!("SIGHUP received: reloading AGENTS_FILE");
         // Both outcomes are logged by `reload_agents`.
         let _ = reload_agents(&state).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> Config {
+        let mut all = vec![
+            ("TWILIO_ACCOUNT_SID", "AC0123456789abcdef0123456789abcdef"),
+            ("TWILIO_AUTH_TOKEN", "secret-token"),
+            ("OPENAI_API_KEY", "sk-test"),
+            ("PUBLIC_BASE_URL", "https://abc.ngrok.app/"),
+        ];
+        all.extend_from_slice(pairs);
+        Config::from_lookup(|name| {
+            all.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| (*v).to_owned())
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn the_drain_says_what_it_waits_for_and_how_to_stop_at_once() {
+        let deadline = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+        assert_eq!(
+            drain_plan(
+                Occupancy {
+                    live: 3,
+                    pending: 1
+                },
+                deadline
+            ),
+            "draining: waiting for 3 live calls and 1 answered calls whose media stream has not opened yet, \
+             until 2026-01-01T00:00:00Z (DRAIN_TIMEOUT_SECS), then the rest are closed; a second SIGTERM or SIGINT stops at once"
+        );
+        assert_eq!(
+            drain_plan(
+                Occupancy {
+                    live: 0,
+                    pending: 0
+                },
+                deadline
+            ),
+            "draining: no calls to wait for; stopping"
+        );
+    }
+
+    #[test]
+    fn the_twilio_urls_are_built_from_the_public_base_url() {
+        let urls: Vec<String> = twilio_urls(&config(&[]))
+            .into_iter()
+            .map(|(_, url)| url)
+            .collect();
+        assert_eq!(
+            urls,
+            [
+                "https://abc.ngrok.app/voice",
+                "https://abc.ngrok.app/voice/status",
+                "https://abc.ngrok.app/messaging",
+            ]
+        );
+    }
+
+    #[test]
+    fn features_say_what_is_on_and_what_turns_the_rest_on() {
+        assert_eq!(
+            features(&config(&[])),
+            "outbound calling off (set TWILIO_WHATSAPP_NUMBER and TWILIO_CALL_PERMISSION_CONTENT_SID), \
+             API off (set CALLBRIDGE_API_TOKEN), agents by name off (one agent, \"default\"; set AGENTS_FILE), \
+             events off (set CALLBRIDGE_EVENTS_URL)"
+        );
+        let token = "t".repeat(32);
+        let on = config(&[
+            ("TWILIO_WHATSAPP_NUMBER", "+15550001111"),
+            (
+                "TWILIO_CALL_PERMISSION_CONTENT_SID",
+                "HX0123456789abcdef0123456789abcdef",
+            ),
+            ("CALLBRIDGE_API_TOKEN", &token),
+            ("CALLBRIDGE_EVENTS_URL", "http://127.0.0.1:9/events"),
+            (
+                "CALLBRIDGE_WEBHOOK_SECRET",
+                "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            ),
+            (
+                "AGENTS_FILE",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/agents.example.toml"),
+            ),
+        ]);
+        assert_eq!(
+            features(&on),
+            "outbound calling on, API on, agents by name on (support, sales), events on"
+        );
     }
 }

@@ -93,25 +93,11 @@ fn free_port() -> u16 {
         .port()
 }
 
-#[test]
-fn a_complete_env_file_serves_on_port_and_sigterm_exits_cleanly() {
-    let dir = empty_dir("serve");
-    let port = free_port();
-    std::fs::write(
-        dir.join(".env"),
-        format!(
-            "TWILIO_ACCOUNT_SID=AC0123456789abcdef0123456789abcdef\n\
-             TWILIO_AUTH_TOKEN=super-secret-token\n\
-             OPENAI_API_KEY=sk-live-secret\n\
-             PUBLIC_BASE_URL=https://example.ngrok.app\n\
-             PORT={port}\n\
-             DATABASE_URL=sqlite://{}/callbridge.db?mode=rwc\n",
-            dir.display()
-        ),
-    )
-    .unwrap();
+/// Starts the binary in `dir` (whose `.env` sets PORT to `port`), waits until `/healthz`
+/// answers 200, sends SIGTERM, and returns everything it logged once it exited with 0.
+fn serve_until_sigterm(dir: &std::path::Path, port: u16) -> String {
     let mut child = Command::new(BINARY)
-        .current_dir(&dir)
+        .current_dir(dir)
         .env_clear()
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
@@ -130,7 +116,10 @@ fn a_complete_env_file_serves_on_port_and_sigterm_exits_cleanly() {
             let _ = stream.read_to_string(&mut reply);
             break reply.starts_with("HTTP/1.1 200");
         }
-        assert!(Instant::now() < deadline, "server did not start listening");
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("server did not start listening");
+        }
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(healthy);
@@ -168,8 +157,78 @@ fn a_complete_env_file_serves_on_port_and_sigterm_exits_cleanly() {
         .unwrap()
         .read_to_string(&mut logs)
         .unwrap();
+    logs
+}
+
+#[test]
+fn a_complete_env_file_serves_on_port_and_sigterm_exits_cleanly() {
+    let dir = empty_dir("serve");
+    let port = free_port();
+    std::fs::write(
+        dir.join(".env"),
+        format!(
+            "TWILIO_ACCOUNT_SID=AC0123456789abcdef0123456789abcdef\n\
+             TWILIO_AUTH_TOKEN=super-secret-token\n\
+             OPENAI_API_KEY=sk-live-secret\n\
+             PUBLIC_BASE_URL=https://example.ngrok.app\n\
+             PORT={port}\n\
+             DATABASE_URL=sqlite://{}/callbridge.db?mode=rwc\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let logs = serve_until_sigterm(&dir, port);
     assert!(logs.contains("SIGTERM"), "{logs}");
+    assert!(logs.contains("draining: no calls to wait for"), "{logs}");
     assert!(!logs.contains("super-secret-token") && !logs.contains("sk-live-secret"));
+    // Loopback unless HOST says otherwise.
+    assert!(logs.contains(&format!("127.0.0.1:{port}")), "{logs}");
+    for url in ["/voice", "/voice/status", "/messaging"] {
+        assert!(
+            logs.lines().any(|line| line.contains("paste into Twilio")
+                && line.contains(&format!("https://example.ngrok.app{url}"))),
+            "{url}: {logs}"
+        );
+    }
+    assert!(
+        logs.lines()
+            .any(|line| line.contains("features: outbound calling off")
+                && line.contains("API off")
+                && line.contains("agents by name off")
+                && line.contains("events off")),
+        "{logs}"
+    );
+    assert!(!logs.contains("example value"), "{logs}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_example_env_file_starts_with_one_warning_per_placeholder() {
+    let dir = empty_dir("example");
+    let port = free_port();
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.env.example")).unwrap();
+    std::fs::write(
+        dir.join(".env"),
+        format!(
+            "{example}\nPORT={port}\nDATABASE_URL=sqlite://{}/callbridge.db?mode=rwc\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let logs = serve_until_sigterm(&dir, port);
+    let warnings: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains("still has the example value from .env.example"))
+        .collect();
+    assert_eq!(warnings.len(), REQUIRED.len(), "{logs}");
+    for (warning, variable) in warnings.iter().zip(REQUIRED) {
+        assert!(
+            warning.contains("WARN") && warning.contains(variable),
+            "{logs}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -209,4 +268,128 @@ fn a_bad_agents_file_names_its_line_and_key_and_exits_2() {
     );
     assert_eq!(stderr.lines().count(), 2, "one line per problem: {stderr}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn version_prints_the_package_version() {
+    for flag in ["--version", "-V", "version"] {
+        let output = Command::new(BINARY).arg(flag).env_clear().output().unwrap();
+        assert_eq!(output.status.code(), Some(0));
+        assert_eq!(
+            String::from_utf8(output.stdout).unwrap(),
+            format!("callbridge {}\n", env!("CARGO_PKG_VERSION"))
+        );
+    }
+}
+
+/// The string literals of `source` (its test module left out) that `pick` accepts, e.g.
+/// environment variable names. A small scanner: comments, `'"'` and raw strings are skipped so
+/// their quotes do not shift which text counts as inside a literal.
+fn literals(source: &str, pick: impl Fn(&str) -> bool) -> Vec<String> {
+    let code = source.split("#[cfg(test)]").next().unwrap();
+    let mut found = Vec::new();
+    let mut rest = code;
+    while let Some(c) = rest.chars().next() {
+        if rest.starts_with("//") {
+            rest = rest.find('\n').map_or("", |end| &rest[end..]);
+        } else if rest.starts_with("'\"'") {
+            rest = &rest[3..];
+        } else if rest.starts_with("r#\"") {
+            rest = rest[3..].find("\"#").map_or("", |end| &rest[3 + end + 2..]);
+        } else if c == '"' {
+            let mut literal = String::new();
+            let mut chars = rest[1..].char_indices();
+            let mut end = rest.len() - 1;
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, escaped)) = chars.next() {
+                            literal.push(escaped);
+                        }
+                    }
+                    '"' => {
+                        end = i + 1;
+                        break;
+                    }
+                    c => literal.push(c),
+                }
+            }
+            if pick(&literal) {
+                found.push(literal);
+            }
+            rest = &rest[1 + end..];
+        } else {
+            rest = &rest[c.len_utf8()..];
+        }
+    }
+    found
+}
+
+#[test]
+fn help_lists_the_commands_every_variable_and_every_route() {
+    let output = Command::new(BINARY)
+        .arg("--help")
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let help = String::from_utf8(output.stdout).unwrap();
+    for command in ["serve", "help", "version"] {
+        assert!(
+            help.contains(&format!("\n  {command} ")),
+            "{command}: {help}"
+        );
+    }
+
+    let config =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/config.rs")).unwrap();
+    // Every upper-case literal is a variable the configuration reads, except the prefixes it
+    // checks names against (ending in `_`) and the list of other programs' variables it ignores.
+    let (before, others) = config
+        .split_once("const OTHER_PROGRAMS_VARIABLES")
+        .expect("src/config.rs lists the other programs' variables");
+    let after = others.split_once("];").unwrap().1;
+    let config = format!("{before}{after}");
+    let variables = literals(&config, |literal| {
+        !literal.ends_with('_')
+            && literal.len() > 2
+            && literal.starts_with(|c: char| c.is_ascii_uppercase())
+            && literal
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+    });
+    assert!(variables.len() > 20, "{variables:?}");
+    for variable in variables.iter().map(String::as_str).chain(["RUST_LOG"]) {
+        assert!(
+            help.lines()
+                .any(|line| line.trim_start().starts_with(&format!("{variable} "))),
+            "{variable} is read but --help does not explain it"
+        );
+    }
+
+    let routes =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/routes/mod.rs")).unwrap();
+    let paths = literals(&routes, |literal| literal.starts_with('/'));
+    assert!(paths.len() > 10, "{paths:?}");
+    for path in paths {
+        assert!(
+            help.contains(&format!(" {path} ")),
+            "route {path} is not in --help"
+        );
+    }
+}
+
+#[test]
+fn an_unknown_command_exits_2_and_points_at_help() {
+    let output = Command::new(BINARY)
+        .arg("srve")
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("\"srve\"") && stderr.contains("--help"),
+        "{stderr}"
+    );
 }

@@ -69,6 +69,8 @@ pub enum ApiError {
     InvalidParameter(String),
     #[error("{0}")]
     InvalidJson(String),
+    #[error("the body is larger than {0} bytes, the most an API request may send")]
+    BodyTooLarge(usize),
     #[error(
         "{0:?} is not an E.164 number: use '+' followed by 8 to 15 digits, e.g. +5511999990000"
     )]
@@ -129,7 +131,7 @@ pub fn json_error_handler(error: JsonPayloadError, _: &HttpRequest) -> actix_web
         }
         JsonPayloadError::Overflow { limit }
         | JsonPayloadError::OverflowKnownLength { limit, .. } => {
-            format!("the body is larger than {limit} bytes")
+            return ApiError::BodyTooLarge(*limit).into();
         }
         other => format!("the body cannot be read: {other}"),
     };
@@ -146,6 +148,7 @@ impl ApiError {
             Self::EventsDisabled => "events_disabled",
             Self::InvalidParameter(_) => "invalid_parameter",
             Self::InvalidJson(_) => "invalid_json",
+            Self::BodyTooLarge(_) => "body_too_large",
             Self::InvalidPhoneNumber(_) => "invalid_phone_number",
             Self::ContextTooLong(_) => "context_too_long",
             Self::InvalidAgent => "invalid_agent",
@@ -179,6 +182,7 @@ impl ResponseError for ApiError {
             | Self::EventsDisabled
             | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::CallNotFound | Self::EventNotFound => StatusCode::NOT_FOUND,
             Self::InvalidParameter(_) | Self::InvalidJson(_) => StatusCode::BAD_REQUEST,
             Self::InvalidPhoneNumber(_)
@@ -208,6 +212,9 @@ impl ResponseError for ApiError {
             Self::PermissionRequestLimited { until_ms, .. } => {
                 details.insert("retry_at".into(), Value::String(rfc3339(*until_ms)));
             }
+            Self::BodyTooLarge(limit) => {
+                details.insert("limit_bytes".into(), json!(limit));
+            }
             _ => {}
         }
         let mut response =
@@ -225,6 +232,15 @@ impl ResponseError for ApiError {
         }
         response
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value. The scheme is matched in any case, as
+/// HTTP auth schemes are case-insensitive (RFC 9110 section 11.1) and clients do send `bearer`.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' '))
 }
 
 /// Proof the request carried `CALLBRIDGE_API_TOKEN`. Compared as SHA-256 digests so the time
@@ -246,7 +262,7 @@ impl FromRequest for ApiCaller {
             .headers()
             .get(actix_web::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .unwrap_or("");
         let matches = Sha256::digest(presented.as_bytes())
             == Sha256::digest(expected.expose_secret().as_bytes());

@@ -293,6 +293,8 @@ async fn place_under_lease(
 }
 
 /// `POST /calls/{call_sid}/hangup`: ends the call; one that has already ended is fine too.
+/// A CallSid the store has never seen is most likely a typo or another account's call: it is
+/// answered 404 without asking Twilio, which would report an unknown call as already ended.
 pub async fn hang_up(
     _caller: ApiCaller,
     state: web::Data<AppState>,
@@ -300,6 +302,9 @@ pub async fn hang_up(
 ) -> Result<HttpResponse, ApiError> {
     let call_sid = CallSid::parse(&call_sid)
         .map_err(|why| ApiError::InvalidParameter(format!("call_sid is {why}")))?;
+    if state.store.call(call_sid.as_str()).await?.is_none() {
+        return Err(ApiError::CallNotFound);
+    }
     state.twilio.hang_up(call_sid.as_str()).await?;
     Ok(HttpResponse::Ok().json(json!({"call_sid": call_sid.as_str(), "status": "completed"})))
 }

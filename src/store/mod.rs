@@ -245,6 +245,9 @@ impl Store {
         } else {
             Backend::Postgres
         };
+        if backend == Backend::Postgres {
+            first_connection(url).await?;
+        }
         let options = AnyPoolOptions::new()
             .max_connections(if backend == Backend::Sqlite { 4 } else { 10 })
             .acquire_timeout(Duration::from_secs(10))
@@ -693,6 +696,34 @@ async fn migrate(pool: &AnyPool) -> anyhow::Result<()> {
 }
 
 /// The URL without its password, for error messages.
+/// One connection to Postgres before the pool is built: the pool retries a refused connection
+/// until its 10 s acquire timeout and then reports only the timeout, while one attempt fails at
+/// once with the reason (nothing listening, a bad password, no such database).
+async fn first_connection(url: &str) -> anyhow::Result<()> {
+    use sqlx::Connection;
+    match AnyConnection::connect(url).await {
+        Ok(conn) => {
+            let _ = conn.close().await;
+            Ok(())
+        }
+        Err(sqlx::Error::Io(error)) if error.kind() == std::io::ErrorKind::ConnectionRefused => {
+            let address = url::Url::parse(url)
+                .ok()
+                .and_then(|parsed| {
+                    let host = parsed.host_str()?.to_owned();
+                    Some(format!("{host}:{}", parsed.port().unwrap_or(5432)))
+                })
+                .unwrap_or_else(|| redact_url(url));
+            anyhow::bail!(
+                "cannot open the database ({}): connection refused to {address}; is Postgres running and listening there?",
+                redact_url(url)
+            )
+        }
+        Err(error) => Err(anyhow::Error::new(error)
+            .context(format!("cannot open the database ({})", redact_url(url)))),
+    }
+}
+
 fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut parsed) if parsed.password().is_some() => {

@@ -80,9 +80,25 @@ pub fn verify(
     )
     .map_err(|reason| {
         state.metrics.signature_failures.inc();
-        tracing::warn!(path = req.path(), %reason, "refused a request claiming to come from Twilio");
+        // The URL checked, so an operator sees at once when PUBLIC_BASE_URL is not the URL
+        // Twilio calls (a changed ngrok URL is the usual cause); never the signature itself.
+        tracing::warn!(
+            path = req.path(),
+            %reason,
+            checked_url = %loggable_url(url),
+            "refused a request claiming to come from Twilio: its signature does not match the URL checked, which is PUBLIC_BASE_URL and the path; if this is Twilio, PUBLIC_BASE_URL must be the URL configured in Twilio"
+        );
         WebhookError::Forbidden(reason)
     })
+}
+
+/// `url` with a media stream's token left out: the token admits one stream, so it stays out of
+/// the logs like every other credential.
+fn loggable_url(url: &str) -> String {
+    match url.split_once("/stream/") {
+        Some((base, _token)) => format!("{base}/stream/{{token}}"),
+        None => url.to_owned(),
+    }
 }
 
 /// A form POST from Twilio whose signature has been verified, parsed from the same bytes into
@@ -129,5 +145,22 @@ impl<T: TwilioForm + 'static> FromRequest for SignedForm<T> {
                 tracing::warn!(path = req.path(), %refusal, "refused a signed Twilio webhook");
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loggable_url;
+
+    #[test]
+    fn a_stream_token_is_left_out_of_the_logged_url() {
+        assert_eq!(
+            loggable_url("wss://abc.ngrok.app/stream/s3cr3t-token"),
+            "wss://abc.ngrok.app/stream/{token}"
+        );
+        assert_eq!(
+            loggable_url("https://abc.ngrok.app/voice?x=1"),
+            "https://abc.ngrok.app/voice?x=1"
+        );
     }
 }

@@ -189,6 +189,37 @@ async fn the_api_needs_the_bearer_token_and_names_unknown_calls() {
         .unwrap();
     assert_eq!(wrong.status(), 401);
 
+    // The scheme is case-insensitive; the token is not.
+    for scheme in ["bearer", "BEARER", "Bearer", "bEaReR"] {
+        let response = app
+            .http
+            .get(format!("{}/calls", app.address))
+            .header("authorization", format!("{scheme} {API_TOKEN}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{scheme}");
+    }
+    let shouted = app
+        .http
+        .get(format!("{}/calls", app.address))
+        .header(
+            "authorization",
+            format!("Bearer {}", API_TOKEN.to_uppercase()),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(shouted.status(), 401);
+    let basic = app
+        .http
+        .get(format!("{}/calls", app.address))
+        .header("authorization", format!("Basic {API_TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(basic.status(), 401);
+
     let missing = app.api_get("/calls/CA404").await;
     assert_eq!(missing.status(), 404);
     let body: Value = missing.json().await.unwrap();

@@ -524,7 +524,9 @@ async fn twilio_errors_map_to_documented_outcomes() {
         "the revoked grant stops calls before Twilio"
     );
 
+    // A call this server knows (here from its status callback) that Twilio has already ended.
     let ended = call_sid(77);
+    o.status(&ended, "completed", 1).await;
     Mock::given(method("POST"))
         .and(path(account_path(&format!("Calls/{ended}.json"))))
         .and(exact_form(&[("Status", "completed")]))
@@ -540,6 +542,25 @@ async fn twilio_errors_map_to_documented_outcomes() {
         200,
         "an already-ended call counts as hung up"
     );
+
+    // A call the store has never seen: 404, and Twilio is not asked.
+    let unknown = call_sid(78);
+    Mock::given(method("POST"))
+        .and(path(account_path(&format!("Calls/{unknown}.json"))))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"sid": unknown, "status": "completed"})),
+        )
+        .expect(0)
+        .mount(&o.twilio)
+        .await;
+    expect_error(
+        o.api_post(&format!("/calls/{unknown}/hangup"), json!({}))
+            .await,
+        404,
+        "call_not_found",
+    )
+    .await;
     o.twilio.verify().await;
 }
 
@@ -625,6 +646,27 @@ async fn bad_input_gets_a_clear_error() {
             error["message"].as_str().unwrap().contains(named),
             "{body}: {error}"
         );
+    }
+
+    // Over the API's body limit: 413, in the API's JSON error shape, saying the limit.
+    let oversized = json!({"to": USER, "context": "x".repeat(20 * 1024)}).to_string();
+    {
+        let response = o
+            .app
+            .http
+            .post(format!("{}/calls", o.app.address))
+            .bearer_auth(API_TOKEN)
+            .header("content-type", "application/json")
+            .body(oversized)
+            .send()
+            .await
+            .unwrap();
+        let error = expect_error(response, 413, "body_too_large").await;
+        assert!(
+            error["message"].as_str().unwrap().contains("16384 bytes"),
+            "{error}"
+        );
+        assert_eq!(error["limit_bytes"], 16384);
     }
 
     let anonymous = o

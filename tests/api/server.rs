@@ -234,3 +234,38 @@ async fn healthz_answers_while_hundreds_of_clients_hold_unfinished_requests() {
     assert_eq!(health.expect("/healthz answered within 5 s").status(), 200);
     drop(dribblers);
 }
+
+/// The most common first-hour failure is a PUBLIC_BASE_URL that is not the URL Twilio calls: the
+/// refusal names the URL that was checked, and never the signature.
+#[tokio::test]
+async fn a_refused_signature_logs_the_url_it_was_checked_against() {
+    let mut server = Binary::start(&[]).await;
+    let response = server
+        .http
+        .post(format!("{}/voice", server.address))
+        .header("x-twilio-signature", "c2lnbmF0dXJlLW5vdC12YWxpZA==")
+        .form(&[("CallSid", CALL_SID), ("AccountSid", ACCOUNT_SID)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    server.signal("TERM");
+    assert!(
+        server
+            .exit_status_within(Duration::from_secs(20))
+            .await
+            .success()
+    );
+    let output = server.output();
+    let refusal: Vec<&str> = output
+        .lines()
+        .filter(|line| line.contains("refused a request claiming to come from Twilio"))
+        .collect();
+    assert_eq!(refusal.len(), 1, "{output}");
+    assert!(
+        refusal[0].contains(&format!("{PUBLIC_BASE_URL}/voice")),
+        "{output}"
+    );
+    assert!(refusal[0].contains("PUBLIC_BASE_URL"), "{output}");
+    assert!(!output.contains("c2lnbmF0dXJlLW5vdC12YWxpZA=="), "{output}");
+}

@@ -863,3 +863,28 @@ async fn a_caller_id_with_a_nul_is_stored_without_it() {
         assert_eq!(record(&store, "CA2").await.to, "whatsapp:+558551234567");
     }
 }
+
+/// Nothing listens on the port: the error comes at once and names the address, instead of the
+/// pool's timeout after 10 s.
+#[tokio::test]
+async fn an_unreachable_postgres_fails_at_once_naming_its_address() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://callbridge:hunter2@127.0.0.1:{port}/callbridge");
+    let started = std::time::Instant::now();
+    let error = tokio::time::timeout(std::time::Duration::from_secs(3), Store::connect(&url))
+        .await
+        .expect("the connection error comes before the pool's timeout")
+        .err()
+        .expect("nothing listens there");
+    let message = format!("{error:#}");
+    assert!(
+        message.contains(&format!("connection refused to 127.0.0.1:{port}")),
+        "{message}"
+    );
+    assert!(!message.contains("hunter2"), "{message}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+}
