@@ -448,6 +448,17 @@ fn outbound_pair<F: Fn(&str) -> Option<String>>(r: &mut Reader<'_, F>) {
     ));
 }
 
+/// Each call's settings: the defaults, but for what the environment may set.
+fn call_settings<F: Fn(&str) -> Option<String>>(r: &mut Reader<'_, F>) -> CallSettings {
+    let defaults = CallSettings::default();
+    CallSettings {
+        session_rollover: r.parsed("SESSION_ROLLOVER_SECS", defaults.session_rollover, |raw| {
+            positive_number::<u64>(raw).map(Duration::from_secs)
+        }),
+        ..defaults
+    }
+}
+
 fn database_url(raw: &str) -> Result<String, String> {
     if raw.starts_with("sqlite:")
         || raw.starts_with("postgres://")
@@ -499,7 +510,7 @@ const OUR_PREFIXES: [&str; 4] = ["TWILIO_", "OPENAI_", "AGENT_", "CALLBRIDGE_"];
 
 /// Names with our prefixes that other programs read, so an operator's shell may well export
 /// them: Twilio's and OpenAI's own SDKs and CLIs, and this project's test suite.
-const OTHER_PROGRAMS_VARIABLES: [&str; 9] = [
+const OTHER_PROGRAMS_VARIABLES: [&str; 10] = [
     "TWILIO_API_KEY",
     "TWILIO_API_SECRET",
     "TWILIO_REGION",
@@ -509,6 +520,7 @@ const OTHER_PROGRAMS_VARIABLES: [&str; 9] = [
     "OPENAI_ORGANIZATION",
     "OPENAI_PROJECT_ID",
     "CALLBRIDGE_TEST_POSTGRES_URL",
+    "CALLBRIDGE_REQUIRE_POSTGRES",
 ];
 
 /// One problem per name in `names` that has one of our prefixes but is not among `read` (the
@@ -624,6 +636,7 @@ impl Config {
             positive_number::<u64>(raw).map(Duration::from_secs)
         });
         let log_format = r.parsed("LOG_FORMAT", LogFormat::Pretty, log_format);
+        let call = call_settings(&mut r);
 
         let machine_id = r.parsed("FLY_MACHINE_ID", None, machine_id);
         let placeholders = placeholders(&r);
@@ -675,7 +688,7 @@ impl Config {
             request_timeout,
             log_format,
             twilio_request_timeout: crate::twilio::rest::DEFAULT_REQUEST_TIMEOUT,
-            call: CallSettings::default(),
+            call,
             machine_id,
             placeholders,
         })

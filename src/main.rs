@@ -42,6 +42,7 @@ Optional:
   AGENTS_FILE                         TOML file of named agents (see agents.example.toml); SIGHUP reloads it
   CALLBRIDGE_WEBHOOK_SECRET           whsec_ key that signs requests to your backend (tools, context, events)
   CALLBRIDGE_EVENTS_URL               where call and permission events are POSTed
+  SESSION_ROLLOVER_SECS               age (s) at which a call moves to a fresh OpenAI session (3300)
   DATABASE_URL                        sqlite://... or postgres://... (default sqlite://callbridge.db?mode=rwc)
   OUTBOUND_CALLS_PER_DAY              connected outbound calls per user per 24 h (default 5)
   MAX_CONCURRENT_CALLS                above this many calls new callers hear a busy message (default 1000)

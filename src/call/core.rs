@@ -55,6 +55,9 @@ pub struct CallSettings {
     pub farewell_limit: Duration,
     /// After Twilio accepted a transfer, how long its stream may linger before it is closed.
     pub transfer_linger: Duration,
+    /// `SESSION_ROLLOVER_SECS`: a session this old is replaced by a fresh one at the next quiet
+    /// moment, before OpenAI's cap on a session's age cuts it.
+    pub session_rollover: Duration,
 }
 
 impl Default for CallSettings {
@@ -68,6 +71,7 @@ impl Default for CallSettings {
             playback_wait: Duration::from_secs(10),
             farewell_limit: Duration::from_secs(15),
             transfer_linger: Duration::from_secs(10),
+            session_rollover: Duration::from_secs(3300),
         }
     }
 }
@@ -268,6 +272,10 @@ pub struct CallCore<L: MediaLeg> {
     /// The system messages the session was briefed with, for a session that replaces it.
     system_messages: Vec<String>,
     reconnect: Option<survival::Reconnect>,
+    /// When the session in use became ready, for its rollover.
+    session_ready_at: Option<Instant>,
+    /// The session is due for rollover and waits for a quiet moment.
+    rollover_waiting: bool,
 }
 
 impl<L: MediaLeg> CallCore<L> {
@@ -316,6 +324,8 @@ impl<L: MediaLeg> CallCore<L> {
             keypad: acting::Keypad::default(),
             system_messages: Vec::new(),
             reconnect: None,
+            session_ready_at: None,
+            rollover_waiting: false,
         }
     }
 
@@ -338,6 +348,7 @@ impl<L: MediaLeg> CallCore<L> {
             self.briefing.deadline(),
             self.acting_deadline(),
             self.reconnect_deadline(),
+            self.rollover_deadline(),
         ]
         .into_iter()
         .flatten()

@@ -172,7 +172,7 @@ impl<L: MediaLeg> CallCore<L> {
     }
 
     /// Whether the call is already on its way out (a goodbye, `end_call`, a transfer).
-    fn is_ending(&self) -> bool {
+    pub(super) fn is_ending(&self) -> bool {
         self.wrap_up.is_some() || !matches!(self.transfer, Transfer::None)
     }
 
@@ -220,6 +220,7 @@ impl<L: MediaLeg> CallCore<L> {
         self.advance_wrap_up(now);
         if self.ended.is_none() {
             self.track_quiet(now);
+            self.roll_over_when_quiet(now);
         }
     }
 

@@ -219,5 +219,6 @@ impl<L: MediaLeg> CallCore<L> {
         self.system_messages = brief.system_messages;
         self.flush_early_audio();
         self.link = AgentLink::Ready;
+        self.session_ready_at = Some(now);
     }
 }

@@ -95,6 +95,45 @@ impl<L: MediaLeg> CallCore<L> {
         }
     }
 
+    /// When the session in use is due for rollover; `None` once due (the switch then waits for
+    /// a quiet moment, looked for after every input).
+    pub(super) fn rollover_deadline(&self) -> Option<Instant> {
+        let due = self.session_ready_at? + self.settings.session_rollover;
+        (!self.rollover_waiting
+            && self.reconnect.is_none()
+            && matches!(self.link, AgentLink::Ready))
+        .then_some(due)
+    }
+
+    /// Moves the call to a fresh session once the one in use is old enough and nothing is
+    /// going on: no response running or asked for, no agent audio unplayed, the caller not
+    /// speaking, no tool pending, the call not ending. Caller audio is held from that moment
+    /// and goes to the new session only, so none reaches two sessions and none is lost.
+    pub(super) fn roll_over_when_quiet(&mut self, now: Instant) {
+        let Some(ready_at) = self.session_ready_at else {
+            return;
+        };
+        let due = now >= ready_at + self.settings.session_rollover;
+        let quiet = matches!(self.link, AgentLink::Ready)
+            && !self.tools.is_response_active()
+            && !self.tools.is_caller_speaking()
+            && !self.tools.has_pending()
+            && !self.playback.has_unplayed_audio()
+            && !self.is_ending();
+        if due && !quiet {
+            // Due: from now on every input looks for the quiet moment; the timer need not.
+            self.rollover_waiting = true;
+        }
+        if due && quiet {
+            tracing::info!("the OpenAI session is due for rollover: moving to a new one");
+            self.session_ready_at = None;
+            self.rollover_waiting = false;
+            if !self.agent_lost("rollover", now) {
+                self.end(crate::metrics::EndReason::AgentFailed, now);
+            }
+        }
+    }
+
     /// Whether the session now opening replaces a lost one.
     pub(super) fn is_reconnecting(&self) -> bool {
         self.reconnect.is_some()
@@ -118,6 +157,7 @@ impl<L: MediaLeg> CallCore<L> {
         }
         self.flush_early_audio();
         self.link = AgentLink::Ready;
+        self.session_ready_at = Some(now);
         self.metrics.agent_reconnected.inc();
         let gap = now.saturating_duration_since(reconnect.lost_at);
         tracing::info!(

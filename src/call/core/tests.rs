@@ -729,3 +729,40 @@ fn an_expired_session_moves_the_call_to_a_new_one() {
     assert!(!h.core.is_ended());
     assert!(h.feed(Input::Timer).contains(&Action::PreconnectAgent));
 }
+
+#[test]
+fn an_old_session_rolls_over_at_the_next_quiet_moment_only() {
+    let settings = CallSettings {
+        session_rollover: Duration::from_secs(3),
+        heartbeat_interval: Duration::from_secs(3600),
+        ..CallSettings::default()
+    };
+    let mut h = Harness::with(agent(), settings);
+    h.ready();
+    assert_eq!(h.core.poll_timeout(), Some(h.now + Duration::from_secs(3)));
+    // The agent is talking when the session comes of age: no switch mid-answer.
+    h.agent(json!({"type":"response.created","response":{"id":"r1"}}));
+    h.delta("r1", "a1", FRAME);
+    h.advance(Duration::from_secs(3));
+    let due = h.feed(Input::Timer);
+    assert!(!due.contains(&Action::CloseAgent), "{due:?}");
+    assert!(
+        h.core.poll_timeout().is_none_or(|at| at > h.now),
+        "no busy timer while waiting"
+    );
+    h.agent(json!({"type":"response.done","response":{"id":"r1","status":"completed"}}));
+    assert!(
+        !h.feed(Input::Timer).contains(&Action::CloseAgent),
+        "its audio is still playing"
+    );
+    // The last mark echoed: nothing is playing, nothing is running.
+    let quiet = h.twilio(json!({"event":"mark","mark":{"name":"m1"}}));
+    assert!(quiet.contains(&Action::CloseAgent), "{quiet:?}");
+    // Caller audio from here waits for the new session, which gets it all.
+    assert!(to_agent(&h.media(FRAME)).is_empty());
+    assert!(h.feed(Input::Timer).contains(&Action::PreconnectAgent));
+    h.feed(Input::AgentTransportReady);
+    let sent = to_agent(&h.feed(Input::AgentOpened));
+    assert_eq!(sent[0]["type"], "session.update");
+    assert_eq!(sent.last().unwrap()["audio"], FRAME);
+}

@@ -45,6 +45,8 @@ fn quiet_settings() -> CallSettings {
     CallSettings {
         heartbeat_interval: HOUR,
         peer_timeout: HOUR * 2,
+        // No session rollover within these tests' hours.
+        session_rollover: HOUR * 24,
         ..CallSettings::default()
     }
 }
