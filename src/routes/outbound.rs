@@ -44,12 +44,9 @@ fn outbound(state: &AppState) -> Result<Outbound<'_>, ApiError> {
             business,
             content_sid,
         }),
-        (None, None) => Err(ApiError::OutboundDisabled(
+        // The configuration refuses one without the other, so neither is set.
+        _ => Err(ApiError::OutboundDisabled(
             "TWILIO_WHATSAPP_NUMBER and TWILIO_CALL_PERMISSION_CONTENT_SID",
-        )),
-        (None, Some(_)) => Err(ApiError::OutboundDisabled("TWILIO_WHATSAPP_NUMBER")),
-        (Some(_), None) => Err(ApiError::OutboundDisabled(
-            "TWILIO_CALL_PERMISSION_CONTENT_SID",
         )),
     }
 }
