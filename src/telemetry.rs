@@ -8,7 +8,8 @@ use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use tracing::Span;
 use tracing_actix_web::{DefaultRootSpanBuilder, RootSpanBuilder};
-use tracing_subscriber::filter::{FilterExt, LevelFilter, Targets};
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -33,20 +34,40 @@ const CAPPED_TARGETS: [&str; 7] = [
 /// directive can open up `CAPPED_TARGETS` below `info`.
 pub fn init(format: LogFormat) {
     let requested = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // A separate filter both must pass, so no more specific `RUST_LOG` directive overrides it.
-    let filter = requested.and(secret_safe_levels());
-    let fmt = tracing_subscriber::fmt::layer();
-    let layer = match format {
+    // A second init (tests) keeps the first subscriber; nothing to report.
+    drop(subscriber(format, requested, std::io::stdout).try_init());
+}
+
+/// Lines in `format` to `writer`, filtered by `requested` and by the caps.
+///
+/// Both filters are global (layers of their own), not a per-layer filter of the output layer.
+/// In tracing-subscriber 0.3 a per-layer filter that `log` asks whether a record is enabled,
+/// with no record logged after, swallows the next event on that thread. sqlx asks before every
+/// Postgres statement and rustls logs through `log`, so with `RUST_LOG=debug` (rustls is
+/// capped) or `debug,sqlx=warn`, callbridge's own lines after a query or a TLS handshake went
+/// missing.
+fn subscriber<W>(
+    format: LogFormat,
+    requested: EnvFilter,
+    writer: W,
+) -> impl tracing::Subscriber + Send + Sync + 'static
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
+    let output = match format {
         LogFormat::Json => fmt
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .with_filter(filter)
             .boxed(),
-        LogFormat::Pretty => fmt.with_filter(filter).boxed(),
+        LogFormat::Pretty => fmt.boxed(),
     };
-    // A second init (tests) keeps the first subscriber; nothing to report.
-    drop(tracing_subscriber::registry().with(layer).try_init());
+    // Each filter layer must let an event through: the caps hold whatever `RUST_LOG` opens.
+    tracing_subscriber::registry()
+        .with(requested)
+        .with(secret_safe_levels())
+        .with(output)
 }
 
 fn secret_safe_levels() -> Targets {
@@ -65,5 +86,88 @@ impl RootSpanBuilder for CallRootSpan {
 
     fn on_request_end<B: MessageBody>(span: Span, outcome: &Result<ServiceResponse<B>, Error>) {
         DefaultRootSpanBuilder::on_request_end(span, outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Everything written, shared with the test.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn lines(&self) -> Vec<serde_json::Value> {
+            String::from_utf8(self.0.lock().unwrap().clone())
+                .unwrap()
+                .lines()
+                .map(|line| serde_json::from_str(line).unwrap())
+                .collect()
+        }
+    }
+
+    /// Messages logged while `log_and_ask` runs under `RUST_LOG=rust_log`, in JSON.
+    fn messages(rust_log: &str, log_and_ask: impl FnOnce()) -> Vec<String> {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = subscriber(LogFormat::Json, EnvFilter::new(rust_log), move || {
+            writer.clone()
+        });
+        tracing::subscriber::with_default(subscriber, log_and_ask);
+        captured
+            .lines()
+            .iter()
+            .map(|line| line["message"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// What a library logging through `log` does for a record the filters turn down: `log`
+    /// asks (tracing, via `LogTracer`) whether `target` is enabled at `level`, and then logs
+    /// nothing. sqlx does this before every statement; rustls for every debug line.
+    fn a_library_asks_log_about(target: &str, level: log::Level) {
+        use log::Log;
+        let record = log::Metadata::builder().target(target).level(level).build();
+        let _ = tracing_log::LogTracer::new().enabled(&record);
+    }
+
+    #[test]
+    fn a_line_after_a_record_the_filters_turn_down_is_still_written() {
+        for (rust_log, target) in [
+            ("debug,sqlx=warn", "sqlx::query"),
+            // Capped, whatever RUST_LOG says.
+            ("debug", "rustls::client::hs"),
+        ] {
+            let written = messages(rust_log, || {
+                tracing::info!("before");
+                a_library_asks_log_about(target, log::Level::Debug);
+                tracing::info!("after");
+                tracing::trace!("below the level asked for");
+            });
+            assert_eq!(written, ["before", "after"], "RUST_LOG={rust_log}");
+        }
+    }
+
+    #[test]
+    fn rust_log_cannot_open_a_capped_target_below_info() {
+        let written = messages("trace", || {
+            tracing::trace!(target: "tungstenite::handshake", "the upgrade request, key and all");
+            tracing::info!(target: "tungstenite::handshake", "connected");
+            tracing::trace!("callbridge's own trace line");
+        });
+        assert_eq!(written, ["connected", "callbridge's own trace line"]);
     }
 }
