@@ -306,7 +306,8 @@ pub fn parse_twiml(xml: &str) -> Twiml {
 
 /// The real `callbridge` binary, configured like `test_config` plus `env`, for what only a
 /// process shows: signals, SIGKILL, what reaches stdout and stderr. Its output goes to a file
-/// (a pipe nobody reads would fill up and stall a verbose server); it is killed when dropped.
+/// (a pipe nobody reads would fill up and stall a verbose server); it is killed, and that file
+/// removed, when dropped.
 pub struct Binary {
     pub client: Client,
     /// The `DATABASE_URL` it runs on.
@@ -427,6 +428,8 @@ impl Drop for Binary {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        // The output file was only for this test to read.
+        let _ = std::fs::remove_file(&self.output);
     }
 }
 
