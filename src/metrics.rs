@@ -116,12 +116,19 @@ impl EndReason {
 }
 
 // Label values are written by hand rather than derived: the derive writes the variant name
-// (`CallerHungUp`), and the exposed values are snake_case (`caller_hung_up`).
-impl EncodeLabelValue for EndReason {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
-        std::fmt::Write::write_str(encoder, self.label())
-    }
+// (`CallerHungUp`), and the exposed values are snake_case (`caller_hung_up`), each type's
+// `label()`.
+macro_rules! label_value_from_label {
+    ($($kind:ty),+) => {$(
+        impl EncodeLabelValue for $kind {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+                std::fmt::Write::write_str(encoder, self.label())
+            }
+        }
+    )+};
 }
+
+label_value_from_label!(EndReason, ToolOutcome, ContextOutcome, DeliveryOutcome);
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct EndedLabels {
@@ -204,12 +211,6 @@ impl ToolOutcome {
     }
 }
 
-impl EncodeLabelValue for ToolOutcome {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
-        std::fmt::Write::write_str(encoder, self.label())
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ToolLabels {
     tool: String,
@@ -242,12 +243,6 @@ impl ContextOutcome {
     }
 }
 
-impl EncodeLabelValue for ContextOutcome {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
-        std::fmt::Write::write_str(encoder, self.label())
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ContextLabels {
     outcome: ContextOutcome,
@@ -277,12 +272,6 @@ impl DeliveryOutcome {
             Self::Failed => "failed",
             Self::Stopped => "stopped",
         }
-    }
-}
-
-impl EncodeLabelValue for DeliveryOutcome {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
-        std::fmt::Write::write_str(encoder, self.label())
     }
 }
 

@@ -892,28 +892,47 @@ impl Loader<'_> {
         was_removed: bool,
         seen: &mut HashMap<String, usize>,
     ) -> Option<String> {
+        let names = UniqueName {
+            key: "name",
+            taken: "the name of this agent's tool",
+            reserved: &BUILTIN_NAMES,
+        };
+        self.unique_name(label, &names, name, header, was_removed, seen)
+    }
+
+    /// A name (a tool's, an MCP server's label) that follows the name rule, is not reserved
+    /// and is used once in its agent; every problem is reported at the offending line.
+    fn unique_name(
+        &mut self,
+        label: &str,
+        names: &UniqueName<'_>,
+        name: Option<Spanned<String>>,
+        header: &Range<usize>,
+        was_removed: bool,
+        seen: &mut HashMap<String, usize>,
+    ) -> Option<String> {
+        let key = names.key;
         let Some(name) = name else {
             if !was_removed {
-                self.bad(label, "name", header.clone(), "is missing");
+                self.bad(label, key, header.clone(), "is missing");
             }
             return None;
         };
         let span = name.span();
         let name = name.into_inner();
         if !valid_name(&name) {
-            self.bad(label, "name", span, NAME_RULE);
+            self.bad(label, key, span, NAME_RULE);
             return None;
         }
-        if BUILTIN_NAMES.contains(&name.as_str()) {
+        if names.reserved.contains(&name.as_str()) {
             let problem = "is the name of a built-in tool; list built-ins in builtin_tools, and name this tool otherwise";
-            self.bad(label, "name", span, problem);
+            self.bad(label, key, span, problem);
             return None;
         }
         let line = self.line(span.start);
         if let Some(first) = seen.get(&name) {
-            let problem =
-                format!("{name:?} is already the name of this agent's tool on line {first}");
-            self.bad(label, "name", span, &problem);
+            let problem = format!("{name:?} is already {} on line {first}", names.taken);
+            self.bad(label, key, span, &problem);
             return None;
         }
         seen.insert(name.clone(), line);
@@ -1041,27 +1060,12 @@ impl Loader<'_> {
         was_removed: bool,
         seen: &mut HashMap<String, usize>,
     ) -> Option<String> {
-        let Some(server_label) = server_label else {
-            if !was_removed {
-                self.bad(label, "server_label", header.clone(), "is missing");
-            }
-            return None;
+        let names = UniqueName {
+            key: "server_label",
+            taken: "the label of this agent's MCP server",
+            reserved: &[],
         };
-        let span = server_label.span();
-        let name = server_label.into_inner();
-        if !valid_name(&name) {
-            self.bad(label, "server_label", span, NAME_RULE);
-            return None;
-        }
-        let line = self.line(span.start);
-        if let Some(first) = seen.get(&name) {
-            let problem =
-                format!("{name:?} is already the label of this agent's MCP server on line {first}");
-            self.bad(label, "server_label", span, &problem);
-            return None;
-        }
-        seen.insert(name.clone(), line);
-        Some(name)
+        self.unique_name(label, &names, server_label, header, was_removed, seen)
     }
 
     fn allowed_tools(&mut self, label: &str, tools: Vec<Spanned<String>>) -> Option<Vec<String>> {
@@ -1121,6 +1125,14 @@ fn valid_name(name: &str) -> bool {
 /// The part after `sip:` or `client:`: something, and no whitespace (it goes into TwiML).
 fn valid_address(rest: &str) -> bool {
     !rest.is_empty() && !rest.chars().any(char::is_whitespace)
+}
+
+/// What makes a name in an agent valid besides the name rule: its key, what a second use
+/// would collide with, and names it may not take.
+struct UniqueName<'a> {
+    key: &'static str,
+    taken: &'static str,
+    reserved: &'a [&'a str],
 }
 
 /// https anywhere; http only to a loopback host, where nothing on the network can read or change

@@ -169,17 +169,6 @@ impl Rig {
         }
     }
 
-    async fn api_post(&self, path: &str, body: Value) -> reqwest::Response {
-        self.app
-            .http
-            .post(format!("{}{path}", self.app.address))
-            .bearer_auth(API_TOKEN)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-    }
-
     /// `GET /calls/{sid}` once `ready` holds for it (the writer stores records asynchronously).
     async fn call_detail_when(&self, sid: &str, ready: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -494,6 +483,7 @@ async fn each_number_gets_its_own_agent_and_the_rest_go_to_the_default() {
     }
 
     let refused = rig
+        .app
         .api_post("/calls", json!({"to": CALLER, "agent": "nope"}))
         .await;
     assert_eq!(refused.status(), 422);
@@ -1312,6 +1302,7 @@ async fn post_calls_variables_reach_the_context_request_and_the_prompt() {
         .mount(&rig.rest)
         .await;
     let asked = rig
+        .app
         .api_post("/call-permissions", json!({"to": CALLER}))
         .await;
     assert_eq!(asked.status(), 201);
@@ -1324,7 +1315,7 @@ async fn post_calls_variables_reach_the_context_request_and_the_prompt() {
         .await;
     assert_eq!(accepted.status(), 204);
     let placed = rig
-        .api_post(
+        .app.api_post(
             "/calls",
             json!({"to": CALLER, "agent": "concierge", "variables": {"customer": "Ana", "order": "A-42"}}),
         )

@@ -22,6 +22,16 @@ impl Client {
             .expect("request reaches the app")
     }
 
+    pub async fn api_post(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.address))
+            .bearer_auth(API_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .expect("request reaches the app")
+    }
+
     pub async fn post_status(
         &self,
         call_sid: &str,

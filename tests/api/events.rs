@@ -15,8 +15,7 @@ use callbridge::store::machines::{LEASE, MachineId};
 use callbridge::store::models::{EventCursor, EventDelivery};
 use callbridge::store::outbox::AttemptOutcome;
 use callbridge::store::permissions::Reply;
-use callbridge::store::{NewCall, Record, Store};
-use callbridge::twilio::call::{CallStatus, Direction};
+use callbridge::store::{Record, Store};
 use callbridge::webhooks::{BusinessClient, WebhookSecret};
 use callbridge_testkit::business::{Answer, BusinessRequest, FakeBusiness};
 use serde_json::{Value, json};
@@ -24,7 +23,7 @@ use serde_json::{Value, json};
 use crate::calls::API_TOKEN;
 use crate::fake_twilio::{agent_audio, frame};
 use crate::helpers::{ManualClock, call_sid, spawn_app_with, test_config};
-use crate::store::fresh_databases;
+use crate::store::{fresh_databases, new_call};
 use crate::stream::{connected_call, delta};
 use callbridge_testkit::realtime::FakeRealtime;
 
@@ -55,18 +54,6 @@ async fn bodies(store: &Store) -> Vec<Value> {
 
 async fn all_events(store: &Store) -> Vec<EventDelivery> {
     store.list_event_deliveries(None, 100, None).await.unwrap()
-}
-
-fn new_call(call_sid: &str, at_ms: i64) -> NewCall<'_> {
-    NewCall {
-        call_sid,
-        direction: Some(Direction::Inbound),
-        from: "whatsapp:+5511999990000",
-        to: "whatsapp:+558551234567",
-        agent: "default",
-        status: CallStatus::Ringing,
-        at_ms,
-    }
 }
 
 fn started(call_sid: &str, at_ms: i64) -> Record {

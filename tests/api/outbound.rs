@@ -12,11 +12,11 @@ use serde_json::{Value, json};
 use wiremock::matchers::{header, method, path};
 use wiremock::{Match, Mock, MockServer, Request, ResponseTemplate};
 
+use crate::calls::API_TOKEN;
 use crate::fake_twilio::FakeTwilio;
 use crate::helpers::*;
 use callbridge_testkit::realtime::FakeRealtime;
 
-const API_TOKEN: &str = "outbound-api-token-0123456789abcdef";
 const BUSINESS: &str = "+558551234567";
 const USER: &str = "+5511999990000";
 const CONTENT_SID: &str = "HX0123456789abcdef0123456789abcdef";
@@ -96,27 +96,18 @@ async fn outbound_app(extra: &[(&str, &str)]) -> Outbound {
 }
 
 impl Outbound {
-    async fn api_post(&self, path: &str, body: Value) -> reqwest::Response {
-        self.app
-            .http
-            .post(format!("{}{path}", self.app.address))
-            .bearer_auth(API_TOKEN)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-    }
-
     async fn request_permission(&self) -> reqwest::Response {
         self.request_permission_to(USER).await
     }
 
     async fn request_permission_to(&self, to: &str) -> reqwest::Response {
-        self.api_post("/call-permissions", json!({"to": to})).await
+        self.app
+            .api_post("/call-permissions", json!({"to": to}))
+            .await
     }
 
     async fn place_call(&self, body: Value) -> reqwest::Response {
-        self.api_post("/calls", body).await
+        self.app.api_post("/calls", body).await
     }
 
     /// Twilio's messaging webhook with the user's button press.
@@ -535,6 +526,7 @@ async fn twilio_errors_map_to_documented_outcomes() {
         .mount(&o.twilio)
         .await;
     let hung_up = o
+        .app
         .api_post(&format!("/calls/{ended}/hangup"), json!({}))
         .await;
     assert_eq!(
@@ -555,7 +547,8 @@ async fn twilio_errors_map_to_documented_outcomes() {
         .mount(&o.twilio)
         .await;
     expect_error(
-        o.api_post(&format!("/calls/{unknown}/hangup"), json!({}))
+        o.app
+            .api_post(&format!("/calls/{unknown}/hangup"), json!({}))
             .await,
         404,
         "call_not_found",

@@ -64,7 +64,7 @@ fn status(call_sid: &str, status: CallStatus, sequence: i64, at_ms: i64) -> Stat
     }
 }
 
-fn new_call(call_sid: &str, at_ms: i64) -> NewCall<'_> {
+pub(crate) fn new_call(call_sid: &str, at_ms: i64) -> NewCall<'_> {
     NewCall {
         call_sid,
         direction: Some(Direction::Inbound),
