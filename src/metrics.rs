@@ -337,6 +337,11 @@ pub struct Metrics {
     pub agent_reconnected: Counter,
     /// `agent_reconnects_total{outcome="failed"}`: every attempt failed; the call ended.
     pub agent_reconnect_failed: Counter,
+    /// `session_rollovers_total{outcome="ok"}`: a prepared successor took over an old session.
+    pub session_rolled_over: Counter,
+    /// `session_rollovers_total{outcome="failed"}`: no successor could be prepared; the old
+    /// session ran on.
+    pub session_rollover_failed: Counter,
 }
 
 impl Default for Metrics {
@@ -374,6 +379,7 @@ impl Default for Metrics {
         let context_requests = register(r, "context_requests", "Context lookups at call start, by outcome", Family::<ContextLabels, Counter>::default());
         let dtmf_digits = register(r, "dtmf_digits", "Keypresses (DTMF digits) received from callers", Counter::default());
         let agent_reconnects = register(r, "agent_reconnects", "OpenAI sessions lost mid-call, by whether a new one took over", Family::<OutcomeLabels, Counter>::default());
+        let session_rollovers = register(r, "session_rollovers", "OpenAI sessions replaced before their age cap, by whether a prepared successor took over", Family::<OutcomeLabels, Counter>::default());
         let event_deliveries = register(r, "event_deliveries", "Attempts to deliver events to CALLBRIDGE_EVENTS_URL, by event type and outcome", Family::<DeliveryLabels, Counter>::default());
         let events_pending = register(r, "events_pending", "Events waiting in the outbox for delivery (every machine's, as of the last delivery round)", Gauge::default());
         // Every series of the types this code writes exists from the start, at 0.
@@ -425,6 +431,8 @@ impl Default for Metrics {
             events_pending,
             agent_reconnected: agent_reconnects.get_or_create_owned(&OutcomeLabels { outcome: "ok" }),
             agent_reconnect_failed: agent_reconnects.get_or_create_owned(&OutcomeLabels { outcome: "failed" }),
+            session_rolled_over: session_rollovers.get_or_create_owned(&OutcomeLabels { outcome: "ok" }),
+            session_rollover_failed: session_rollovers.get_or_create_owned(&OutcomeLabels { outcome: "failed" }),
         }
     }
 }

@@ -168,6 +168,14 @@ pub enum Input<'a> {
     /// Writing to the agent failed.
     AgentSendFailed,
 
+    /// The successor session a rollover asked for is open.
+    StandbyOpened,
+    /// A text frame from the successor session, before it took over.
+    StandbyText(&'a str),
+    /// The successor session could not be opened, or its socket failed before it took over
+    /// (the driver has dropped it).
+    StandbyFailed(String),
+
     /// Side work finished.
     TaskDone(TaskId, TaskOutput),
     /// The time given by [`CallCore::poll_timeout`] has come.
@@ -194,6 +202,18 @@ pub enum Action {
     OpenAgent {
         model: String,
     },
+    /// Dial a successor session with this model beside the one in use (transport and upgrade
+    /// in one go), and report [`Input::StandbyOpened`] or [`Input::StandbyFailed`].
+    DialStandby {
+        model: String,
+    },
+    /// Send this client event to the successor session.
+    ToStandby(String),
+    /// Close the session in use and make the successor the agent's socket: every later
+    /// [`Action::ToAgent`] goes to it, and its frames arrive as agent input.
+    PromoteStandby,
+    /// Close the successor session, if any, without using it.
+    CloseStandby,
     /// Hand this record to the writer; it may be dropped if the writer is hopelessly behind.
     Record(Record),
     /// Hand this record to the writer, waiting for room rather than losing it: transcript
@@ -274,8 +294,10 @@ pub struct CallCore<L: MediaLeg> {
     reconnect: Option<survival::Reconnect>,
     /// When the session in use became ready, for its rollover.
     session_ready_at: Option<Instant>,
-    /// The session is due for rollover and waits for a quiet moment.
-    rollover_waiting: bool,
+    /// The successor a rollover prepares.
+    standby: survival::Standby,
+    /// Since when the caller's finished turn waits for the session's answer to start.
+    answer_awaited_since: Option<Instant>,
 }
 
 impl<L: MediaLeg> CallCore<L> {
@@ -325,7 +347,8 @@ impl<L: MediaLeg> CallCore<L> {
             system_messages: Vec::new(),
             reconnect: None,
             session_ready_at: None,
-            rollover_waiting: false,
+            standby: survival::Standby::Idle,
+            answer_awaited_since: None,
         }
     }
 
@@ -438,6 +461,12 @@ impl<L: MediaLeg> CallCore<L> {
             Input::AgentSendFailed => {
                 tracing::warn!("the OpenAI socket refused a frame");
                 self.session_gone("a frame was refused", now);
+            }
+            Input::StandbyOpened => self.on_standby_opened(),
+            Input::StandbyText(text) => self.on_standby_text(text, now),
+            Input::StandbyFailed(error) => {
+                tracing::warn!(%error, "the successor OpenAI session failed");
+                self.standby_failed(now);
             }
 
             Input::TaskDone(id, output) => self.on_task_done(id, output, now),
@@ -724,7 +753,10 @@ impl<L: MediaLeg> CallCore<L> {
                 self.silence.caller_spoke();
                 self.on_speech_started();
             }
-            ServerEvent::SpeechStopped => self.tools.speech_stopped(),
+            ServerEvent::SpeechStopped => {
+                self.tools.speech_stopped();
+                self.answer_awaited_since = Some(now);
+            }
             ServerEvent::FunctionCall {
                 response_id,
                 call_id,
@@ -733,6 +765,7 @@ impl<L: MediaLeg> CallCore<L> {
                 ..
             } => self.on_function_call(&response_id, call_id, &name, &arguments, now),
             ServerEvent::ResponseCreated { response_id } => {
+                self.answer_awaited_since = None;
                 self.playback.response_created(&response_id);
                 self.tools.response_created(&response_id);
                 self.farewell_started(&response_id);
@@ -844,6 +877,7 @@ impl<L: MediaLeg> CallCore<L> {
         self.briefing_timer(now);
         self.acting_timer(now);
         self.reconnect_timer(now);
+        self.rollover_timer(now);
         if self.ended.is_some() || now < self.next_heartbeat {
             return;
         }

@@ -44,6 +44,9 @@ enum Dial<D: AgentDialer> {
     Session(Result<(D::Sink, D::Stream), DialError>),
 }
 
+/// A session's two halves, as a dial gives them.
+type Session<D> = (<D as AgentDialer>::Sink, <D as AgentDialer>::Stream);
+
 /// The remote services a call uses besides its media socket.
 pub struct Peers<'a, D, C> {
     /// Opens the agent's session.
@@ -81,6 +84,8 @@ where
         transport: None,
         agent_tx: None,
         agent_rx: None,
+        standby_dial: None,
+        standby: None,
         tasks: FuturesUnordered::new(),
         close_requested,
         shutdown_told: false,
@@ -120,6 +125,32 @@ where
     summary
 }
 
+/// Whether one round of actions wrote to a socket, and whether a write failed.
+#[derive(Clone, Copy, Debug, Default)]
+struct Written {
+    fed: bool,
+    failed: bool,
+}
+
+impl Written {
+    fn fed(&mut self, failed: bool) {
+        self.fed = true;
+        self.failed |= failed;
+    }
+
+    fn needs_flush(self) -> bool {
+        self.fed && !self.failed
+    }
+}
+
+/// One round's writes, per socket.
+#[derive(Debug, Default)]
+struct Writes {
+    media: Written,
+    agent: Written,
+    standby: Written,
+}
+
 /// What carrying out the queued actions came to.
 enum Carried {
     /// Everything was sent; wait for the next input.
@@ -142,6 +173,9 @@ struct CallIo<'a, TS, TR, D: AgentDialer> {
     transport: Option<D::Transport>,
     agent_tx: Option<D::Sink>,
     agent_rx: Option<D::Stream>,
+    /// A rollover's successor session being dialled, then open beside the one in use.
+    standby_dial: Option<LocalFuture<'a, Result<Session<D>, DialError>>>,
+    standby: Option<Session<D>>,
     tasks: FuturesUnordered<LocalFuture<'a, (TaskId, TaskOutput)>>,
     close_requested: CancellationToken,
     shutdown_told: bool,
@@ -157,33 +191,32 @@ where
     /// Carries out everything the core queued, in order, then flushes each socket once.
     async fn carry_out(&mut self, core: &mut CallCore<TwilioLeg>) -> Carried {
         let mut ending = None;
-        let (mut media_fed, mut agent_fed) = (false, false);
-        let (mut media_failed, mut agent_failed) = (false, false);
+        let mut writes = Writes::default();
         while let Some(action) = core.poll_action() {
             match action {
                 Action::ToMedia(text) => {
-                    media_fed = true;
-                    media_failed |= self.send_media(TwilioMessage::Text(text.into())).await;
+                    let failed = self.send_media(TwilioMessage::Text(text.into())).await;
+                    writes.media.fed(failed);
                 }
                 Action::PingMedia => {
-                    media_fed = true;
-                    media_failed |= self
+                    let failed = self
                         .send_media(TwilioMessage::Ping(Default::default()))
                         .await;
+                    writes.media.fed(failed);
                 }
                 Action::PongMedia(payload) => {
-                    media_fed = true;
-                    media_failed |= self.send_media(TwilioMessage::Pong(payload.into())).await;
+                    let failed = self.send_media(TwilioMessage::Pong(payload.into())).await;
+                    writes.media.fed(failed);
                 }
                 Action::ToAgent(text) => {
-                    agent_fed = true;
-                    agent_failed |= self.send_agent(AgentMessage::text(text)).await;
+                    let failed = self.send_agent(AgentMessage::text(text)).await;
+                    writes.agent.fed(failed);
                 }
                 Action::PingAgent => {
-                    agent_fed = true;
-                    agent_failed |= self
+                    let failed = self
                         .send_agent(AgentMessage::Ping(Default::default()))
                         .await;
+                    writes.agent.fed(failed);
                 }
                 Action::PreconnectAgent => {
                     let dialer = self.dialer;
@@ -202,6 +235,24 @@ where
                         }));
                     }
                 }
+                Action::DialStandby { model } => {
+                    let dialer = self.dialer;
+                    self.standby_dial = Some(Box::pin(async move {
+                        let transport = dialer.preconnect().await?;
+                        dialer.open(transport, &model).await
+                    }));
+                }
+                Action::ToStandby(text) => {
+                    if let Some((tx, _)) = self.standby.as_mut() {
+                        let failed = tx.feed(AgentMessage::text(text)).await.is_err();
+                        writes.standby.fed(failed);
+                    }
+                }
+                Action::PromoteStandby => self.promote_standby(&mut writes).await,
+                Action::CloseStandby => {
+                    self.close_standby(LOST_SESSION_CLOSE).await;
+                    writes.standby = Written::default();
+                }
                 Action::Record(record) => self.state.records.record(record),
                 Action::RecordDurably(record) => {
                     self.state.records.record_durably(record).await;
@@ -213,20 +264,58 @@ where
                 Action::End(plan) => ending = Some(plan),
             }
         }
-        if media_fed && !media_failed {
-            media_failed = self.twilio_tx.flush().await.is_err();
+        self.flush(writes, ending).await
+    }
+
+    /// Flushes each socket written to once, and says what the round came to.
+    async fn flush(&mut self, mut writes: Writes, ending: Option<EndPlan>) -> Carried {
+        if writes.media.needs_flush() {
+            writes.media.failed = self.twilio_tx.flush().await.is_err();
         }
-        if agent_fed
-            && !agent_failed
+        if writes.agent.needs_flush()
             && let Some(tx) = self.agent_tx.as_mut()
         {
-            agent_failed = tx.flush().await.is_err();
+            writes.agent.failed = tx.flush().await.is_err();
         }
-        match (ending, media_failed, agent_failed) {
-            (Some(plan), _, _) => Carried::Ended(plan),
-            (None, true, _) => Carried::Failed(Input::MediaSendFailed),
-            (None, false, true) => Carried::Failed(Input::AgentSendFailed),
-            (None, false, false) => Carried::Done,
+        if writes.standby.needs_flush()
+            && let Some((tx, _)) = self.standby.as_mut()
+        {
+            writes.standby.failed = tx.flush().await.is_err();
+        }
+        if writes.standby.failed {
+            self.standby = None;
+        }
+        match (
+            ending,
+            writes.media.failed,
+            writes.agent.failed,
+            writes.standby.failed,
+        ) {
+            (Some(plan), ..) => Carried::Ended(plan),
+            (None, true, ..) => Carried::Failed(Input::MediaSendFailed),
+            (None, false, true, _) => Carried::Failed(Input::AgentSendFailed),
+            (None, false, false, true) => Carried::Failed(Input::StandbyFailed(
+                "the successor session refused a frame".to_owned(),
+            )),
+            (None, false, false, false) => Carried::Done,
+        }
+    }
+
+    /// The successor becomes the agent's socket. What the old session was sent in this round
+    /// still leaves before its close frame; what the successor was sent is flushed with the
+    /// agent's writes from here on.
+    async fn promote_standby(&mut self, writes: &mut Writes) {
+        if writes.agent.needs_flush()
+            && let Some(tx) = self.agent_tx.as_mut()
+        {
+            let _ = tx.flush().await;
+        }
+        self.close_agent(LOST_SESSION_CLOSE).await;
+        writes.agent = Written::default();
+        if let Some((tx, rx)) = self.standby.take() {
+            self.agent_tx = Some(tx);
+            self.agent_rx = Some(rx);
+            writes.agent = std::mem::take(&mut writes.standby);
         }
     }
 
@@ -262,6 +351,19 @@ where
             }
             frame = next_agent_frame(&mut self.agent_rx), if self.agent_rx.is_some() => {
                 self.on_agent_frame(core, frame);
+            }
+            dialled = poll_dial(&mut self.standby_dial), if self.standby_dial.is_some() => {
+                self.standby_dial = None;
+                match dialled {
+                    Ok(session) => {
+                        self.standby = Some(session);
+                        core.handle(Input::StandbyOpened, now());
+                    }
+                    Err(error) => core.handle(Input::StandbyFailed(error.to_string()), now()),
+                }
+            }
+            frame = next_standby_frame(&mut self.standby), if self.standby.is_some() => {
+                self.on_standby_frame(core, frame);
             }
             Some((id, output)) = self.tasks.next(), if !self.tasks.is_empty() => {
                 core.handle(Input::TaskDone(id, output), now());
@@ -314,15 +416,36 @@ where
         }
     }
 
+    fn on_standby_frame(
+        &mut self,
+        core: &mut CallCore<TwilioLeg>,
+        frame: Option<Result<AgentMessage, tungstenite::Error>>,
+    ) {
+        let failure = match frame {
+            Some(Ok(AgentMessage::Text(text))) => {
+                core.handle(Input::StandbyText(text.as_str()), now());
+                return;
+            }
+            Some(Ok(_)) => return,
+            Some(Err(error)) => error.to_string(),
+            None => "the socket ended".to_owned(),
+        };
+        self.standby = None;
+        core.handle(Input::StandbyFailed(failure), now());
+    }
+
+    async fn close_standby(&mut self, within: std::time::Duration) {
+        self.standby_dial = None;
+        if let Some((mut tx, _rx)) = self.standby.take() {
+            close_socket(&mut tx, within).await;
+        }
+    }
+
     /// Closes the agent's socket (a close frame if it still takes one) and forgets it, so a
     /// lost session stops billing and a new one can take its place.
     async fn close_agent(&mut self, within: std::time::Duration) {
         if let Some(mut tx) = self.agent_tx.take() {
-            let close = async {
-                let _ = tx.send(AgentMessage::Close(None)).await;
-                let _ = tx.close().await;
-            };
-            let _ = tokio::time::timeout(within, close).await;
+            close_socket(&mut tx, within).await;
         }
         self.agent_rx = None;
     }
@@ -331,6 +454,7 @@ where
     /// drain's hang-up, then the stream with the plan's code.
     async fn close(&mut self, plan: &EndPlan, control: &impl CallControl, times: EndingTimes) {
         self.close_agent(times.agent_close_timeout).await;
+        self.close_standby(times.agent_close_timeout).await;
         self.dial = None;
         ending::hang_up_before_closing(plan, control, times).await;
         let reason = CloseReason {
@@ -371,9 +495,25 @@ fn now() -> std::time::Instant {
     Instant::now().into_std()
 }
 
-async fn poll_dial<D: AgentDialer>(dial: &mut Option<LocalFuture<'_, Dial<D>>>) -> Dial<D> {
+/// Sends a close frame if the socket still takes one, within `within`.
+async fn close_socket<S: Sink<AgentMessage> + Unpin>(tx: &mut S, within: std::time::Duration) {
+    let close = async {
+        let _ = tx.send(AgentMessage::Close(None)).await;
+        let _ = tx.close().await;
+    };
+    let _ = tokio::time::timeout(within, close).await;
+}
+
+async fn poll_dial<T>(dial: &mut Option<LocalFuture<'_, T>>) -> T {
     match dial.as_mut() {
         Some(dial) => dial.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_standby_frame<T, R: Stream + Unpin>(session: &mut Option<(T, R)>) -> Option<R::Item> {
+    match session.as_mut() {
+        Some((_, rx)) => rx.next().await,
         None => std::future::pending().await,
     }
 }

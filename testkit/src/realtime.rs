@@ -198,6 +198,25 @@ impl FakeSession {
         .is_ok()
     }
 
+    /// Every client event until the bridge closes the socket, or `None` if it is still open
+    /// after `within`.
+    pub async fn events_until_closed(&mut self, within: Duration) -> Option<Vec<Value>> {
+        tokio::time::timeout(within, async {
+            let mut events = Vec::new();
+            loop {
+                match self.received.recv().await {
+                    None | Some(Message::Close(_)) => return events,
+                    Some(Message::Text(text)) => {
+                        events.push(serde_json::from_str(text.as_str()).unwrap());
+                    }
+                    Some(_) => continue,
+                }
+            }
+        })
+        .await
+        .ok()
+    }
+
     /// Consumes the session.update every session starts with.
     pub async fn expect_session_update(&mut self) -> Value {
         let update = self.recv().await;
