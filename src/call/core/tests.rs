@@ -672,4 +672,5 @@ fn the_summary_has_the_transcript_in_order_with_speakers_and_usage() {
 }
 
 mod acting;
+mod properties;
 mod survival;
