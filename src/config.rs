@@ -554,6 +554,47 @@ fn unknown_variables<'a>(
         .collect()
 }
 
+/// Loads `.env` from the working directory into the process environment, if it exists (a
+/// variable already set wins). Must run before any thread exists. A line that cannot be parsed
+/// is reported by file line and variable name, never with its value, which may be a secret.
+pub fn load_dotenv() -> Result<(), String> {
+    let path = std::path::Path::new(".env");
+    match dotenvy::from_path(path) {
+        Ok(()) => Ok(()),
+        Err(error) if error.not_found() => Ok(()),
+        Err(dotenvy::Error::LineParse(line, index)) => {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            Err(dotenv_line_error(&text, &line, index))
+        }
+        Err(error) => Err(format!(".env cannot be read: {error}")),
+    }
+}
+
+/// `.env:LINE: …` for the line dotenvy could not parse at `index` of `value` (the text it
+/// quotes: the value, or the whole line), naming the variable it tried to set.
+fn dotenv_line_error(file: &str, value: &str, index: usize) -> String {
+    let value = value.lines().next().unwrap_or(value).trim_end();
+    let found = file.lines().enumerate().find_map(|(at, line)| {
+        let (name, _) = line.split_once('=')?;
+        // dotenvy quotes the value, or for some errors the whole line.
+        let start = line.find(value)?;
+        Some({
+            let name = name.trim().trim_start_matches("export ").trim();
+            let column = start + index + 1;
+            (at + 1, name, column)
+        })
+    });
+    match found {
+        Some((number, name, column)) => format!(
+            ".env:{number}: cannot parse the value of {name} near column {column}; a value with \
+             spaces, `#` or quotes must be wrapped in single or double quotes"
+        ),
+        None => ".env: a line cannot be parsed; a value with spaces, `#` or quotes must be \
+                 wrapped in single or double quotes"
+            .to_owned(),
+    }
+}
+
 impl Config {
     /// Reads the real process environment (after `.env` has been loaded by `main`). A variable
     /// whose name or value is not UTF-8 counts as unset, as `std::env::var` would have it.
@@ -697,6 +738,21 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_unparsable_env_line_is_named_by_line_and_variable_without_its_value() {
+        let file = "PORT=8080\n# comment\nOPENAI_API_KEY=sk-secret value\n";
+        let error = match dotenvy::from_read_iter(file.as_bytes()).find_map(Result::err) {
+            Some(dotenvy::Error::LineParse(line, index)) => dotenv_line_error(file, &line, index),
+            other => panic!("not a parse error: {other:?}"),
+        };
+        assert!(
+            error.starts_with(".env:3: cannot parse the value of OPENAI_API_KEY near column 26;"),
+            "{error}"
+        );
+        assert!(!error.contains("sk-secret"), "{error}");
+    }
+
     use super::*;
     use secrecy::ExposeSecret;
     use std::collections::HashMap;
