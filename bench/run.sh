@@ -5,8 +5,7 @@
 # then for each N: a floor run (N calls straight to the fake) and a bridge run (N calls through
 # a freshly started callbridge, whose CPU and memory are read from /proc). Prints the table and
 # the targets, and writes the summary JSON (to RESULTS, below). Everything runs on 127.0.0.1
-# and stops by
-# itself (about 7 minutes with the defaults).
+# and stops by itself (about 7 minutes with the defaults).
 #
 # Environment:
 #   CALLS            the N to run, ascending (default "100 200 400 600 800")
