@@ -67,6 +67,7 @@ Routes:
   GET  /healthz                   200 while the process runs
   GET  /readyz                    200 while accepting calls, 503 while draining
   GET  /metrics                   Prometheus metrics
+  GET  /openapi.json              the OpenAPI 3.1 document of the bearer routes
 API routes need 'Authorization: Bearer $CALLBRIDGE_API_TOKEN'.
 ";
 

@@ -12,6 +12,7 @@ mod events_durable;
 mod fake_twilio;
 mod hardening;
 mod helpers;
+mod openapi;
 mod outbound;
 mod server;
 mod store;
