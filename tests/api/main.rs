@@ -13,6 +13,7 @@ mod hardening;
 mod helpers;
 mod outbound;
 mod server;
+mod simulate;
 mod store;
 mod stream;
 mod survival;
