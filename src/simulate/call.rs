@@ -63,8 +63,8 @@ pub struct Plan {
 
 /// How the stream ended, before it is judged.
 enum End {
-    /// We sent `stop`: the call ran its length.
-    Stopped,
+    /// We sent `stop` at this moment: the call ran its length.
+    Stopped(Instant),
     /// callbridge closed the stream, with this close frame.
     Closed(Option<CloseFrame>),
     /// The connection ended without a close frame.
@@ -112,14 +112,24 @@ pub async fn run(plan: &Plan, timeline: &mut Timeline) -> Result<Outcome, Simula
         first_audio_heard: false,
     };
     let end = call.converse(plan, &answer.parameters).await;
-    let heard_until = position(started, Instant::now());
+    // Twilio plays nothing after `stop`.
+    let ended_at = match &end {
+        Ok(End::Stopped(at)) => *at,
+        _ => Instant::now(),
+    };
+    let heard_until = position(started, ended_at);
+    let last_played = call.playback.hang_up(heard_until);
+    call.report(last_played.into_iter().collect());
+    if let Ok(End::Stopped(_)) = end {
+        call.hang_up().await;
+    }
     let Call {
         playback, timeline, ..
     } = call;
+    let heard_ms = playback.played() / SAMPLES_PER_MS;
     let heard = playback.into_heard(heard_until);
-    let heard_ms = heard.iter().filter(|&&sample| sample != 0).count() as u64 / SAMPLES_PER_MS;
     let result = match end {
-        Ok(End::Stopped) => Ok(EndedBy::Caller),
+        Ok(End::Stopped(_)) => Ok(EndedBy::Caller),
         Ok(End::Closed(Some(frame))) if u16::from(frame.code) == 1000 => Ok(EndedBy::Callbridge),
         Ok(End::Closed(frame)) => {
             let code = frame.map(|frame| u16::from(frame.code));
@@ -132,7 +142,7 @@ pub async fn run(plan: &Plan, timeline: &mut Timeline) -> Result<Outcome, Simula
     let result = match result {
         Ok(by) => {
             timeline.emit(&Event::Ended {
-                t_ms: elapsed_ms(started),
+                t_ms: heard_until / SAMPLES_PER_MS,
                 by,
                 heard_ms,
             });
@@ -375,9 +385,9 @@ impl Call<'_> {
                 () = sleep_until(next_frame) => {
                     if frame >= total_frames {
                         let stop = self.stream.stop();
+                        let at = Instant::now();
                         self.send(stop).await?;
-                        self.hang_up().await;
-                        return Ok(End::Stopped);
+                        return Ok(End::Stopped(at));
                     }
                     self.send_frame(plan, frame).await?;
                     frame += 1;
@@ -489,6 +499,18 @@ impl Call<'_> {
 
     /// Echoes marks as Twilio would and puts what was played on the timeline.
     async fn played(&mut self, played: Vec<Played>) -> Result<(), SimulateError> {
+        for event in &played {
+            if let Played::Mark { name, .. } = event {
+                let echo = self.stream.mark(name);
+                self.send(echo).await?;
+            }
+        }
+        self.report(played);
+        Ok(())
+    }
+
+    /// Puts what was played on the timeline.
+    fn report(&mut self, played: Vec<Played>) {
         let ms = |samples: u64| samples / SAMPLES_PER_MS;
         for event in played {
             match event {
@@ -502,18 +524,14 @@ impl Call<'_> {
                         });
                     }
                 }
-                Played::Mark { name, at, cleared } => {
-                    let echo = self.stream.mark(&name);
-                    self.send(echo).await?;
-                    self.emit(Event::Mark {
-                        t_ms: ms(at),
-                        name,
-                        cleared,
-                    });
-                }
+                Played::Mark { name, at, cleared } => self.emit(Event::Mark {
+                    t_ms: ms(at),
+                    name,
+                    cleared,
+                }),
                 Played::SpeechEnded { from, to, marks } => self.emit(Event::AgentSpeech {
-                    t_ms: ms(from),
-                    until_ms: ms(to),
+                    t_ms: ms(to),
+                    from_ms: ms(from),
                     marks,
                 }),
                 Played::Cleared { at, dropped, marks } => self.emit(Event::Clear {
@@ -523,7 +541,6 @@ impl Call<'_> {
                 }),
             }
         }
-        Ok(())
     }
 
     /// Twilio closes the socket after `stop`; callbridge closes its side in answer.

@@ -46,6 +46,8 @@ pub struct Playback {
     pending: VecDeque<PendingMark>,
     /// The running stretch of agent speech: where it started and the marks echoed in it.
     speaking: Option<(u64, usize)>,
+    /// Agent audio played so far (ended stretches only).
+    played: u64,
 }
 
 impl Playback {
@@ -100,13 +102,7 @@ impl Playback {
                 cleared: true,
             });
         }
-        if let Some((from, echoed)) = self.speaking.take() {
-            played.push(Played::SpeechEnded {
-                from,
-                to: now,
-                marks: echoed,
-            });
-        }
+        played.extend(self.end_speech(now));
         played.push(Played::Cleared {
             at: now,
             dropped,
@@ -133,16 +129,28 @@ impl Playback {
                 cleared: false,
             });
         }
-        if self.queue_end <= now
-            && let Some((from, marks)) = self.speaking.take()
-        {
-            played.push(Played::SpeechEnded {
-                from,
-                to: self.queue_end,
-                marks,
-            });
+        if self.queue_end <= now {
+            played.extend(self.end_speech(self.queue_end));
         }
         played
+    }
+
+    /// The call is over at `now`: the agent's speech ends there (or where it ran out), and
+    /// marks still pending are never echoed, since the stream is gone.
+    pub fn hang_up(&mut self, now: u64) -> Option<Played> {
+        self.pending.clear();
+        self.end_speech(now.min(self.queue_end))
+    }
+
+    fn end_speech(&mut self, to: u64) -> Option<Played> {
+        let (from, marks) = self.speaking.take()?;
+        self.played += to - from;
+        Some(Played::SpeechEnded { from, to, marks })
+    }
+
+    /// Agent audio the caller has heard, in samples, up to the last stretch that ended.
+    pub fn played(&self) -> u64 {
+        self.played
     }
 
     /// When `advance` next has something to report, if ever.
@@ -213,6 +221,7 @@ mod tests {
             ]
         );
         assert_eq!(playback.next_event(), None);
+        assert_eq!(playback.played(), 1600);
         let heard = playback.into_heard(4000);
         assert_eq!(heard.len(), 4000);
         assert!(heard[..1000].iter().all(|&s| s == 0));
@@ -290,9 +299,31 @@ mod tests {
             playback.media(2100, &[LOUD; 80]),
             [Played::SpeechStarted { at: 2100 }]
         );
+        playback.advance(3000);
+        assert_eq!(
+            playback.played(),
+            2000 + 80,
+            "what played before the clear, and after"
+        );
         let heard = playback.into_heard(8000);
         assert_eq!(heard.iter().filter(|&&s| s != 0).count(), 2000 + 80);
         assert!(heard[2000..2100].iter().all(|&s| s == 0));
+    }
+
+    #[test]
+    fn hanging_up_after_the_agent_finished_counts_only_what_played() {
+        let mut playback = Playback::default();
+        playback.media(0, &[LOUD; 800]);
+        assert_eq!(
+            playback.hang_up(5000),
+            Some(Played::SpeechEnded {
+                from: 0,
+                to: 800,
+                marks: 0
+            })
+        );
+        assert_eq!(playback.played(), 800);
+        assert_eq!(playback.hang_up(6000), None);
     }
 
     #[test]
@@ -312,6 +343,17 @@ mod tests {
     fn audio_still_queued_when_the_call_ends_was_never_heard() {
         let mut playback = Playback::default();
         playback.media(0, &[LOUD; 8000]);
+        playback.mark(0, "m1");
+        assert_eq!(
+            playback.hang_up(4000),
+            Some(Played::SpeechEnded {
+                from: 0,
+                to: 4000,
+                marks: 0
+            })
+        );
+        assert_eq!(playback.next_event(), None, "the mark is never echoed");
+        assert_eq!(playback.played(), 4000);
         let heard = playback.into_heard(4000);
         assert_eq!(heard.len(), 4000);
         assert!(heard.iter().all(|&s| s != 0));

@@ -33,10 +33,10 @@ pub enum Event {
         t_ms: u64,
         after_ms: u64,
     },
-    /// The agent was heard from `t_ms` to `until_ms`, with `marks` marks echoed as played.
+    /// The agent was heard from `from_ms` until `t_ms`, with `marks` marks echoed as played.
     AgentSpeech {
         t_ms: u64,
-        until_ms: u64,
+        from_ms: u64,
         marks: usize,
     },
     /// A mark echoed: played, or flushed by a `clear`.
@@ -130,13 +130,13 @@ impl Event {
             ),
             Self::AgentSpeech {
                 t_ms,
-                until_ms,
+                from_ms,
                 marks,
             } => (
                 t_ms,
                 format!(
-                    "the agent spoke for {} (until {until_ms} ms); {marks} marks echoed as played",
-                    seconds(until_ms - t_ms)
+                    "the agent spoke for {} (from {from_ms} ms); {marks} marks echoed as played",
+                    seconds(t_ms - from_ms)
                 ),
             ),
             Self::Mark { .. } => return None,
@@ -265,8 +265,8 @@ mod tests {
                 cleared: false,
             },
             Event::AgentSpeech {
-                t_ms: 500,
-                until_ms: 1740,
+                t_ms: 1740,
+                from_ms: 500,
                 marks: 3,
             },
             Event::Clear {
@@ -315,7 +315,7 @@ mod tests {
         let text = render(false);
         assert!(!text.contains("m1"), "{text}");
         assert!(
-            text.contains("     500 ms  the agent spoke for 1.24 s (until 1740 ms); 3 marks"),
+            text.contains("    1740 ms  the agent spoke for 1.24 s (from 500 ms); 3 marks"),
             "{text}"
         );
         assert!(

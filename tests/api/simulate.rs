@@ -275,7 +275,10 @@ async fn a_simulated_call_sends_the_wav_in_real_time_and_hears_the_agent_at_twil
     ] {
         assert!(types.contains(&expected), "{expected}: {types:?}");
     }
-    assert_eq!(of_type(&events, "ended")[0]["by"], "caller");
+    let ended = of_type(&events, "ended");
+    assert_eq!(ended[0]["by"], "caller");
+    let heard_ms = ended[0]["heard_ms"].as_u64().unwrap();
+    assert!(heard_ms.abs_diff(1000) <= 50, "{heard_ms} ms heard");
     assert_eq!(of_type(&events, "status_callback")[0]["status"], 204);
     let stored = of_type(&events, "stored_call");
     let transcript = stored[0]["transcript"].to_string();
