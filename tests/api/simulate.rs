@@ -346,12 +346,12 @@ async fn a_clear_mid_playback_cuts_what_was_heard_and_the_marks_came_back_at_rea
     std::fs::remove_file(&wav).unwrap();
     assert!(output.status.success(), "{}", text(&output.stderr));
 
-    // callbridge truncates at what the marks say played, plus 50 ms: marks echoed on arrival
-    // would have said all 1000 ms.
+    // callbridge truncates at what the marks say played (about 400 ms), plus 50 ms: marks
+    // echoed on arrival would have said all 1000 ms. The ranges leave room for a busy machine.
     assert_eq!(truncates.len(), 1, "{truncates:?}");
     let audio_end_ms = truncates[0]["audio_end_ms"].as_u64().unwrap();
     assert!(
-        (250..=600).contains(&audio_end_ms),
+        (200..=650).contains(&audio_end_ms),
         "truncated at {audio_end_ms} ms"
     );
 
@@ -359,17 +359,17 @@ async fn a_clear_mid_playback_cuts_what_was_heard_and_the_marks_came_back_at_rea
     let clear = of_type(&events, "clear");
     assert_eq!(clear.len(), 1, "{events:?}");
     let dropped_ms = clear[0]["dropped_ms"].as_u64().unwrap();
-    assert!((450..=750).contains(&dropped_ms), "{dropped_ms} ms dropped");
+    assert!((350..=850).contains(&dropped_ms), "{dropped_ms} ms dropped");
     let cleared_marks = of_type(&events, "mark")
         .iter()
         .filter(|mark| mark["cleared"] == true)
         .count();
     assert_eq!(clear[0]["marks"], cleared_marks);
-    assert!((5..=7).contains(&cleared_marks), "{cleared_marks}");
+    assert!((4..=8).contains(&cleared_marks), "{cleared_marks}");
 
     let heard = read_heard(&heard).iter().filter(|&&s| s != 0).count();
     assert!(
-        (2400..=4400).contains(&heard),
+        (1600..=5200).contains(&heard),
         "{heard} samples heard of the 8000 sent"
     );
 }
