@@ -27,16 +27,38 @@ fn port(app: &Client) -> &str {
         .expect("the address has a port")
 }
 
+/// A file or directory under the temp dir, removed when dropped, so a failing test leaves
+/// nothing behind either.
+struct Temp(PathBuf);
+
+impl Temp {
+    fn new(extension: &str) -> Self {
+        Self(temp_path(extension))
+    }
+
+    fn arg(&self) -> &str {
+        self.0.to_str().expect("temp paths are UTF-8")
+    }
+}
+
+impl Drop for Temp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// 2 s of a 440 Hz tone at 16 kHz: a known length that has to be resampled on the way.
-fn caller_wav() -> PathBuf {
-    let path = temp_path("wav");
+fn caller_wav() -> Temp {
+    let wav = Temp::new("wav");
+    let path = &wav.0;
     let spec = hound::WavSpec {
         channels: 1,
         sample_rate: 16_000,
         bits_per_sample: 16,
         sample_format: hound::SampleFormat::Int,
     };
-    let mut writer = hound::WavWriter::create(&path, spec).unwrap();
+    let mut writer = hound::WavWriter::create(path, spec).unwrap();
     for n in 0..32_000u32 {
         // Within ±12000, so the cast cannot truncate.
         #[allow(clippy::cast_possible_truncation)]
@@ -44,25 +66,25 @@ fn caller_wav() -> PathBuf {
         writer.write_sample(sample).unwrap();
     }
     writer.finalize().unwrap();
-    path
+    wav
 }
 
 /// The simulator with the test app's configuration (and `env`), in an empty directory so no
 /// `.env` is read.
 struct Simulator {
     child: Child,
-    dir: PathBuf,
+    _dir: Temp,
     spawned: Instant,
 }
 
 impl Simulator {
     fn start(port: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let dir = temp_path("dir");
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = Temp::new("dir");
+        std::fs::create_dir_all(&dir.0).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_callbridge"))
             .arg("simulate")
             .args(args)
-            .current_dir(&dir)
+            .current_dir(&dir.0)
             .env_clear()
             .env("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
             .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
@@ -76,7 +98,7 @@ impl Simulator {
             .unwrap();
         Self {
             child,
-            dir,
+            _dir: dir,
             spawned: Instant::now(),
         }
     }
@@ -85,13 +107,12 @@ impl Simulator {
     async fn finished(self, within: Duration) -> (Output, Duration) {
         let Self {
             child,
-            dir,
+            _dir,
             spawned,
         } = self;
         let pid = child.id().to_string();
         let waiting = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap());
         let output = tokio::time::timeout(within, waiting).await;
-        let _ = std::fs::remove_dir_all(&dir);
         let Ok(output) = output else {
             let _ = Command::new("kill").args(["-9", &pid]).status();
             panic!("callbridge simulate did not exit within {within:?}");
@@ -133,9 +154,7 @@ fn read_heard(path: &Path) -> Vec<i16> {
         (spec.channels, spec.sample_rate, spec.bits_per_sample),
         (1, 8000, 16)
     );
-    let samples = reader.samples::<i16>().map(Result::unwrap).collect();
-    std::fs::remove_file(path).unwrap();
-    samples
+    reader.samples::<i16>().map(Result::unwrap).collect()
 }
 
 /// 1 s of agent audio in ten 100 ms deltas, sent at once: OpenAI generates faster than real
@@ -201,14 +220,14 @@ fn assert_marks_paced(events: &[Value], first_ms: u64) {
 async fn a_simulated_call_sends_the_wav_in_real_time_and_hears_the_agent_at_twilios_pace() {
     let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[("CALLBRIDGE_API_TOKEN", API_TOKEN)]).await;
-    let (wav, heard) = (caller_wav(), temp_path("wav"));
+    let (wav, heard) = (caller_wav(), Temp::new("wav"));
     let simulator = Simulator::start(
         port(&app),
         &[
             "--audio",
-            wav.to_str().unwrap(),
+            wav.arg(),
             "--out",
-            heard.to_str().unwrap(),
+            heard.arg(),
             "--seconds",
             "3",
             "--dtmf",
@@ -219,7 +238,6 @@ async fn a_simulated_call_sends_the_wav_in_real_time_and_hears_the_agent_at_twil
     );
     let (appends, others) = answer_half_a_second_in(&fake).await;
     let (output, _) = simulator.finished(Duration::from_secs(20)).await;
-    std::fs::remove_file(&wav).unwrap();
     assert!(output.status.success(), "{}", text(&output.stderr));
 
     // Twilio's frames: 160 bytes each, 3 s of them, the first 2 s the WAV's.
@@ -244,7 +262,7 @@ async fn a_simulated_call_sends_the_wav_in_real_time_and_hears_the_agent_at_twil
 
     // What the caller heard: the agent's second, placed where it played.
     let events = json_lines(&output);
-    let samples = read_heard(&heard);
+    let samples = read_heard(&heard.0);
     assert!(samples.len() >= 24_000, "the whole call: {}", samples.len());
     let loud: Vec<usize> = (0..samples.len()).filter(|&n| samples[n] != 0).collect();
     assert!(
@@ -300,14 +318,14 @@ async fn a_simulated_call_sends_the_wav_in_real_time_and_hears_the_agent_at_twil
 async fn a_clear_mid_playback_cuts_what_was_heard_and_the_marks_came_back_at_real_time_pace() {
     let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[]).await;
-    let (wav, heard) = (caller_wav(), temp_path("wav"));
+    let (wav, heard) = (caller_wav(), Temp::new("wav"));
     let simulator = Simulator::start(
         port(&app),
         &[
             "--audio",
-            wav.to_str().unwrap(),
+            wav.arg(),
             "--out",
-            heard.to_str().unwrap(),
+            heard.arg(),
             "--seconds",
             "3",
             "--json",
@@ -343,7 +361,6 @@ async fn a_clear_mid_playback_cuts_what_was_heard_and_the_marks_came_back_at_rea
         }
     }
     let (output, _) = simulator.finished(Duration::from_secs(20)).await;
-    std::fs::remove_file(&wav).unwrap();
     assert!(output.status.success(), "{}", text(&output.stderr));
 
     // callbridge truncates at what the marks say played (about 400 ms), plus 50 ms: marks
@@ -367,7 +384,7 @@ async fn a_clear_mid_playback_cuts_what_was_heard_and_the_marks_came_back_at_rea
     assert_eq!(clear[0]["marks"], cleared_marks);
     assert!((4..=8).contains(&cleared_marks), "{cleared_marks}");
 
-    let heard = read_heard(&heard).iter().filter(|&&s| s != 0).count();
+    let heard = read_heard(&heard.0).iter().filter(|&&s| s != 0).count();
     assert!(
         (1600..=5200).contains(&heard),
         "{heard} samples heard of the 8000 sent"
@@ -387,9 +404,8 @@ async fn a_refused_openai_session_is_named_within_seconds() {
     let fake = FakeRealtime::start().await;
     let app = app_with(&fake, &[("OPENAI_API_KEY", "sk-not-the-fakes-key")]).await;
     let wav = caller_wav();
-    let simulator = Simulator::start(port(&app), &["--audio", wav.to_str().unwrap()], &[]);
+    let simulator = Simulator::start(port(&app), &["--audio", wav.arg()], &[]);
     let (output, took) = simulator.finished(Duration::from_secs(15)).await;
-    std::fs::remove_file(&wav).unwrap();
     let reason = reason(&output);
     assert!(
         reason.contains("callbridge could not open an OpenAI session: check OPENAI_API_KEY"),
@@ -410,14 +426,13 @@ async fn openai_refusing_the_key_inside_the_session_is_named_with_its_code() {
     let wav = caller_wav();
     let simulator = Simulator::start(
         port(&app),
-        &["--audio", wav.to_str().unwrap(), "--json"],
+        &["--audio", wav.arg(), "--json"],
         &[("CALLBRIDGE_API_TOKEN", API_TOKEN)],
     );
     let mut session = fake.next_session().await;
     session.expect_session_update().await;
     session.send(json!({"type":"error","event_id":"ev","error":{"type":"invalid_request_error","code":"invalid_api_key","message":"Incorrect API key provided."}}));
     let (output, took) = simulator.finished(Duration::from_secs(15)).await;
-    std::fs::remove_file(&wav).unwrap();
     let reason = reason(&output);
     assert!(
         reason.contains("could not open an OpenAI session: check OPENAI_API_KEY (end reason agent_failed; OpenAI said invalid_api_key)"),
@@ -434,9 +449,8 @@ async fn an_unreachable_server_is_named_at_once() {
     let port = closed.local_addr().unwrap().port().to_string();
     drop(closed);
     let wav = caller_wav();
-    let simulator = Simulator::start(&port, &["--audio", wav.to_str().unwrap()], &[]);
+    let simulator = Simulator::start(&port, &["--audio", wav.arg()], &[]);
     let (output, took) = simulator.finished(Duration::from_secs(15)).await;
-    std::fs::remove_file(&wav).unwrap();
     let reason = reason(&output);
     assert!(
         reason.contains(&format!(
@@ -454,11 +468,10 @@ async fn a_wrong_auth_token_is_a_refused_signature() {
     let wav = caller_wav();
     let simulator = Simulator::start(
         port(&app),
-        &["--audio", wav.to_str().unwrap()],
+        &["--audio", wav.arg()],
         &[("TWILIO_AUTH_TOKEN", "not-the-servers-token")],
     );
     let (output, _) = simulator.finished(Duration::from_secs(15)).await;
-    std::fs::remove_file(&wav).unwrap();
     let reason = reason(&output);
     assert!(
         reason.contains("refused the signature of POST /voice (403)"),
@@ -479,9 +492,8 @@ async fn a_server_that_never_answers_is_given_up_on_within_15_s() {
         }
     });
     let wav = caller_wav();
-    let simulator = Simulator::start(&port, &["--audio", wav.to_str().unwrap()], &[]);
+    let simulator = Simulator::start(&port, &["--audio", wav.arg()], &[]);
     let (output, took) = simulator.finished(Duration::from_secs(15)).await;
-    std::fs::remove_file(&wav).unwrap();
     silent.abort();
     let reason = reason(&output);
     assert!(
@@ -498,7 +510,7 @@ async fn a_server_that_stops_mid_call_is_given_up_on_within_15_s() {
     let wav = caller_wav();
     let simulator = Simulator::start(
         port(&server),
-        &["--audio", wav.to_str().unwrap(), "--seconds", "30"],
+        &["--audio", wav.arg(), "--seconds", "30"],
         &[],
     );
     let mut session = fake.next_session().await;
@@ -508,7 +520,6 @@ async fn a_server_that_stops_mid_call_is_given_up_on_within_15_s() {
     let (output, _) = simulator.finished(Duration::from_secs(15)).await;
     let took = stopped.elapsed();
     server.signal("CONT");
-    std::fs::remove_file(&wav).unwrap();
     let reason = reason(&output);
     assert!(reason.contains("callbridge stopped answering"), "{reason}");
     assert!(took < Duration::from_secs(8), "{took:?}");
