@@ -15,6 +15,7 @@ mod helpers;
 mod openapi;
 mod outbound;
 mod server;
+mod simulate;
 mod store;
 mod stream;
 mod survival;
