@@ -406,6 +406,22 @@ fn agent_variables_unset<F: Fn(&str) -> Option<String>>(r: &mut Reader<'_, F>) {
     }
 }
 
+/// `TWILIO_API_BASE_URL` and `OPENAI_REALTIME_URL`: the real services unless a test or a load
+/// run points callbridge at its fakes.
+fn peer_urls<F: Fn(&str) -> Option<String>>(r: &mut Reader<'_, F>) -> (String, String) {
+    let twilio = r.parsed(
+        "TWILIO_API_BASE_URL",
+        DEFAULT_TWILIO_API_BASE_URL.to_owned(),
+        http_url,
+    );
+    let openai = r.parsed(
+        "OPENAI_REALTIME_URL",
+        DEFAULT_OPENAI_REALTIME_URL.to_owned(),
+        websocket_url,
+    );
+    (twilio, openai)
+}
+
 /// `TWILIO_WHATSAPP_NUMBER` and `TWILIO_CALL_PERMISSION_CONTENT_SID`, which come together.
 fn outbound_sender<F: Fn(&str) -> Option<String>>(
     r: &mut Reader<'_, F>,
@@ -663,16 +679,7 @@ impl Config {
         let api_token = r.parsed("CALLBRIDGE_API_TOKEN", None, |raw| {
             long_enough_token(raw).map(|()| Some(SecretString::from(raw)))
         });
-        let twilio_api_base_url = r.parsed(
-            "TWILIO_API_BASE_URL",
-            DEFAULT_TWILIO_API_BASE_URL.to_owned(),
-            http_url,
-        );
-        let openai_realtime_url = r.parsed(
-            "OPENAI_REALTIME_URL",
-            DEFAULT_OPENAI_REALTIME_URL.to_owned(),
-            websocket_url,
-        );
+        let (twilio_api_base_url, openai_realtime_url) = peer_urls(&mut r);
         let agent = agent_setup(&mut r);
         let events_url = r.parsed("CALLBRIDGE_EVENTS_URL", None, events_url);
         webhook_secret_needed(&mut r, &agent, events_url.as_deref());
