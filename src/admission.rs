@@ -245,6 +245,8 @@ fn new_token() -> String {
 
 #[cfg(test)]
 mod tests {
+    use callbridge_testkit::scratch::Scratch;
+
     use super::*;
     use crate::clock::{Clock, SystemClock};
 
@@ -255,11 +257,9 @@ mod tests {
         SystemClock.now_ms()
     }
 
-    async fn store() -> Store {
-        let path = std::env::temp_dir().join(format!("callbridge-admission-{}.db", new_token()));
-        Store::connect(&format!("sqlite://{}?mode=rwc", path.display()))
-            .await
-            .unwrap()
+    /// A migrated store on a fresh database inside `scratch`.
+    async fn store(scratch: &Scratch) -> Store {
+        Store::connect(&scratch.sqlite_url()).await.unwrap()
     }
 
     async fn issue_for(
@@ -278,7 +278,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_token_is_single_use_and_bound_to_its_call() {
-        let (admission, store) = (Admission::new(10), store().await);
+        let scratch = Scratch::new();
+        let (admission, store) = (Admission::new(10), store(&scratch).await);
         let token = issue_for(&admission, &store, CA1, 60_000).await;
         assert!(
             token.len() >= 22,
@@ -321,7 +322,8 @@ mod tests {
 
     #[tokio::test]
     async fn expired_tokens_are_refused() {
-        let (admission, store) = (Admission::new(10), store().await);
+        let scratch = Scratch::new();
+        let (admission, store) = (Admission::new(10), store(&scratch).await);
         let token = issue_for(&admission, &store, CA1, 60_000).await;
         let later = now_ms() + 60_001;
         assert!(matches!(
@@ -340,7 +342,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_token_issued_by_another_machine_is_honoured() {
-        let store = store().await;
+        let scratch = Scratch::new();
+        let store = store(&scratch).await;
         let (webhook_machine, stream_machine) = (Admission::new(10), Admission::new(10));
         let token = issue_for(&webhook_machine, &store, CA1, 60_000).await;
         let _admitted = stream_machine

@@ -775,6 +775,7 @@ mod tests {
     }
 
     use super::*;
+    use callbridge_testkit::scratch::Scratch;
     use secrecy::ExposeSecret;
     use std::collections::HashMap;
 
@@ -1007,12 +1008,14 @@ mod tests {
 
     #[test]
     fn a_variable_an_agents_file_names_is_known() {
-        let scratch = Scratch::new("authorization-env");
+        let scratch = Scratch::new();
         let file = scratch.write(
             "agents.toml",
             "[[agent]]\nname = \"a\"\ninstructions = \"Help.\"\n\n[[agent.mcp]]\nserver_label = \"crm\"\n\
              server_url = \"https://mcp.example.com/sse\"\nauthorization_env = \"OPENAI_CRM_TOKEN\"\n",
-        );
+        )
+        .display()
+        .to_string();
         let mut pairs = MINIMAL.to_vec();
         pairs.extend([("AGENTS_FILE", file.as_str()), ("OPENAI_CRM_TOKEN", "t")]);
         let config = Config::from_vars(vars(&pairs));
@@ -1051,31 +1054,6 @@ mod tests {
         assert_eq!(http.websocket_url("/stream"), "ws://localhost:8080/stream");
         assert!(PublicBaseUrl::parse("ftp://x").is_err());
         assert!(PublicBaseUrl::parse("https://x/?a=1").is_err());
-    }
-
-    /// A directory of its own under the temp dir, removed when the test ends.
-    struct Scratch(std::path::PathBuf);
-
-    impl Scratch {
-        fn new(name: &str) -> Self {
-            let dir =
-                std::env::temp_dir().join(format!("callbridge-cfg-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            Self(dir)
-        }
-
-        fn write(&self, name: &str, text: &str) -> String {
-            let path = self.0.join(name);
-            std::fs::write(&path, text).unwrap();
-            path.to_string_lossy().into_owned()
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
     }
 
     /// 24 bytes of key (the least accepted), base64: a well-formed Standard Webhooks secret.
@@ -1149,11 +1127,14 @@ mod tests {
         assert!(!errors[0].contains("sales"), "{errors:?}");
 
         // Agents that make no requests to the business need none.
-        let scratch = Scratch::new("no-secret");
-        let file = scratch.write(
-            "agents.toml",
-            "[[agent]]\nname = \"a\"\ninstructions = \"Help.\"\n",
-        );
+        let scratch = Scratch::new();
+        let file = scratch
+            .write(
+                "agents.toml",
+                "[[agent]]\nname = \"a\"\ninstructions = \"Help.\"\n",
+            )
+            .display()
+            .to_string();
         let mut pairs = MINIMAL.to_vec();
         pairs.push(("AGENTS_FILE", &file));
         assert!(Config::from_lookup(env(&pairs)).is_ok());
@@ -1254,11 +1235,14 @@ mod tests {
 
     #[test]
     fn an_agents_file_excludes_the_agent_variables() {
-        let scratch = Scratch::new("exclusive");
-        let file = scratch.write(
-            "agents.toml",
-            "[[agent]]\nname = \"a\"\ninstructions = \"Help.\"\n",
-        );
+        let scratch = Scratch::new();
+        let file = scratch
+            .write(
+                "agents.toml",
+                "[[agent]]\nname = \"a\"\ninstructions = \"Help.\"\n",
+            )
+            .display()
+            .to_string();
         let mut pairs = MINIMAL.to_vec();
         pairs.extend([
             ("AGENTS_FILE", file.as_str()),
@@ -1282,11 +1266,13 @@ mod tests {
 
     #[test]
     fn agent_file_problems_join_the_other_configuration_errors() {
-        let scratch = Scratch::new("file-errors");
+        let scratch = Scratch::new();
         let file = scratch.write(
             "agents.toml",
             "[[agent]]\nname = \"a\"\ninstructions = \"Help.\"\nvoice = \"\"\ncolour = \"red\"\n",
-        );
+        )
+        .display()
+        .to_string();
         let pairs = [("AGENTS_FILE", file.as_str()), ("PORT", "eighty")];
         let errors = Config::from_lookup(env(&pairs)).unwrap_err();
         let lines = &errors.0;
@@ -1308,7 +1294,7 @@ mod tests {
         assert_eq!(errors.to_string().lines().count(), lines.len());
 
         let missing = scratch
-            .0
+            .path()
             .join("missing.toml")
             .to_string_lossy()
             .into_owned();
@@ -1321,17 +1307,19 @@ mod tests {
 
     #[test]
     fn instructions_can_come_from_a_file() {
-        let dir = std::env::temp_dir().join(format!("callbridge-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("instructions.txt");
-        std::fs::write(&file, "Be a pirate.\n").unwrap();
+        let scratch = Scratch::new();
+        let file = scratch.write("instructions.txt", "Be a pirate.\n");
         let mut pairs = MINIMAL.to_vec();
         let path = file.to_string_lossy().to_string();
         pairs.push(("AGENT_INSTRUCTIONS_FILE", &path));
         let config = Config::from_lookup(env(&pairs)).unwrap();
         assert_eq!(config.agent_instructions, "Be a pirate.");
 
-        let missing = dir.join("nope.txt").to_string_lossy().to_string();
+        let missing = scratch
+            .path()
+            .join("nope.txt")
+            .to_string_lossy()
+            .to_string();
         let mut pairs = MINIMAL.to_vec();
         pairs.push(("AGENT_INSTRUCTIONS_FILE", &missing));
         let errors = Config::from_lookup(env(&pairs)).unwrap_err().0;

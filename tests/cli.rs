@@ -5,6 +5,10 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+// Each test runs the binary in an empty directory of its own, removed with what the run left
+// in it (its `.env`, its SQLite database) when the test ends.
+use callbridge_testkit::scratch::Scratch;
+
 const BINARY: &str = env!("CARGO_BIN_EXE_callbridge");
 const REQUIRED: [&str; 4] = [
     "TWILIO_ACCOUNT_SID",
@@ -13,18 +17,11 @@ const REQUIRED: [&str; 4] = [
     "PUBLIC_BASE_URL",
 ];
 
-fn empty_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("callbridge-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 #[test]
 fn an_empty_environment_names_every_missing_variable_and_exits_2() {
-    let dir = empty_dir("empty");
+    let dir = Scratch::new();
     let output = Command::new(BINARY)
-        .current_dir(&dir)
+        .current_dir(dir.path())
         .env_clear()
         .output()
         .unwrap();
@@ -46,9 +43,9 @@ fn an_empty_environment_names_every_missing_variable_and_exits_2() {
 
 #[test]
 fn a_malformed_value_is_named_and_exits_2() {
-    let dir = empty_dir("malformed");
+    let dir = Scratch::new();
     let output = Command::new(BINARY)
-        .current_dir(&dir)
+        .current_dir(dir.path())
         .env_clear()
         .env("TWILIO_ACCOUNT_SID", "AC0123456789abcdef0123456789abcdef")
         .env("TWILIO_AUTH_TOKEN", "super-secret-token")
@@ -66,18 +63,17 @@ fn a_malformed_value_is_named_and_exits_2() {
 
 #[test]
 fn an_unparsable_env_file_names_its_line_and_variable_but_not_the_value() {
-    let dir = empty_dir("bad-env");
+    let dir = Scratch::new();
     std::fs::write(
-        dir.join(".env"),
+        dir.path().join(".env"),
         "PORT=8080\nTWILIO_AUTH_TOKEN=abc def'ghi\n",
     )
     .unwrap();
     let output = Command::new(BINARY)
-        .current_dir(&dir)
+        .current_dir(dir.path())
         .env_clear()
         .output()
         .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(
@@ -89,9 +85,9 @@ fn an_unparsable_env_file_names_its_line_and_variable_but_not_the_value() {
 
 #[test]
 fn a_short_api_token_is_a_configuration_error() {
-    let dir = empty_dir("short-token");
+    let dir = Scratch::new();
     let output = Command::new(BINARY)
-        .current_dir(&dir)
+        .current_dir(dir.path())
         .env_clear()
         .env("TWILIO_ACCOUNT_SID", "AC0123456789abcdef0123456789abcdef")
         .env("TWILIO_AUTH_TOKEN", "super-secret-token")
@@ -185,10 +181,10 @@ fn serve_until_sigterm(dir: &std::path::Path, port: u16) -> String {
 
 #[test]
 fn a_complete_env_file_serves_on_port_and_sigterm_exits_cleanly() {
-    let dir = empty_dir("serve");
+    let dir = Scratch::new();
     let port = free_port();
     std::fs::write(
-        dir.join(".env"),
+        dir.path().join(".env"),
         format!(
             "TWILIO_ACCOUNT_SID=AC0123456789abcdef0123456789abcdef\n\
              TWILIO_AUTH_TOKEN=super-secret-token\n\
@@ -196,11 +192,11 @@ fn a_complete_env_file_serves_on_port_and_sigterm_exits_cleanly() {
              PUBLIC_BASE_URL=https://example.ngrok.app\n\
              PORT={port}\n\
              DATABASE_URL=sqlite://{}/callbridge.db?mode=rwc\n",
-            dir.display()
+            dir.path().display()
         ),
     )
     .unwrap();
-    let logs = serve_until_sigterm(&dir, port);
+    let logs = serve_until_sigterm(dir.path(), port);
     assert!(logs.contains("SIGTERM"), "{logs}");
     assert!(logs.contains("draining: no calls to wait for"), "{logs}");
     assert!(!logs.contains("super-secret-token") && !logs.contains("sk-live-secret"));
@@ -222,24 +218,23 @@ fn a_complete_env_file_serves_on_port_and_sigterm_exits_cleanly() {
         "{logs}"
     );
     assert!(!logs.contains("example value"), "{logs}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn the_example_env_file_starts_with_one_warning_per_placeholder() {
-    let dir = empty_dir("example");
+    let dir = Scratch::new();
     let port = free_port();
     let example =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.env.example")).unwrap();
     std::fs::write(
-        dir.join(".env"),
+        dir.path().join(".env"),
         format!(
             "{example}\nPORT={port}\nDATABASE_URL=sqlite://{}/callbridge.db?mode=rwc\n",
-            dir.display()
+            dir.path().display()
         ),
     )
     .unwrap();
-    let logs = serve_until_sigterm(&dir, port);
+    let logs = serve_until_sigterm(dir.path(), port);
     let warnings: Vec<&str> = logs
         .lines()
         .filter(|line| line.contains("still has the example value from .env.example"))
@@ -251,13 +246,12 @@ fn the_example_env_file_starts_with_one_warning_per_placeholder() {
             "{logs}"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_bad_agents_file_names_its_line_and_key_and_exits_2() {
-    let dir = empty_dir("bad-agents");
-    let agents = dir.join("agents.toml");
+    let dir = Scratch::new();
+    let agents = dir.path().join("agents.toml");
     std::fs::write(
         &agents,
         "[[agent]]\nname = \"support\"\ninstructions = \"Help.\"\nvoice = \"cedar\"\nvoise = \"ash\"\n\n\
@@ -265,7 +259,7 @@ fn a_bad_agents_file_names_its_line_and_key_and_exits_2() {
     )
     .unwrap();
     let output = Command::new(BINARY)
-        .current_dir(&dir)
+        .current_dir(dir.path())
         .env_clear()
         .env("TWILIO_ACCOUNT_SID", "AC0123456789abcdef0123456789abcdef")
         .env("TWILIO_AUTH_TOKEN", "super-secret-token")
@@ -290,7 +284,6 @@ fn a_bad_agents_file_names_its_line_and_key_and_exits_2() {
         "{stderr}"
     );
     assert_eq!(stderr.lines().count(), 2, "one line per problem: {stderr}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -453,10 +446,10 @@ fn simulate_explains_itself_without_configuration_and_then_needs_the_servers() {
     );
 
     // Past its options it reads the same configuration as the server, and fails the same way.
-    let dir = empty_dir("simulate");
+    let dir = Scratch::new();
     let unconfigured = Command::new(BINARY)
         .args(["simulate", "--audio", "caller.wav"])
-        .current_dir(&dir)
+        .current_dir(dir.path())
         .env_clear()
         .output()
         .unwrap();
@@ -468,5 +461,4 @@ fn simulate_explains_itself_without_configuration_and_then_needs_the_servers() {
             "{stderr}"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

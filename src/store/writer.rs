@@ -149,6 +149,8 @@ async fn write_batch(store: &Store, batch: &[Record], metrics: &Metrics) {
 
 #[cfg(test)]
 mod tests {
+    use callbridge_testkit::scratch::Scratch;
+
     use super::*;
     use crate::call::transcript::{Speaker, TranscriptLine};
     use crate::clock::SystemClock;
@@ -168,11 +170,8 @@ mod tests {
     // fills exactly as it would behind a stalled database.
     #[tokio::test]
     async fn a_full_queue_drops_records_but_waits_for_transcript_lines() {
-        let path =
-            std::env::temp_dir().join(format!("callbridge-writer-{}.db", std::process::id()));
-        let store = Store::connect(&format!("sqlite://{}?mode=rwc", path.display()))
-            .await
-            .unwrap();
+        let scratch = Scratch::new();
+        let store = Store::connect(&scratch.sqlite_url()).await.unwrap();
         let metrics = Arc::new(Metrics::default());
         let writer =
             RecordWriter::spawn(store.clone(), Arc::clone(&metrics), Arc::new(SystemClock));
@@ -202,6 +201,5 @@ mod tests {
                 .await
                 .unwrap();
         assert_eq!(lines, 1, "the transcript line was not lost");
-        let _ = std::fs::remove_file(&path);
     }
 }

@@ -5,32 +5,32 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use callbridge::startup::{ReloadError, reload_agents};
+use callbridge_testkit::scratch::Scratch;
 use serde_json::Value;
 
 use crate::helpers::*;
 
-/// An agents file of its own, removed when the test ends.
-struct AgentsFile(PathBuf);
+/// An agents file of its own, removed with its directory when the test ends.
+struct AgentsFile {
+    file: PathBuf,
+    _scratch: Scratch,
+}
 
 impl AgentsFile {
     fn new(text: &str) -> Self {
-        let file = Self(temp_path("toml"));
-        file.write(text);
-        file
+        let scratch = Scratch::new();
+        Self {
+            file: scratch.write("agents.toml", text),
+            _scratch: scratch,
+        }
     }
 
     fn write(&self, text: &str) {
-        std::fs::write(&self.0, text).unwrap();
+        std::fs::write(&self.file, text).unwrap();
     }
 
     fn path(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for AgentsFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        self.file.to_str().unwrap()
     }
 }
 
@@ -129,10 +129,10 @@ async fn a_reload_replaces_the_agents_for_new_calls_and_a_bad_file_keeps_them() 
     assert_eq!(names(&app.state), ["support", "sales"]);
 
     // A file that cannot be read at all changes nothing either.
-    let gone = file.0.with_extension("gone");
-    std::fs::rename(&file.0, &gone).unwrap();
+    let gone = file.file.with_extension("gone");
+    std::fs::rename(&file.file, &gone).unwrap();
     let refused = reload_agents(&app.state).await;
-    std::fs::rename(&gone, &file.0).unwrap();
+    std::fs::rename(&gone, &file.file).unwrap();
     assert!(
         matches!(refused, Err(ReloadError::Invalid(_))),
         "{refused:?}"

@@ -9,6 +9,7 @@ use crate::fake_twilio::frame;
 use crate::helpers::*;
 use crate::stream::{app_with, connected_call};
 use callbridge_testkit::realtime::FakeRealtime;
+use callbridge_testkit::scratch::Scratch;
 
 pub const API_TOKEN: &str = "test-api-token-0123456789abcdef0123";
 
@@ -295,7 +296,8 @@ async fn calls_are_listed_newest_first_page_by_page() {
 #[tokio::test]
 async fn data_survives_a_restart_on_the_same_sqlite_file() {
     let fake = FakeRealtime::start().await;
-    let database = sqlite_url(&temp_path("db"));
+    let scratch = Scratch::new();
+    let database = scratch.sqlite_url();
     let first = api_app(&fake, &[("DATABASE_URL", &database)]).await;
     let (mut twilio, session) = connected_call(&first, &fake, &call_sid(5001)).await;
     session.send(caller_said("Remember me."));

@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 use callbridge::clock::{Clock, SystemClock};
 use callbridge_testkit::business::{Answer, FakeBusiness};
 use callbridge_testkit::realtime::FakeRealtime;
+use callbridge_testkit::scratch::Scratch;
 
 use crate::events::{enqueue_events, events_store};
 use crate::fake_twilio::{agent_audio, frame};
-use crate::helpers::{Binary, call_sid, spawn_app_with, sqlite_url, temp_path, test_config};
-use crate::store::fresh_databases;
+use crate::helpers::{Binary, call_sid, spawn_app_with, test_config};
+use crate::store::{FreshDatabase, fresh_databases};
 use crate::stream::{connected_call, delta};
 
 const EVENTS: &str = "/events";
@@ -84,7 +85,8 @@ async fn pending_events_survive_a_sigkill_and_arrive_once_after_the_restart() {
     let business = FakeBusiness::start().await;
     business.answer(EVENTS, Answer::status(503));
     let url = business.url(EVENTS);
-    let database = sqlite_url(&temp_path("db"));
+    let scratch = Scratch::new();
+    let database = scratch.sqlite_url();
     let store = events_store(&database, "writer").await;
     let ids = outbox_ids(&store, 3).await;
 
@@ -125,7 +127,7 @@ async fn pending_events_survive_a_sigkill_and_arrive_once_after_the_restart() {
 }
 
 /// A Postgres database of its own, or `None` (the test is skipped) when none is configured.
-async fn postgres_database() -> Option<String> {
+async fn postgres_database() -> Option<FreshDatabase> {
     fresh_databases()
         .await
         .into_iter()

@@ -8,6 +8,7 @@ use callbridge::config::Config;
 use callbridge::startup::Application;
 use callbridge::state::AppState;
 use callbridge::twilio::signature::{self, SignedBody};
+use callbridge_testkit::scratch::Scratch;
 
 pub const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
 /// Some other Twilio account, well-formed.
@@ -25,6 +26,8 @@ pub struct TestApp {
     pub client: Client,
     pub state: Arc<AppState>,
     pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// Holds the app's database; removed when the app is dropped.
+    _scratch: Scratch,
 }
 
 impl TestApp {
@@ -58,8 +61,31 @@ impl Client {
     }
 }
 
-/// Environment for a test app: the required variables plus `overrides`.
-pub fn test_config(overrides: &[(&str, &str)]) -> Config {
+/// A test app's configuration, with the scratch directory its database lives in; it dereferences
+/// to the `Config`, so a test adjusts it in place before `spawn_app_with` starts the app.
+pub struct TestConfig {
+    config: Config,
+    scratch: Scratch,
+}
+
+impl std::ops::Deref for TestConfig {
+    type Target = Config;
+
+    fn deref(&self) -> &Config {
+        &self.config
+    }
+}
+
+impl std::ops::DerefMut for TestConfig {
+    fn deref_mut(&mut self) -> &mut Config {
+        &mut self.config
+    }
+}
+
+/// Environment for a test app: the required variables plus `overrides`, on a SQLite database
+/// of its own unless `overrides` name another.
+pub fn test_config(overrides: &[(&str, &str)]) -> TestConfig {
+    let scratch = Scratch::new();
     let mut env: HashMap<String, String> = [
         ("TWILIO_ACCOUNT_SID", ACCOUNT_SID),
         ("TWILIO_AUTH_TOKEN", AUTH_TOKEN),
@@ -70,7 +96,7 @@ pub fn test_config(overrides: &[(&str, &str)]) -> Config {
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    env.insert("DATABASE_URL".into(), sqlite_url(&temp_path("db")));
+    env.insert("DATABASE_URL".into(), scratch.sqlite_url());
     // Nothing listens on the discard port: REST calls a test did not plan for fail at once,
     // on this machine.
     env.insert("TWILIO_API_BASE_URL".into(), "http://127.0.0.1:9".into());
@@ -81,35 +107,22 @@ pub fn test_config(overrides: &[(&str, &str)]) -> Config {
         Config::from_lookup(|k| env.get(k).cloned()).expect("test configuration is valid");
     // The fakes answer in milliseconds; a test of Twilio not answering need not wait 10 s.
     config.twilio_request_timeout = TWILIO_TIMEOUT;
-    config
+    TestConfig { config, scratch }
 }
 
 /// The Twilio REST timeout of every test app.
 pub const TWILIO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// A fresh path under the system temp dir; each test gets its own database file.
-pub fn temp_path(extension: &str) -> std::path::PathBuf {
-    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    std::env::temp_dir().join(format!(
-        "callbridge-test-{}-{n}.{extension}",
-        std::process::id()
-    ))
-}
-
-pub fn sqlite_url(path: &std::path::Path) -> String {
-    format!("sqlite://{}?mode=rwc", path.display())
-}
-
 pub async fn spawn_app(overrides: &[(&str, &str)]) -> TestApp {
     spawn_app_with(test_config(overrides)).await
 }
 
-pub async fn spawn_app_with(config: Config) -> TestApp {
+pub async fn spawn_app_with(config: TestConfig) -> TestApp {
     spawn_app_with_clock(config, Arc::new(SystemClock)).await
 }
 
-pub async fn spawn_app_with_clock(config: Config, clock: Arc<dyn Clock>) -> TestApp {
+pub async fn spawn_app_with_clock(config: TestConfig, clock: Arc<dyn Clock>) -> TestApp {
+    let TestConfig { config, scratch } = config;
     let app = Application::build_with_clock(config, clock)
         .await
         .expect("app builds");
@@ -120,6 +133,7 @@ pub async fn spawn_app_with_clock(config: Config, clock: Arc<dyn Clock>) -> Test
         client: Client::new(address),
         state,
         server,
+        _scratch: scratch,
     }
 }
 
@@ -264,13 +278,15 @@ pub fn parse_twiml(xml: &str) -> Twiml {
 /// The real `callbridge` binary, configured like `test_config` plus `env`, for what only a
 /// process shows: signals, SIGKILL, what reaches stdout and stderr. Its output goes to a file
 /// (a pipe nobody reads would fill up and stall a verbose server); it is killed, and that file
-/// removed, when dropped.
+/// removed with its scratch directory, when dropped.
 pub struct Binary {
     pub client: Client,
     /// The `DATABASE_URL` it runs on.
     pub database: String,
     child: std::process::Child,
     output: std::path::PathBuf,
+    /// Holds the output file, and the database unless the test named its own.
+    _scratch: Scratch,
 }
 
 impl Binary {
@@ -291,11 +307,12 @@ impl Binary {
             .unwrap()
             .port()
             .to_string();
+        let scratch = Scratch::new();
         let database = env
             .iter()
             .find(|(name, _)| *name == "DATABASE_URL")
-            .map_or_else(|| sqlite_url(&temp_path("db")), |(_, url)| url.to_string());
-        let output = temp_path("log");
+            .map_or_else(|| scratch.sqlite_url(), |(_, url)| url.to_string());
+        let output = scratch.path().join("output.log");
         let log = std::fs::File::create(&output).unwrap();
         command
             .env_clear()
@@ -316,6 +333,7 @@ impl Binary {
             database,
             child: command.spawn().unwrap(),
             output,
+            _scratch: scratch,
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while binary
@@ -385,8 +403,6 @@ impl Drop for Binary {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        // The output file was only for this test to read.
-        let _ = std::fs::remove_file(&self.output);
     }
 }
 
@@ -405,4 +421,33 @@ pub fn text_frame_header(length: u64, mask: Option<[u8; 4]>) -> Vec<u8> {
         .format(length, &mut bytes)
         .expect("a header formats into memory");
     bytes
+}
+
+/// The directory of the SQLite file a `sqlite://…?mode=rwc` URL names.
+fn sqlite_dir(url: &str) -> std::path::PathBuf {
+    let file = url
+        .strip_prefix("sqlite://")
+        .and_then(|rest| rest.split('?').next())
+        .expect("a SQLite URL");
+    std::path::Path::new(file).parent().unwrap().to_path_buf()
+}
+
+#[tokio::test]
+async fn an_app_and_a_binary_leave_no_files_behind() {
+    let app = spawn_app(&[]).await;
+    app.answer_call(&call_sid(1)).await;
+    let app_dir = sqlite_dir(&app.state.config.database_url);
+    assert!(app_dir.join("callbridge.db").exists());
+    drop(app);
+    assert!(!app_dir.exists(), "{} was left behind", app_dir.display());
+
+    let binary = Binary::start(&[]).await;
+    let binary_dir = sqlite_dir(&binary.database);
+    assert!(binary.output.starts_with(&binary_dir));
+    drop(binary);
+    assert!(
+        !binary_dir.exists(),
+        "{} was left behind",
+        binary_dir.display()
+    );
 }

@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use crate::helpers::*;
 use crate::stream::{app_with, delta};
 use callbridge_testkit::realtime::{API_KEY, FakeRealtime};
+use callbridge_testkit::scratch::Scratch;
 
 const API_TOKEN: &str = "simulate-test-token-0123456789abcdefghij";
 /// µ-law of a loud constant: the agent's voice, easy to find in what was heard.
@@ -27,24 +28,21 @@ fn port(app: &Client) -> &str {
         .expect("the address has a port")
 }
 
-/// A file or directory under the temp dir, removed when dropped, so a failing test leaves
-/// nothing behind either.
-struct Temp(PathBuf);
+/// A path in a scratch directory of its own, removed with it when dropped, so a failing test
+/// leaves nothing behind either.
+struct Temp(
+    PathBuf,
+    #[allow(dead_code, reason = "held for its drop")] Scratch,
+);
 
 impl Temp {
     fn new(extension: &str) -> Self {
-        Self(temp_path(extension))
+        let scratch = Scratch::new();
+        Self(scratch.path().join(format!("file.{extension}")), scratch)
     }
 
     fn arg(&self) -> &str {
         self.0.to_str().expect("temp paths are UTF-8")
-    }
-}
-
-impl Drop for Temp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

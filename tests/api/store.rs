@@ -12,13 +12,44 @@ fn now_ms() -> i64 {
     SystemClock.now_ms()
 }
 
-use crate::helpers::{ManualClock, sqlite_url, temp_path};
+use callbridge_testkit::scratch::Scratch;
+
+use crate::helpers::ManualClock;
+
+/// A database of its own for one test, removed when dropped (also when the test panics): a
+/// SQLite file in a scratch directory, or a Postgres database created for it. It dereferences
+/// to its URL.
+pub struct FreshDatabase {
+    url: String,
+    // Held only to be dropped with it: one or the other.
+    _sqlite: Option<Scratch>,
+    _postgres: Option<PostgresDatabase>,
+}
+
+impl std::ops::Deref for FreshDatabase {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.url
+    }
+}
+
+impl std::fmt::Display for FreshDatabase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
+    }
+}
 
 /// Fresh, empty databases: one SQLite file, and one Postgres database if a server is available.
-pub async fn fresh_databases() -> Vec<String> {
-    let mut urls = vec![sqlite_url(&temp_path("db"))];
+pub async fn fresh_databases() -> Vec<FreshDatabase> {
+    let scratch = Scratch::new();
+    let mut databases = vec![FreshDatabase {
+        url: scratch.sqlite_url(),
+        _sqlite: Some(scratch),
+        _postgres: None,
+    }];
     match std::env::var("CALLBRIDGE_TEST_POSTGRES_URL") {
-        Ok(admin_url) => urls.push(fresh_postgres_database(&admin_url).await),
+        Ok(admin_url) => databases.push(fresh_postgres_database(&admin_url).await),
         // CI sets CALLBRIDGE_REQUIRE_POSTGRES: there a skipped half is a failure.
         Err(_) if std::env::var_os("CALLBRIDGE_REQUIRE_POSTGRES").is_some() => {
             panic!("CALLBRIDGE_REQUIRE_POSTGRES is set but CALLBRIDGE_TEST_POSTGRES_URL is not")
@@ -27,27 +58,114 @@ pub async fn fresh_databases() -> Vec<String> {
             "skipping the Postgres half of this test: CALLBRIDGE_TEST_POSTGRES_URL is not set"
         ),
     }
-    urls
+    databases
 }
 
-async fn fresh_postgres_database(admin_url: &str) -> String {
+/// What every test database's name starts with; the test process's id follows, so a later run
+/// can tell the databases of a run that died before dropping them.
+const POSTGRES_PREFIX: &str = "callbridge_test_";
+
+async fn fresh_postgres_database(admin_url: &str) -> FreshDatabase {
     use sqlx::Connection;
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    static SWEPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     sqlx::any::install_default_drivers();
-    let name = temp_path("pg")
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .replace(['-', '.'], "_");
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("{POSTGRES_PREFIX}{}_{n}", std::process::id());
     let mut admin = sqlx::AnyConnection::connect(admin_url)
         .await
         .expect("Postgres reachable");
+    if !SWEPT.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        drop_databases_of_dead_runs(&mut admin).await;
+    }
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(&mut admin)
         .await
         .unwrap();
     let mut url = url::Url::parse(admin_url).unwrap();
     url.set_path(&name);
-    url.to_string()
+    FreshDatabase {
+        url: url.to_string(),
+        _sqlite: None,
+        _postgres: Some(PostgresDatabase {
+            admin_url: admin_url.to_owned(),
+            name,
+        }),
+    }
+}
+
+/// A Postgres database created for a test; dropping it drops the database.
+struct PostgresDatabase {
+    admin_url: String,
+    name: String,
+}
+
+impl Drop for PostgresDatabase {
+    fn drop(&mut self) {
+        use sqlx::Connection;
+        // The test's pools may still be connected (`FORCE` ends their sessions), and this may
+        // run on the test's runtime, which cannot block on a future itself: a thread with a
+        // small runtime of its own sends the statement while the test waits.
+        let dropped = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    runtime.block_on(async {
+                        let mut admin = sqlx::AnyConnection::connect(&self.admin_url).await?;
+                        let statement =
+                            format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+                        sqlx::query(sqlx::AssertSqlSafe(statement))
+                            .execute(&mut admin)
+                            .await?;
+                        admin.close().await?;
+                        anyhow::Ok(())
+                    })
+                })
+                .join()
+        });
+        // Panicking here could abort a test that is already failing; saying so is enough.
+        if let Ok(Err(error)) = dropped {
+            eprintln!("the test database {} was not dropped: {error}", self.name);
+        }
+    }
+}
+
+/// Drops the test databases of runs whose process has exited (killed, or aborted before the
+/// databases' guards ran). A process is looked up in `/proc`, so this assumes the server is a
+/// test server used from this machine; without `/proc` nothing is swept. A database somebody
+/// is still connected to is left alone (no `FORCE`).
+async fn drop_databases_of_dead_runs(admin: &mut sqlx::AnyConnection) {
+    if !std::path::Path::new("/proc/self").exists() {
+        return;
+    }
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE datname LIKE $1")
+            .bind(format!("{POSTGRES_PREFIX}%"))
+            .fetch_all(&mut *admin)
+            .await
+            .expect("the databases can be listed");
+    for name in names {
+        // Only names these tests make (they go into the statement unquoted).
+        let ours = name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        let Some(pid) = name
+            .strip_prefix(POSTGRES_PREFIX)
+            .and_then(|rest| rest.split('_').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .filter(|_| ours)
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let statement = format!("DROP DATABASE IF EXISTS {name}");
+            let _ = sqlx::query(sqlx::AssertSqlSafe(statement))
+                .execute(&mut *admin)
+                .await;
+        }
+    }
 }
 
 /// A status callback for `call_sid` arriving at `at_ms`.
@@ -972,4 +1090,77 @@ async fn a_streams_end_closes_a_record_no_callback_closed_and_a_later_callback_s
             "{url}"
         );
     }
+}
+
+/// Whether the Postgres server has a database called `name`.
+async fn postgres_has(admin: &mut sqlx::AnyConnection, name: &str) -> bool {
+    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pg_database WHERE datname = $1")
+        .bind(name)
+        .fetch_one(admin)
+        .await
+        .unwrap();
+    count > 0
+}
+
+#[tokio::test]
+async fn a_fresh_database_is_gone_once_its_test_is_done_with_it() {
+    use sqlx::Connection;
+    for database in fresh_databases().await {
+        // A pool still open when the test ends, as most tests leave theirs.
+        let store = Store::connect(&database).await.unwrap();
+        store.record_call(&new_call("CA1", now_ms())).await.unwrap();
+        let url = database.to_string();
+        drop(database);
+        if let Some(file) = url.strip_prefix("sqlite://") {
+            let file = std::path::Path::new(file.split('?').next().unwrap());
+            let dir = file.parent().unwrap();
+            assert!(!dir.exists(), "{} was left behind", dir.display());
+        } else {
+            let admin_url = std::env::var("CALLBRIDGE_TEST_POSTGRES_URL").unwrap();
+            let mut admin = sqlx::AnyConnection::connect(&admin_url).await.unwrap();
+            let name = url::Url::parse(&url).unwrap().path()[1..].to_owned();
+            assert!(
+                !postgres_has(&mut admin, &name).await,
+                "{name} was left behind"
+            );
+        }
+        drop(store);
+    }
+}
+
+#[tokio::test]
+async fn the_postgres_databases_of_a_run_that_died_are_dropped_by_the_next() {
+    use sqlx::Connection;
+    // The databases that `fresh_databases` makes need no more checks than it does.
+    let Ok(admin_url) = std::env::var("CALLBRIDGE_TEST_POSTGRES_URL") else {
+        return;
+    };
+    if !std::path::Path::new("/proc/self").exists() {
+        return;
+    }
+    sqlx::any::install_default_drivers();
+    let mut admin = sqlx::AnyConnection::connect(&admin_url).await.unwrap();
+    // No process has this id (Linux's are below 2^22); this process is alive.
+    let dead = format!("{POSTGRES_PREFIX}{}_0", u32::MAX);
+    let alive = format!("{POSTGRES_PREFIX}{}_alive", std::process::id());
+    for name in [&dead, &alive] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name}"
+        )))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+    drop_databases_of_dead_runs(&mut admin).await;
+    assert!(!postgres_has(&mut admin, &dead).await, "{dead} was kept");
+    let kept = postgres_has(&mut admin, &alive).await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {alive}")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    assert!(kept, "{alive} belongs to a running test and was dropped");
 }

@@ -1,40 +1,10 @@
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
+use callbridge_testkit::scratch::Scratch;
 use secrecy::ExposeSecret;
 use serde_json::json;
 
 use super::*;
-
-/// A directory of its own under the temp dir, removed when the test ends.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("callbridge-agents-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).unwrap();
-        }
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn defaults() -> AgentDefaults {
     AgentDefaults {
@@ -871,7 +841,7 @@ fn a_file_without_agents_is_an_error() {
 #[test]
 fn an_unreadable_file_is_an_error_naming_it() {
     let scratch = Scratch::new();
-    let path = scratch.0.join("missing.toml");
+    let path = scratch.path().join("missing.toml");
     let problems = load(&path, &defaults(), &|_| None).unwrap_err();
     assert_eq!(problems.0.len(), 1);
     assert!(

@@ -11,7 +11,6 @@
 
 use std::fmt::Debug;
 use std::future::Future;
-use std::path::PathBuf;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,6 +19,7 @@ use std::time::Duration;
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use callbridge_testkit::scratch::Scratch;
 use futures_channel::mpsc::{self, SendError, UnboundedReceiver, UnboundedSender};
 use futures_util::SinkExt;
 use futures_util::StreamExt;
@@ -224,7 +224,8 @@ struct Harness {
     agent_in: UnboundedSender<Result<AgentMessage, WsError>>,
     agent_out: UnboundedReceiver<AgentMessage>,
     bridge: Bridge,
-    database_dir: PathBuf,
+    /// Holds the database; removed with it when the harness is dropped.
+    _database: Scratch,
     time_paused: bool,
 }
 
@@ -234,9 +235,6 @@ impl Drop for Harness {
         if self.time_paused && !std::thread::panicking() {
             tokio::time::resume();
         }
-        // The record writer may still be connecting; with its directory gone it cannot leave a
-        // fresh empty database file behind.
-        let _ = std::fs::remove_dir_all(&self.database_dir);
     }
 }
 
@@ -258,15 +256,6 @@ async fn reserve_slot(state: &Arc<AppState>) -> (StreamGrant, CallSlot) {
     (admitted.grant, admitted.slot)
 }
 
-/// A directory of its own for each harness's database.
-fn temp_database_dir() -> PathBuf {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("callbridge-bridge-{}-{n}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("the temp dir is writable");
-    dir
-}
-
 impl Harness {
     async fn new() -> Self {
         Self::with(Options::default()).await
@@ -275,11 +264,8 @@ impl Harness {
     /// Builds the state on real time (it opens a database), issues the stream token `/voice`
     /// would have issued, and pauses time.
     async fn with(options: Options) -> Self {
-        let database_dir = temp_database_dir();
-        let database_url = format!(
-            "sqlite://{}?mode=rwc",
-            database_dir.join("callbridge.db").display()
-        );
+        let database = Scratch::new();
+        let database_url = database.sqlite_url();
         let mut env = vec![
             ("TWILIO_ACCOUNT_SID", ACCOUNT_SID),
             ("TWILIO_AUTH_TOKEN", "test-auth-token"),
@@ -349,7 +335,7 @@ impl Harness {
                 running: Some(running),
                 summary: None,
             },
-            database_dir,
+            _database: database,
             time_paused: false,
         }
         .paused()
