@@ -7,6 +7,7 @@ use anyhow::Context;
 
 use crate::admission::Admission;
 use crate::agents::{Agents, AgentsHandle};
+use crate::call::speaking::SpeakingBoard;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::events::worker::EventsWorker;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub lease_keeper: tokio::task::AbortHandle,
     /// Delivers events to `CALLBRIDGE_EVENTS_URL`, when it is set (see `events`).
     pub events_worker: Option<tokio::task::AbortHandle>,
+    /// Who is speaking on the calls this machine carries, for the dashboard.
+    pub speaking: SpeakingBoard,
 }
 
 impl AppState {
@@ -109,6 +112,7 @@ impl AppState {
             clock,
             lease_keeper,
             events_worker,
+            speaking: SpeakingBoard::default(),
         }))
     }
 }
