@@ -10,6 +10,7 @@ use crate::agents::{Agents, AgentsHandle};
 use crate::call::speaking::SpeakingBoard;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+use crate::dashboard::OpenStreams;
 use crate::events::worker::EventsWorker;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub events_worker: Option<tokio::task::AbortHandle>,
     /// Who is speaking on the calls this machine carries, for the dashboard.
     pub speaking: SpeakingBoard,
+    /// The dashboard's event streams open on this machine.
+    pub dashboard_streams: OpenStreams,
 }
 
 impl AppState {
@@ -113,6 +116,7 @@ impl AppState {
             lease_keeper,
             events_worker,
             speaking: SpeakingBoard::default(),
+            dashboard_streams: OpenStreams::default(),
         }))
     }
 }

@@ -2,6 +2,7 @@
 
 mod api;
 mod calls;
+pub mod dashboard;
 mod events;
 mod health;
 mod messaging;
@@ -36,5 +37,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             web::post().to(outbound::hang_up),
         )
         .route("/events", web::get().to(events::list_events))
-        .route("/events/{id}/retry", web::post().to(events::retry_event));
+        .route("/events/{id}/retry", web::post().to(events::retry_event))
+        .configure(dashboard::configure);
 }

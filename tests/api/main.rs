@@ -5,6 +5,7 @@ mod acting;
 mod agents;
 mod business;
 mod calls;
+mod dashboard;
 mod endings;
 mod events;
 mod events_durable;
