@@ -42,6 +42,7 @@ pub struct Browser {
 
 impl Browser {
     pub fn new(app: &Client) -> Self {
+        callbridge::tls::install_crypto_provider();
         Self {
             address: app.address.clone(),
             http: reqwest::Client::builder()
@@ -187,7 +188,7 @@ fn concrete(path: &str) -> String {
     path.replace("{call_sid}", &call_sid(1))
 }
 
-async fn dashboard_app(fake: &FakeRealtime, extra: &[(&str, &str)]) -> TestApp {
+pub async fn dashboard_app(fake: &FakeRealtime, extra: &[(&str, &str)]) -> TestApp {
     let mut overrides = vec![
         ("OPENAI_REALTIME_URL", fake.url.as_str()),
         ("CALLBRIDGE_API_TOKEN", API_TOKEN),

@@ -3,6 +3,7 @@
 
 mod acting;
 mod agents;
+mod browser;
 mod business;
 mod calls;
 mod dashboard;
