@@ -4,14 +4,17 @@
 # Builds the release binaries, starts the fake OpenAI Realtime server (loadgen fake-realtime),
 # then for each N: a floor run (N calls straight to the fake) and a bridge run (N calls through
 # a freshly started callbridge, whose CPU and memory are read from /proc). Prints the table and
-# the targets, and writes bench/results.json. Everything runs on 127.0.0.1 and stops by
-# itself (about 7 minutes with the defaults).
+# the targets, and writes the summary JSON (to RESULTS, below). Everything runs on 127.0.0.1
+# and stops by itself (about 7 minutes with the defaults).
 #
 # Environment:
 #   CALLS            the N to run, ascending (default "100 200 400 600 800")
 #   SECONDS_PER_RUN  audio each call sends per run (default 20)
 #   RAMP_SECONDS     calls start spread over this long (default 2)
 #   CARGO_TARGET_DIR where cargo builds (default target)
+#   RESULTS          where the summary JSON goes (default: the run's scratch directory, so the
+#                    committed bench/results.json changes only when asked:
+#                    RESULTS=bench/results.json bench/run.sh)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -28,6 +31,7 @@ for tool in cargo curl getconf; do
 done
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/callbridge-bench.XXXXXX")
+results=${RESULTS:-$work/results.json}
 fake_pid=
 server_pid=
 cleanup() {
@@ -147,6 +151,6 @@ for n in $calls_list; do
 done
 
 echo >&2
-"$bin/loadgen" report "$runs" --json-out bench/results.json
+"$bin/loadgen" report "$runs" --json-out "$results"
 echo >&2
-echo "per-run reports: $runs; server log: $work/server.log; summary: bench/results.json" >&2
+echo "per-run reports: $runs; server log: $work/server.log; summary: $results" >&2

@@ -555,6 +555,58 @@ fn unknown_variables<'a>(
         .collect()
 }
 
+/// Loads `.env` from the working directory into the process environment, if it exists (a
+/// variable already set wins). Must run before any thread exists. A line that cannot be parsed
+/// is reported by file line and variable name, never with its value, which may be a secret.
+pub fn load_dotenv() -> Result<(), String> {
+    let path = std::path::Path::new(".env");
+    match dotenvy::from_path(path) {
+        Ok(()) => Ok(()),
+        Err(error) if error.not_found() => Ok(()),
+        Err(dotenvy::Error::LineParse(line, index)) => {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            Err(dotenv_line_error(&text, &line, index))
+        }
+        Err(error) => Err(format!(".env cannot be read: {error}")),
+    }
+}
+
+/// `.env:LINE: …` for the line dotenvy could not parse at `index` of `value` (the text it
+/// quotes: the value, or the whole line), naming the variable it tried to set.
+fn dotenv_line_error(file: &str, value: &str, index: usize) -> String {
+    let value = value.lines().next().unwrap_or(value).trim_end();
+    let found = file.lines().enumerate().find_map(|(at, line)| {
+        let (name, _) = line.split_once('=')?;
+        // dotenvy quotes the value, or for some errors the whole line.
+        let start = line.find(value)?;
+        Some({
+            let name = name.trim().trim_start_matches("export ").trim();
+            let column = start + index + 1;
+            (at + 1, name, column)
+        })
+    });
+    match found {
+        Some((number, name, column)) => format!(
+            ".env:{number}: cannot parse the value of {name} near column {column}; a value with \
+             spaces, `#` or quotes must be wrapped in single or double quotes"
+        ),
+        None => ".env: a line cannot be parsed; a value with spaces, `#` or quotes must be \
+                 wrapped in single or double quotes"
+            .to_owned(),
+    }
+}
+
+/// Calls one core carries by default. The benchmark held 200 calls per core with every frame
+/// on time (plain WebSockets on loopback, the harness on the other core); TLS on both legs,
+/// tools and the database cost more in production, so the default keeps half of that.
+pub const CALLS_PER_CORE: usize = 100;
+
+/// `MAX_CONCURRENT_CALLS` when unset: `CALLS_PER_CORE` for each core this process may use
+/// (which counts a container's CPU quota).
+pub fn default_max_concurrent_calls() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) * CALLS_PER_CORE
+}
+
 impl Config {
     /// Reads the real process environment (after `.env` has been loaded by `main`). A variable
     /// whose name or value is not UTF-8 counts as unset, as `std::env::var` would have it.
@@ -631,7 +683,11 @@ impl Config {
             database_url,
         );
         let outbound_calls_per_day = r.parsed("OUTBOUND_CALLS_PER_DAY", 5u32, positive_number);
-        let max_concurrent_calls = r.parsed("MAX_CONCURRENT_CALLS", 1000usize, positive_number);
+        let max_concurrent_calls = r.parsed(
+            "MAX_CONCURRENT_CALLS",
+            default_max_concurrent_calls(),
+            positive_number,
+        );
         let drain_timeout = r.parsed("DRAIN_TIMEOUT_SECS", Duration::from_secs(300), seconds);
         let request_timeout = r.parsed("REQUEST_TIMEOUT_SECS", Duration::from_secs(10), |raw| {
             positive_number::<u64>(raw).map(Duration::from_secs)
@@ -698,6 +754,21 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_unparsable_env_line_is_named_by_line_and_variable_without_its_value() {
+        let file = "PORT=8080\n# comment\nOPENAI_API_KEY=sk-secret value\n";
+        let error = match dotenvy::from_read_iter(file.as_bytes()).find_map(Result::err) {
+            Some(dotenvy::Error::LineParse(line, index)) => dotenv_line_error(file, &line, index),
+            other => panic!("not a parse error: {other:?}"),
+        };
+        assert!(
+            error.starts_with(".env:3: cannot parse the value of OPENAI_API_KEY near column 26;"),
+            "{error}"
+        );
+        assert!(!error.contains("sk-secret"), "{error}");
+    }
+
     use super::*;
     use secrecy::ExposeSecret;
     use std::collections::HashMap;
@@ -747,7 +818,9 @@ mod tests {
         assert_eq!(config.openai_voice, "marin");
         assert_eq!(config.database_url, "sqlite://callbridge.db?mode=rwc");
         assert_eq!(config.outbound_calls_per_day, 5);
-        assert_eq!(config.max_concurrent_calls, 1000);
+        assert_eq!(config.max_concurrent_calls, default_max_concurrent_calls());
+        assert!(config.max_concurrent_calls >= CALLS_PER_CORE);
+        assert_eq!(config.max_concurrent_calls % CALLS_PER_CORE, 0);
         assert_eq!(config.drain_timeout, Duration::from_secs(300));
         assert_eq!(config.request_timeout, Duration::from_secs(10));
         assert_eq!(config.log_format, LogFormat::Pretty);

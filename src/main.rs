@@ -87,10 +87,8 @@ fn main() -> ExitCode {
         }
     }
     // Before any thread exists: loading .env mutates the process environment.
-    if let Err(e) = dotenvy::dotenv()
-        && !e.not_found()
-    {
-        eprintln!("configuration error: .env cannot be read ({e})");
+    if let Err(problem) = callbridge::config::load_dotenv() {
+        eprintln!("configuration error: {problem}");
         return ExitCode::from(2);
     }
     let config = match Config::from_env() {

@@ -321,6 +321,8 @@ pub struct Metrics {
     pub store_write_failures: Counter,
     pub openai_connect: Latency,
     pub first_agent_audio: Latency,
+    /// Per turn: the caller stopped speaking → the first agent audio after it.
+    pub turn_latency: Latency,
     /// Labelled by tool name: the names come from the agents file, a bounded set (a name the
     /// model made up is counted as `unknown`).
     tool_calls: Family<ToolLabels, Counter>,
@@ -373,6 +375,7 @@ impl Default for Metrics {
         let store_write_failures = register(r, "store_write_failures", "Records the database refused after retries", Counter::default());
         let openai_connect = register_seconds(r, "openai_connect", "Time from Twilio's start (token accepted) to the OpenAI session being open: the wait the pre-connect could not hide");
         let first_agent_audio = register_seconds(r, "first_agent_audio", "Time from Twilio start to the first agent audio sent to the caller");
+        let turn_latency = register_seconds(r, "turn_latency", "Per turn, time from the end of the caller's speech (speech_stopped) to the first agent audio sent after it");
         let tool_calls = register(r, "tool_calls", "Function calls made by agents, by tool and outcome", Family::<ToolLabels, Counter>::default());
         let tool_duration = Family::<ToolNameLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
         r.register_with_unit("tool_duration", "Time from a function call to its result, by tool", Unit::Seconds, tool_duration.clone());
@@ -423,6 +426,7 @@ impl Default for Metrics {
             store_write_failures,
             openai_connect,
             first_agent_audio,
+            turn_latency,
             tool_calls,
             tool_duration,
             context_requests,

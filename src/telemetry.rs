@@ -34,11 +34,15 @@ const CAPPED_TARGETS: [&str; 7] = [
 /// directive can open up `CAPPED_TARGETS` below `info`.
 pub fn init(format: LogFormat) {
     let requested = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour codes only for a person at a terminal: in a file or a log pipeline they are noise.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stdout())
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
     // A second init (tests) keeps the first subscriber; nothing to report.
-    drop(subscriber(format, requested, std::io::stdout).try_init());
+    drop(subscriber(format, colour, requested, std::io::stdout).try_init());
 }
 
-/// Lines in `format` to `writer`, filtered by `requested` and by the caps.
+/// Lines in `format` to `writer` (pretty ones coloured if `colour`), filtered by `requested`
+/// and by the caps.
 ///
 /// Both filters are global (layers of their own), not a per-layer filter of the output layer.
 /// In tracing-subscriber 0.3 a per-layer filter that `log` asks whether a record is enabled,
@@ -48,6 +52,7 @@ pub fn init(format: LogFormat) {
 /// missing.
 fn subscriber<W>(
     format: LogFormat,
+    colour: bool,
     requested: EnvFilter,
     writer: W,
 ) -> impl tracing::Subscriber + Send + Sync + 'static
@@ -56,12 +61,15 @@ where
 {
     let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
     let output = match format {
+        // The current span carries the call's fields; the list of every enclosing span would
+        // repeat them on each line.
         LogFormat::Json => fmt
             .json()
             .flatten_event(true)
             .with_current_span(true)
+            .with_span_list(false)
             .boxed(),
-        LogFormat::Pretty => fmt.boxed(),
+        LogFormat::Pretty => fmt.with_ansi(colour).boxed(),
     };
     // Each filter layer must let an event through: the caps hold whatever `RUST_LOG` opens.
     tracing_subscriber::registry()
@@ -124,15 +132,50 @@ mod tests {
     fn messages(rust_log: &str, log_and_ask: impl FnOnce()) -> Vec<String> {
         let captured = Captured::default();
         let writer = captured.clone();
-        let subscriber = subscriber(LogFormat::Json, EnvFilter::new(rust_log), move || {
-            writer.clone()
-        });
+        let subscriber = subscriber(
+            LogFormat::Json,
+            false,
+            EnvFilter::new(rust_log),
+            move || writer.clone(),
+        );
         tracing::subscriber::with_default(subscriber, log_and_ask);
         captured
             .lines()
             .iter()
             .map(|line| line["message"].as_str().unwrap().to_owned())
             .collect()
+    }
+
+    /// What `format` writes for one line inside a call's span.
+    fn written(format: LogFormat, colour: bool) -> String {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = subscriber(format, colour, EnvFilter::new("info"), move || {
+            writer.clone()
+        });
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("call", call_sid = "CA1", stream_sid = "MZ1");
+            let _entered = span.enter();
+            tracing::warn!(peer = "OpenAI", "ignored a message");
+        });
+        String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn a_json_line_carries_the_calls_span_fields_once() {
+        let line = written(LogFormat::Json, false);
+        assert_eq!(line.matches("\"CA1\"").count(), 1, "{line}");
+        let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(line["span"]["call_sid"], "CA1");
+        assert_eq!(line["peer"], "OpenAI");
+    }
+
+    #[test]
+    fn pretty_lines_are_coloured_only_when_asked() {
+        let plain = written(LogFormat::Pretty, false);
+        assert!(!plain.contains('\u{1b}'), "{plain:?}");
+        assert!(plain.contains("call_sid=\"CA1\""), "{plain}");
+        assert!(written(LogFormat::Pretty, true).contains('\u{1b}'));
     }
 
     /// What a library logging through `log` does for a record the filters turn down: `log`

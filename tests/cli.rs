@@ -65,6 +65,29 @@ fn a_malformed_value_is_named_and_exits_2() {
 }
 
 #[test]
+fn an_unparsable_env_file_names_its_line_and_variable_but_not_the_value() {
+    let dir = empty_dir("bad-env");
+    std::fs::write(
+        dir.join(".env"),
+        "PORT=8080\nTWILIO_AUTH_TOKEN=abc def'ghi\n",
+    )
+    .unwrap();
+    let output = Command::new(BINARY)
+        .current_dir(&dir)
+        .env_clear()
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains(".env:2: cannot parse the value of TWILIO_AUTH_TOKEN"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("def'ghi"), "{stderr}");
+}
+
+#[test]
 fn a_short_api_token_is_a_configuration_error() {
     let dir = empty_dir("short-token");
     let output = Command::new(BINARY)

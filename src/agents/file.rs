@@ -107,12 +107,30 @@ pub fn load(
 ) -> Result<Agents, AgentFileErrors> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| AgentFileErrors::whole_file(path, format!("cannot be read ({e})")))?;
+    parse(path, &text, defaults, env, &|file| {
+        std::fs::read_to_string(file)
+    })
+}
+
+/// Checks the text of an agents file that `path` names, as [`load`] does once it has read it.
+/// `read` reads the files `instructions_file` names (relative ones joined to `path`'s
+/// directory first). Public, with the reading passed in, so that arbitrary text can be checked
+/// without touching the file system: the fuzz target and the seed regression test run the whole
+/// loader this way.
+pub fn parse(
+    path: &Path,
+    text: &str,
+    defaults: &AgentDefaults,
+    env: &dyn Fn(&str) -> Option<String>,
+    read: &dyn Fn(&Path) -> std::io::Result<String>,
+) -> Result<Agents, AgentFileErrors> {
     let mut loader = Loader {
         file: path.display().to_string(),
         dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
-        text: &text,
+        text,
         defaults,
         env,
+        read,
         problems: Vec::new(),
         names: HashMap::new(),
         numbers: HashMap::new(),
@@ -241,6 +259,8 @@ struct Loader<'a> {
     text: &'a str,
     defaults: &'a AgentDefaults,
     env: &'a dyn Fn(&str) -> Option<String>,
+    /// Reads an `instructions_file`.
+    read: &'a dyn Fn(&Path) -> std::io::Result<String>,
     problems: Vec<AgentFileError>,
     /// Agent names seen so far, with their line.
     names: HashMap<String, usize>,
@@ -583,7 +603,7 @@ impl Loader<'_> {
 
     fn instructions_file(&mut self, label: &str, file: &Spanned<String>) -> Option<String> {
         let path = self.dir.join(file.get_ref());
-        match std::fs::read_to_string(&path) {
+        match (self.read)(&path) {
             Ok(text) if !text.trim().is_empty() => Some(text.trim().to_owned()),
             Ok(_) => {
                 let problem = format!("names {}, which is empty", path.display());

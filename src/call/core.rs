@@ -19,6 +19,7 @@ use crate::admission::StreamGrant;
 use crate::agents::{AgentProfile, Agents};
 use crate::call::agent::{OutboundBrief, Parties};
 use crate::call::ending::{EndPlan, EndingTimes};
+use crate::call::latency::Latencies;
 use crate::call::leg::MediaLeg;
 use crate::call::link::{AgentLink, MediaLink};
 use crate::call::playback::{BYTES_PER_MS, LineCorrection, Playback, base64_decoded_len};
@@ -28,7 +29,9 @@ use crate::call::transcript::{Speaker, TranscriptLine};
 use crate::domain::phone::Masked;
 use crate::metrics::{EndReason, Metrics};
 use crate::openai::events::{self, ErrorSeverity, ServerEvent, Usage};
-use crate::store::Record;
+use crate::openai::pricing;
+use crate::store::models::TokenUsage;
+use crate::store::{CallTotals, Record};
 use crate::twilio::call::Direction;
 use crate::twilio::ids::{AccountSid, CallSid, StreamSid};
 use crate::twilio::media::{Inbound, Start};
@@ -277,6 +280,7 @@ pub struct CallCore<L: MediaLeg> {
     first_audio_sent: bool,
     session_id: Option<String>,
     usage: Usage,
+    latencies: Latencies,
     transcript: Vec<TranscriptLine>,
     malformed: u32,
     next_task: u64,
@@ -334,6 +338,7 @@ impl<L: MediaLeg> CallCore<L> {
             first_audio_sent: false,
             session_id: None,
             usage: Usage::default(),
+            latencies: Latencies::default(),
             transcript: Vec::new(),
             malformed: 0,
             next_task: 0,
@@ -686,9 +691,11 @@ impl<L: MediaLeg> CallCore<L> {
             return;
         }
         if let MediaLink::Streaming { started_at, .. } = &self.media {
-            self.metrics
-                .openai_connect
-                .observe(now.saturating_duration_since(*started_at));
+            let after = now.saturating_duration_since(*started_at);
+            if !self.is_reconnecting() {
+                self.metrics.openai_connect.observe(after);
+            }
+            self.latencies.session_opened(after);
         }
         self.agent_seen = now;
         self.link = AgentLink::AwaitingContext;
@@ -740,12 +747,14 @@ impl<L: MediaLeg> CallCore<L> {
                     self.metrics.dropped_interrupted_deltas.inc();
                     return;
                 };
-                if !self.first_audio_sent {
-                    self.first_audio_sent = true;
-                    if let MediaLink::Streaming { started_at, .. } = &self.media {
-                        self.metrics
-                            .first_agent_audio
-                            .observe(now.saturating_duration_since(*started_at));
+                if let MediaLink::Streaming { started_at, .. } = &self.media {
+                    let since_start = now.saturating_duration_since(*started_at);
+                    if !self.first_audio_sent {
+                        self.first_audio_sent = true;
+                        self.metrics.first_agent_audio.observe(since_start);
+                    }
+                    if let Some(turn) = self.latencies.agent_audio_sent(now, since_start) {
+                        self.metrics.turn_latency.observe(turn);
                     }
                 }
                 self.metrics.frames_to_caller.inc();
@@ -759,11 +768,13 @@ impl<L: MediaLeg> CallCore<L> {
                 }
             }
             ServerEvent::SpeechStarted => {
+                self.latencies.speech_started();
                 self.tools.speech_started();
                 self.silence.caller_spoke();
                 self.on_speech_started(now);
             }
             ServerEvent::SpeechStopped => {
+                self.latencies.speech_stopped(now);
                 self.tools.speech_stopped();
                 self.answer_awaited_since = Some(now);
             }
@@ -786,9 +797,7 @@ impl<L: MediaLeg> CallCore<L> {
                 self.playback.response_done(&response_id);
                 self.tools.response_done(&response_id);
                 self.farewell_done(&response_id);
-                self.usage.input_tokens += usage.input_tokens;
-                self.usage.output_tokens += usage.output_tokens;
-                self.usage.total_tokens += usage.total_tokens;
+                self.usage.add(&usage);
             }
             ServerEvent::AgentTranscriptDone {
                 item_id,
@@ -948,9 +957,23 @@ impl<L: MediaLeg> CallCore<L> {
                     call_sid: sid.to_string(),
                     end_reason: reason.label(),
                     openai_session_id: self.session_id.clone(),
-                    input_tokens: tokens(usage.input_tokens),
-                    output_tokens: tokens(usage.output_tokens),
-                    total_tokens: tokens(usage.total_tokens),
+                    totals: Box::new(CallTotals {
+                        input_tokens: tokens(usage.input_tokens),
+                        output_tokens: tokens(usage.output_tokens),
+                        total_tokens: tokens(usage.total_tokens),
+                        usage: TokenUsage {
+                            input_text_tokens: tokens(usage.input_text_tokens),
+                            input_audio_tokens: tokens(usage.input_audio_tokens),
+                            input_cached_text_tokens: tokens(usage.input_cached_text_tokens),
+                            input_cached_audio_tokens: tokens(usage.input_cached_audio_tokens),
+                            output_text_tokens: tokens(usage.output_text_tokens),
+                            output_audio_tokens: tokens(usage.output_audio_tokens),
+                        },
+                        model: self.agent.model.clone(),
+                        cost_micro_usd: pricing::cost_micro_usd(&self.agent.model, &usage)
+                            .map(tokens),
+                        latency: self.latencies.summary(),
+                    }),
                     at_ms: self.wall_ms(now),
                 }));
         }

@@ -24,6 +24,7 @@ pub mod agent;
 pub mod core;
 pub mod driver;
 pub mod ending;
+pub mod latency;
 pub mod leg;
 pub mod link;
 pub mod playback;

@@ -378,6 +378,10 @@ mod tests {
             input_tokens: 0,
             output_tokens: 0,
             total_tokens: 0,
+            usage: crate::store::models::TokenUsage::default(),
+            model: None,
+            cost_usd: None,
+            latency: crate::store::models::CallLatency::default(),
         }
     }
 

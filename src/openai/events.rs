@@ -66,14 +66,90 @@ pub struct AudioRef<'a> {
     pub content_index: u32,
 }
 
+/// What a response was billed, by kind: the input counts include the cached ones, and each
+/// kind has its own price.
 #[derive(Debug, Default, PartialEq, Eq, Clone, Copy, Deserialize)]
+#[serde(from = "UsageBody")]
 pub struct Usage {
-    #[serde(default)]
     pub input_tokens: u64,
-    #[serde(default)]
     pub output_tokens: u64,
-    #[serde(default)]
     pub total_tokens: u64,
+    pub input_text_tokens: u64,
+    pub input_audio_tokens: u64,
+    /// Of `input_text_tokens`, those read from OpenAI's prompt cache.
+    pub input_cached_text_tokens: u64,
+    /// Of `input_audio_tokens`, those read from the cache.
+    pub input_cached_audio_tokens: u64,
+    pub output_text_tokens: u64,
+    pub output_audio_tokens: u64,
+}
+
+impl Usage {
+    /// Sums two responses' bills (or two sessions').
+    pub fn add(&mut self, other: &Self) {
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.total_tokens += other.total_tokens;
+        self.input_text_tokens += other.input_text_tokens;
+        self.input_audio_tokens += other.input_audio_tokens;
+        self.input_cached_text_tokens += other.input_cached_text_tokens;
+        self.input_cached_audio_tokens += other.input_cached_audio_tokens;
+        self.output_text_tokens += other.output_text_tokens;
+        self.output_audio_tokens += other.output_audio_tokens;
+    }
+}
+
+/// `response.usage` as OpenAI writes it; every part may be missing.
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct UsageBody {
+    input_tokens: u64,
+    output_tokens: u64,
+    total_tokens: u64,
+    input_token_details: InputTokenDetails,
+    output_token_details: TokenKinds,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct InputTokenDetails {
+    text_tokens: u64,
+    audio_tokens: u64,
+    cached_tokens: u64,
+    cached_tokens_details: Option<TokenKinds>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct TokenKinds {
+    text_tokens: u64,
+    audio_tokens: u64,
+}
+
+impl From<UsageBody> for Usage {
+    fn from(body: UsageBody) -> Self {
+        let input = body.input_token_details;
+        // Without the split of the cached tokens, they are counted as audio first: cached
+        // audio is never the cheaper of the two, so the estimate errs high, not low.
+        let (cached_text, cached_audio) = match input.cached_tokens_details {
+            Some(kinds) => (kinds.text_tokens, kinds.audio_tokens),
+            None => {
+                let audio = input.cached_tokens.min(input.audio_tokens);
+                (input.cached_tokens - audio, audio)
+            }
+        };
+        Self {
+            input_tokens: body.input_tokens,
+            output_tokens: body.output_tokens,
+            total_tokens: body.total_tokens,
+            input_text_tokens: input.text_tokens,
+            input_audio_tokens: input.audio_tokens,
+            input_cached_text_tokens: cached_text.min(input.text_tokens),
+            input_cached_audio_tokens: cached_audio.min(input.audio_tokens),
+            output_text_tokens: body.output_token_details.text_tokens,
+            output_audio_tokens: body.output_token_details.audio_tokens,
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq, Clone, Deserialize)]
@@ -958,7 +1034,7 @@ mod tests {
         );
         assert_eq!(
             parse_server_event(r#"{"type":"response.done","response":{"id":"resp_1","status":"completed","usage":{"total_tokens":30,"input_tokens":10,"output_tokens":20,"input_token_details":{}}}}"#).unwrap(),
-            ServerEvent::ResponseDone { response_id: "resp_1".into(), status: "completed".into(), usage: Usage { input_tokens: 10, output_tokens: 20, total_tokens: 30 } }
+            ServerEvent::ResponseDone { response_id: "resp_1".into(), status: "completed".into(), usage: Usage { input_tokens: 10, output_tokens: 20, total_tokens: 30, ..Usage::default() } }
         );
         assert_eq!(
             parse_server_event(r#"{"type":"response.done","response":{"id":"resp_2","status":"cancelled","status_details":{"type":"cancelled","reason":"turn_detected"}}}"#).unwrap(),
@@ -1127,5 +1203,43 @@ mod tests {
         fn parse_never_panics(text in ".{0,200}") {
             let _ = parse_server_event(&text);
         }
+    }
+
+    #[test]
+    fn usage_is_read_by_kind_with_the_cached_tokens_split_out() {
+        let done = r#"{"type":"response.done","response":{"id":"r","status":"completed","usage":{"total_tokens":1300,"input_tokens":1000,"output_tokens":300,"input_token_details":{"text_tokens":400,"audio_tokens":600,"image_tokens":0,"cached_tokens":700,"cached_tokens_details":{"text_tokens":300,"audio_tokens":400,"image_tokens":0}},"output_token_details":{"text_tokens":50,"audio_tokens":250}}}}"#;
+        let ServerEvent::ResponseDone { usage, .. } = parse_server_event(done).unwrap() else {
+            panic!("not a response.done");
+        };
+        assert_eq!(
+            usage,
+            Usage {
+                input_tokens: 1000,
+                output_tokens: 300,
+                total_tokens: 1300,
+                input_text_tokens: 400,
+                input_audio_tokens: 600,
+                input_cached_text_tokens: 300,
+                input_cached_audio_tokens: 400,
+                output_text_tokens: 50,
+                output_audio_tokens: 250,
+            }
+        );
+        // Without the split, cached tokens count as audio first, never more than there was.
+        let unsplit = r#"{"type":"response.done","response":{"id":"r","usage":{"input_token_details":{"text_tokens":100,"audio_tokens":50,"cached_tokens":120}}}}"#;
+        let ServerEvent::ResponseDone { usage, .. } = parse_server_event(unsplit).unwrap() else {
+            panic!("not a response.done");
+        };
+        assert_eq!(
+            (
+                usage.input_cached_audio_tokens,
+                usage.input_cached_text_tokens
+            ),
+            (50, 70)
+        );
+        let mut sum = usage;
+        sum.add(&usage);
+        assert_eq!(sum.input_cached_text_tokens, 140);
+        assert_eq!(sum.input_audio_tokens, 100);
     }
 }

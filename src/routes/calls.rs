@@ -22,18 +22,26 @@ pub async fn get_call(
 }
 
 #[derive(Deserialize)]
-pub struct ListQuery {
+pub struct CallListQuery {
     limit: Option<String>,
     before: Option<String>,
+}
+
+impl CallListQuery {
+    /// The page asked for: how many calls, and from which position on.
+    pub fn page(&self) -> Result<(i64, Option<ListCursor>), ApiError> {
+        let limit = page_limit(self.limit.as_deref())?;
+        let before = page_cursor(self.before.as_deref(), ListCursor::decode)?;
+        Ok((limit, before))
+    }
 }
 
 pub async fn list_calls(
     _caller: ApiCaller,
     state: web::Data<AppState>,
-    query: web::Query<ListQuery>,
+    query: web::Query<CallListQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let limit = page_limit(query.limit.as_deref())?;
-    let before = page_cursor(query.before.as_deref(), ListCursor::decode)?;
+    let (limit, before) = query.page()?;
     let calls = state.store.list_calls(limit, before.as_ref()).await?;
     let next_before = (i64::try_from(calls.len()) == Ok(limit))
         .then(|| calls.last().map(|call| ListCursor::after(call).encode()))

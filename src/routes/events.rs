@@ -11,32 +11,43 @@ use crate::state::AppState;
 use crate::store::models::EventCursor;
 
 #[derive(Deserialize)]
-pub struct ListQuery {
+pub struct EventListQuery {
     status: Option<String>,
     limit: Option<String>,
     before: Option<String>,
+}
+
+/// What `GET /events` asks for: the status to narrow to, how many, from which position on.
+pub type EventPage = (Option<DeliveryStatus>, i64, Option<EventCursor>);
+
+impl EventListQuery {
+    /// The query's checks, apart from the route so that the fuzz targets run them alone.
+    pub fn page(&self) -> Result<EventPage, ApiError> {
+        let status = self
+            .status
+            .as_deref()
+            .map(|raw| {
+                DeliveryStatus::parse(raw).ok_or_else(|| {
+                    ApiError::InvalidParameter(format!(
+                        "status must be pending, failed, stopped or delivered, got {raw:?}"
+                    ))
+                })
+            })
+            .transpose()?;
+        let limit = page_limit(self.limit.as_deref())?;
+        let before = page_cursor(self.before.as_deref(), EventCursor::decode)?;
+        Ok((status, limit, before))
+    }
 }
 
 /// Newest first; `status` narrows the list to `pending`, `failed`, `stopped` or `delivered`.
 pub async fn list_events(
     _caller: ApiCaller,
     state: web::Data<AppState>,
-    query: web::Query<ListQuery>,
+    query: web::Query<EventListQuery>,
 ) -> Result<HttpResponse, ApiError> {
     events_configured(&state)?;
-    let status = query
-        .status
-        .as_deref()
-        .map(|raw| {
-            DeliveryStatus::parse(raw).ok_or_else(|| {
-                ApiError::InvalidParameter(format!(
-                    "status must be pending, failed, stopped or delivered, got {raw:?}"
-                ))
-            })
-        })
-        .transpose()?;
-    let limit = page_limit(query.limit.as_deref())?;
-    let before = page_cursor(query.before.as_deref(), EventCursor::decode)?;
+    let (status, limit, before) = query.page()?;
     let events = state
         .store
         .list_event_deliveries(status, limit, before.as_ref())

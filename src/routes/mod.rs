@@ -13,6 +13,18 @@ mod voice;
 
 use actix_web::web;
 
+/// What the routes read untrusted requests into, with the checks they make on them, so that the
+/// fuzz targets and the seed regression test decode arbitrary bytes into exactly these types
+/// rather than copies of them. The handlers stay private to this module.
+pub mod inputs {
+    pub use super::api::ApiError;
+    pub use super::calls::CallListQuery;
+    pub use super::events::{EventListQuery, EventPage};
+    pub use super::messaging::IncomingMessage;
+    pub use super::outbound::{PermissionRequest, PlaceCall};
+    pub use super::voice::{StatusCallback, VoiceRequest};
+}
+
 pub fn configure(cfg: &mut web::ServiceConfig) {
     let json = web::JsonConfig::default()
         .limit(api::MAX_JSON_BODY)

@@ -6,6 +6,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::api::{ApiCaller, ApiError};
+use crate::agents::Agents;
 use crate::call::agent::Variables;
 use crate::clock::MS_PER_DAY;
 use crate::consent::{self, REQUEST_WINDOW_MS};
@@ -61,6 +62,13 @@ pub struct PermissionRequest {
     to: String,
 }
 
+impl PermissionRequest {
+    /// The body's one check: the user's number.
+    pub fn check(&self) -> Result<E164, ApiError> {
+        user_number(&self.to)
+    }
+}
+
 /// `POST /call-permissions`: sends the call-permission template, within Meta's request limits.
 pub async fn request_permission(
     _caller: ApiCaller,
@@ -68,7 +76,7 @@ pub async fn request_permission(
     body: web::Json<PermissionRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let outbound = outbound(&state)?;
-    let user = user_number(&body.to)?;
+    let user = body.check()?;
     let now = state.clock.now_ms();
     let permission = state.store.permission(user.as_str()).await?;
     let recent = state
@@ -133,6 +141,31 @@ pub struct PlaceCall {
     variables: Variables,
 }
 
+impl PlaceCall {
+    /// Every check of the body, in this order: the number, the context's size, the agent's name
+    /// (its shape, then that `agents` has it) and the variables. Apart from the route so that
+    /// the fuzz targets run exactly these checks on arbitrary bodies.
+    pub fn check(&self, agents: &Agents) -> Result<E164, ApiError> {
+        let user = user_number(&self.to)?;
+        if let Some(context) = &self.context
+            && context.len() > MAX_CONTEXT_BYTES
+        {
+            return Err(ApiError::ContextTooLong(context.len()));
+        }
+        if let Some(agent) = &self.agent {
+            if agent.trim().is_empty() || agent.chars().count() > MAX_AGENT_CHARS {
+                return Err(ApiError::InvalidAgent);
+            }
+            if agents.by_name(agent).is_none() {
+                let names: Vec<&str> = agents.profiles().iter().map(|a| a.name.as_str()).collect();
+                return Err(ApiError::UnknownAgent(agent.clone(), names.join(", ")));
+            }
+        }
+        check_variables(&self.variables)?;
+        Ok(user)
+    }
+}
+
 /// Names like `{{first_name}}` use; values short enough for a prompt.
 fn check_variables(variables: &Variables) -> Result<(), ApiError> {
     if variables.len() > MAX_VARIABLES {
@@ -167,25 +200,7 @@ pub async fn place_call(
     body: web::Json<PlaceCall>,
 ) -> Result<HttpResponse, ApiError> {
     let outbound = outbound(&state)?;
-    let user = user_number(&body.to)?;
-    if let Some(context) = &body.context
-        && context.len() > MAX_CONTEXT_BYTES
-    {
-        return Err(ApiError::ContextTooLong(context.len()));
-    }
-    if let Some(agent) = &body.agent
-        && (agent.trim().is_empty() || agent.chars().count() > MAX_AGENT_CHARS)
-    {
-        return Err(ApiError::InvalidAgent);
-    }
-    if let Some(agent) = &body.agent {
-        let agents = state.agents.current();
-        if agents.by_name(agent).is_none() {
-            let names: Vec<&str> = agents.profiles().iter().map(|a| a.name.as_str()).collect();
-            return Err(ApiError::UnknownAgent(agent.clone(), names.join(", ")));
-        }
-    }
-    check_variables(&body.variables)?;
+    let user = body.check(&state.agents.current())?;
     // The call would reach /voice only to hear the busy message, and still count against the
     // user's daily limit.
     if state.lifecycle.is_draining() {

@@ -24,14 +24,20 @@ use crate::call::transcript::TranscriptLine;
 use crate::events::EventType;
 use crate::twilio::call::{CallProgress, CallStatus, Direction};
 use machines::MachineId;
-use models::{CallDetail, CallEvent, CallRecord, ListCursor, StatusUpdate, StoredLine};
+use models::{
+    CallDetail, CallEvent, CallLatency, CallRecord, ListCursor, StatusUpdate, StoredLine,
+    TokenUsage,
+};
 
 /// The columns `CallRow` reads, as a literal so queries stay static SQL.
 macro_rules! call_columns {
     () => {
         "call_sid, stream_sid, direction, from_number, to_number, agent, status, created_at, \
          answered_at, ended_at, duration_secs, end_reason, openai_session_id, input_tokens, \
-         output_tokens, total_tokens"
+         output_tokens, total_tokens, input_text_tokens, input_audio_tokens, \
+         input_cached_text_tokens, input_cached_audio_tokens, output_text_tokens, \
+         output_audio_tokens, model, cost_micro_usd, openai_connect_ms, first_agent_audio_ms, \
+         turns, turn_p50_ms, turn_max_ms"
     };
 }
 
@@ -93,11 +99,23 @@ pub enum Record {
         call_sid: String,
         end_reason: &'static str,
         openai_session_id: Option<String>,
-        input_tokens: i64,
-        output_tokens: i64,
-        total_tokens: i64,
+        /// Boxed: every transcript line travels as a `Record` too, and should not carry room
+        /// for these.
+        totals: Box<CallTotals>,
         at_ms: i64,
     },
+}
+
+/// What a call used and how long its caller waited, stored with its end.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallTotals {
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub total_tokens: i64,
+    pub usage: TokenUsage,
+    pub model: String,
+    pub cost_micro_usd: Option<i64>,
+    pub latency: CallLatency,
 }
 
 #[derive(Clone)]
@@ -131,6 +149,19 @@ struct CallRow {
     input_tokens: i64,
     output_tokens: i64,
     total_tokens: i64,
+    input_text_tokens: i64,
+    input_audio_tokens: i64,
+    input_cached_text_tokens: i64,
+    input_cached_audio_tokens: i64,
+    output_text_tokens: i64,
+    output_audio_tokens: i64,
+    model: Option<String>,
+    cost_micro_usd: Option<i64>,
+    openai_connect_ms: Option<i64>,
+    first_agent_audio_ms: Option<i64>,
+    turns: i64,
+    turn_p50_ms: Option<i64>,
+    turn_max_ms: Option<i64>,
 }
 
 impl CallRow {
@@ -166,6 +197,23 @@ impl CallRow {
             input_tokens: self.input_tokens,
             output_tokens: self.output_tokens,
             total_tokens: self.total_tokens,
+            usage: TokenUsage {
+                input_text_tokens: self.input_text_tokens,
+                input_audio_tokens: self.input_audio_tokens,
+                input_cached_text_tokens: self.input_cached_text_tokens,
+                input_cached_audio_tokens: self.input_cached_audio_tokens,
+                output_text_tokens: self.output_text_tokens,
+                output_audio_tokens: self.output_audio_tokens,
+            },
+            model: self.model,
+            cost_usd: self.cost_micro_usd,
+            latency: CallLatency {
+                openai_connect_ms: self.openai_connect_ms,
+                first_agent_audio_ms: self.first_agent_audio_ms,
+                turns: self.turns,
+                turn_p50_ms: self.turn_p50_ms,
+                turn_max_ms: self.turn_max_ms,
+            },
         })
     }
 }
@@ -577,27 +625,70 @@ fn record_query<'q>(record: &'q Record, machine: &'q MachineId) -> Query<'q, Any
             call_sid,
             end_reason,
             openai_session_id,
-            input_tokens,
-            output_tokens,
-            total_tokens,
+            totals,
             at_ms,
-        } => sqlx::query(
+        } => call_ended_query(call_sid, end_reason, openai_session_id.as_deref(), totals, *at_ms),
+    }
+}
+
+fn call_ended_query<'q>(
+    call_sid: &'q str,
+    end_reason: &'q str,
+    openai_session_id: Option<&'q str>,
+    totals: &'q CallTotals,
+    at_ms: i64,
+) -> Query<'q, Any, AnyArguments> {
+    let CallTotals {
+        input_tokens,
+        output_tokens,
+        total_tokens,
+        usage,
+        model,
+        cost_micro_usd,
+        latency,
+    } = totals;
+    sqlx::query(
             // A call swept as lost whose machine was only slow, not dead, gets its true
             // end after all.
             "UPDATE calls SET end_reason = $1, openai_session_id = COALESCE($2, openai_session_id), \
              input_tokens = $3, output_tokens = $4, total_tokens = $5, \
-             ended_at = CASE WHEN end_reason = $8 THEN $6 ELSE COALESCE(ended_at, $6) END \
+             ended_at = CASE WHEN end_reason = $8 THEN $6 ELSE COALESCE(ended_at, $6) END, \
+             input_text_tokens = $9, input_audio_tokens = $10, input_cached_text_tokens = $11, \
+             input_cached_audio_tokens = $12, output_text_tokens = $13, output_audio_tokens = $14, \
+             model = $15, cost_micro_usd = $16, openai_connect_ms = $17, \
+             first_agent_audio_ms = $18, turns = $19, turn_p50_ms = $20, turn_max_ms = $21, \
+             status = CASE WHEN status_rank < $22 AND $1 <> $23 THEN $24 ELSE status END, \
+             status_sequence = CASE WHEN status_rank < $22 AND $1 <> $23 THEN -1 ELSE status_sequence END, \
+             status_rank = CASE WHEN status_rank < $22 AND $1 <> $23 THEN $22 ELSE status_rank END \
              WHERE call_sid = $7",
         )
-        .bind(*end_reason)
+        .bind(end_reason)
         .bind(openai_session_id)
         .bind(*input_tokens)
         .bind(*output_tokens)
         .bind(*total_tokens)
-        .bind(*at_ms)
+        .bind(at_ms)
         .bind(call_sid)
-        .bind(machines::END_REASON_LOST),
-    }
+        .bind(machines::END_REASON_LOST)
+        .bind(usage.input_text_tokens)
+        .bind(usage.input_audio_tokens)
+        .bind(usage.input_cached_text_tokens)
+        .bind(usage.input_cached_audio_tokens)
+        .bind(usage.output_text_tokens)
+        .bind(usage.output_audio_tokens)
+        .bind(model)
+        .bind(*cost_micro_usd)
+        .bind(latency.openai_connect_ms)
+        .bind(latency.first_agent_audio_ms)
+        .bind(latency.turns)
+        .bind(latency.turn_p50_ms)
+        .bind(latency.turn_max_ms)
+        // Without a status callback nothing else would close the record: the stream's end
+        // does, as `completed` ranked below any callback Twilio may still send (sequence -1).
+        // A transferred call goes on at Twilio, so only a callback can end it.
+        .bind(CallProgress::Ended.rank())
+        .bind(crate::metrics::EndReason::Transferred.label())
+        .bind(CallStatus::Completed.as_str())
 }
 
 /// The call's record, read on `conn`: the pool's, or a transaction's (which then sees its

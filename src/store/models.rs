@@ -41,6 +41,52 @@ pub struct CallRecord {
     pub input_tokens: i64,
     pub output_tokens: i64,
     pub total_tokens: i64,
+    /// The same tokens by kind, each of which has its own price.
+    pub usage: TokenUsage,
+    /// The model the call's sessions ran, once it has ended.
+    pub model: Option<String>,
+    /// The estimated cost in dollars from the built-in price table; `null` while the call
+    /// runs and for a model without known prices.
+    #[serde(serialize_with = "micro_usd_as_dollars")]
+    pub cost_usd: Option<i64>,
+    pub latency: CallLatency,
+}
+
+/// A call's tokens by kind, summed over all its OpenAI sessions. The input counts include the
+/// cached ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct TokenUsage {
+    pub input_text_tokens: i64,
+    pub input_audio_tokens: i64,
+    pub input_cached_text_tokens: i64,
+    pub input_cached_audio_tokens: i64,
+    pub output_text_tokens: i64,
+    pub output_audio_tokens: i64,
+}
+
+/// How long the caller waited, in milliseconds: for the first OpenAI session to open and for
+/// the first agent audio (both from the stream's start), and per turn from the end of their
+/// speech to the first agent audio after it (median and slowest of `turns`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CallLatency {
+    pub openai_connect_ms: Option<i64>,
+    pub first_agent_audio_ms: Option<i64>,
+    pub turns: i64,
+    pub turn_p50_ms: Option<i64>,
+    pub turn_max_ms: Option<i64>,
+}
+
+/// Micro-dollars are stored as integers (the schema shares no decimal type between the two
+/// databases) and shown as dollars.
+#[allow(clippy::cast_precision_loss, clippy::ref_option)]
+fn micro_usd_as_dollars<S: Serializer>(
+    micro: &Option<i64>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match micro {
+        Some(micro) => serializer.serialize_f64(*micro as f64 / 1_000_000.0),
+        None => serializer.serialize_none(),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -12,10 +12,10 @@ use callbridge::events::worker::{EventsWorker, Round};
 use callbridge::events::{DeliveryStatus, EventSettings};
 use callbridge::metrics::{DeliveryOutcome, Metrics};
 use callbridge::store::machines::{LEASE, MachineId};
-use callbridge::store::models::{EventCursor, EventDelivery};
+use callbridge::store::models::{CallLatency, EventCursor, EventDelivery, TokenUsage};
 use callbridge::store::outbox::AttemptOutcome;
 use callbridge::store::permissions::Reply;
-use callbridge::store::{Record, Store};
+use callbridge::store::{CallTotals, Record, Store};
 use callbridge::webhooks::{BusinessClient, WebhookSecret};
 use callbridge_testkit::business::{Answer, BusinessRequest, FakeBusiness};
 use serde_json::{Value, json};
@@ -70,9 +70,15 @@ fn ended(call_sid: &str, at_ms: i64) -> Record {
         call_sid: call_sid.into(),
         end_reason: "caller_hung_up",
         openai_session_id: Some("sess_1".into()),
-        input_tokens: 1,
-        output_tokens: 2,
-        total_tokens: 3,
+        totals: Box::new(CallTotals {
+            input_tokens: 1,
+            output_tokens: 2,
+            total_tokens: 3,
+            usage: TokenUsage::default(),
+            model: "gpt-realtime".into(),
+            cost_micro_usd: Some(99),
+            latency: CallLatency::default(),
+        }),
         at_ms,
     }
 }

@@ -6,6 +6,7 @@ mod agents;
 mod browser;
 mod business;
 mod calls;
+mod cost;
 mod dashboard;
 mod endings;
 mod events;

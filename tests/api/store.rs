@@ -4,8 +4,8 @@
 use callbridge::call::transcript::{Speaker, TranscriptLine};
 use callbridge::clock::{Clock, SystemClock};
 use callbridge::store::machines::{HEARTBEAT_INTERVAL, LEASE, MachineId, keep_lease};
-use callbridge::store::models::{CallRecord, ListCursor, StatusUpdate};
-use callbridge::store::{NewCall, Record, Store};
+use callbridge::store::models::{CallLatency, CallRecord, ListCursor, StatusUpdate, TokenUsage};
+use callbridge::store::{CallTotals, NewCall, Record, Store};
 use callbridge::twilio::call::{CallStatus, Direction};
 
 fn now_ms() -> i64 {
@@ -276,6 +276,32 @@ async fn a_stored_status_or_direction_this_code_does_not_know_is_an_error_naming
     }
 }
 
+/// A call's totals with every field distinct, to see each stored and read back.
+fn billed_totals() -> CallTotals {
+    CallTotals {
+        input_tokens: 10,
+        output_tokens: 20,
+        total_tokens: 30,
+        usage: TokenUsage {
+            input_text_tokens: 4,
+            input_audio_tokens: 6,
+            input_cached_text_tokens: 2,
+            input_cached_audio_tokens: 3,
+            output_text_tokens: 5,
+            output_audio_tokens: 15,
+        },
+        model: "gpt-realtime".into(),
+        cost_micro_usd: Some(1_234_567),
+        latency: CallLatency {
+            openai_connect_ms: Some(310),
+            first_agent_audio_ms: Some(900),
+            turns: 3,
+            turn_p50_ms: Some(640),
+            turn_max_ms: Some(1200),
+        },
+    }
+}
+
 #[tokio::test]
 async fn bridge_records_make_up_the_call_history() {
     for url in fresh_databases().await {
@@ -309,9 +335,7 @@ async fn bridge_records_make_up_the_call_history() {
             call_sid: "CA3".into(),
             end_reason: "caller_hung_up",
             openai_session_id: Some("sess_1".into()),
-            input_tokens: 10,
-            output_tokens: 20,
-            total_tokens: 30,
+            totals: Box::new(billed_totals()),
             at_ms: now_ms(),
         });
         records.push(Record::TranscriptCorrection {
@@ -335,6 +359,14 @@ async fn bridge_records_make_up_the_call_history() {
             ),
             (10, 20, 30)
         );
+        assert_eq!(detail.call.usage.input_cached_audio_tokens, 3, "{url}");
+        assert_eq!(detail.call.usage.output_audio_tokens, 15, "{url}");
+        assert_eq!(detail.call.model.as_deref(), Some("gpt-realtime"));
+        assert_eq!(detail.call.latency.turn_max_ms, Some(1200), "{url}");
+        let shown = serde_json::to_value(&detail.call).unwrap();
+        assert_eq!(shown["cost_usd"], serde_json::json!(1.234567), "{url}");
+        assert_eq!(shown["latency"]["turn_p50_ms"], 640);
+        assert_eq!(shown["usage"]["input_cached_text_tokens"], 2);
         let transcript: Vec<_> = detail
             .transcript
             .iter()
@@ -739,9 +771,15 @@ fn ended(reason: &'static str, call_sid: &str, at_ms: i64) -> Record {
         call_sid: call_sid.into(),
         end_reason: reason,
         openai_session_id: None,
-        input_tokens: 0,
-        output_tokens: 0,
-        total_tokens: 0,
+        totals: Box::new(CallTotals {
+            input_tokens: 0,
+            output_tokens: 0,
+            total_tokens: 0,
+            usage: TokenUsage::default(),
+            model: "gpt-realtime-mini".into(),
+            cost_micro_usd: Some(0),
+            latency: CallLatency::default(),
+        }),
         at_ms,
     }
 }
@@ -933,15 +971,7 @@ async fn live_calls_are_the_started_unended_ones_with_their_counts_and_newest_li
             event("CA2", "tool_call"),
         ]);
         // CA4 has ended.
-        records.push(Record::CallEnded {
-            call_sid: "CA4".into(),
-            end_reason: "caller_hung_up",
-            openai_session_id: None,
-            input_tokens: 0,
-            output_tokens: 0,
-            total_tokens: 0,
-            at_ms: 9,
-        });
+        records.push(ended("caller_hung_up", "CA4", 9));
         store.apply(&records).await.unwrap();
 
         let live = store.live_calls(50, 3).await.unwrap();
@@ -964,5 +994,52 @@ async fn live_calls_are_the_started_unended_ones_with_their_counts_and_newest_li
         let first = store.live_calls(1, 3).await.unwrap();
         assert_eq!((first.calls.len(), first.total), (1, 2));
         assert_eq!(first.calls[0].call.call_sid, "CA2");
+    }
+}
+
+#[tokio::test]
+async fn a_streams_end_closes_a_record_no_callback_closed_and_a_later_callback_still_counts() {
+    for url in fresh_databases().await {
+        let store = Store::connect(&url).await.unwrap();
+        store
+            .record_call(&new_call("CA70", now_ms()))
+            .await
+            .unwrap();
+        store
+            .apply(&[ended("caller_hung_up", "CA70", now_ms())])
+            .await
+            .unwrap();
+        let call = record(&store, "CA70").await;
+        assert_eq!(call.status, CallStatus::Completed, "{url}");
+        assert!(call.ended_at_ms.is_some());
+        // Twilio's own word, arriving later, still applies (its duration, say).
+        store
+            .record_status(&status("CA70", CallStatus::Completed, 3, now_ms()))
+            .await
+            .unwrap();
+        assert_eq!(
+            record(&store, "CA70").await.duration_secs,
+            Some(42),
+            "{url}"
+        );
+
+        // A transferred call goes on at Twilio: only a callback ends its record.
+        store
+            .record_call(&new_call("CA71", now_ms()))
+            .await
+            .unwrap();
+        store
+            .record_status(&status("CA71", CallStatus::InProgress, 1, now_ms()))
+            .await
+            .unwrap();
+        store
+            .apply(&[ended("transferred", "CA71", now_ms())])
+            .await
+            .unwrap();
+        assert_eq!(
+            record(&store, "CA71").await.status,
+            CallStatus::InProgress,
+            "{url}"
+        );
     }
 }

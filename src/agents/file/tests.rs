@@ -939,3 +939,52 @@ fn entries_that_are_not_tables_are_reported_and_the_rest_still_checked() {
     );
     assert_problem(&problems, 9, "voice", "must not be empty");
 }
+
+#[test]
+fn parse_reads_instructions_files_through_the_reader_it_is_given() {
+    let text = "[[agent]]\nname = \"a\"\ninstructions_file = \"prompts/a.txt\"\n\n\
+                [[agent]]\nname = \"b\"\ninstructions_file = \"/elsewhere/b.txt\"\n";
+    let asked = std::cell::RefCell::new(Vec::new());
+    let read = |path: &Path| {
+        asked.borrow_mut().push(path.to_path_buf());
+        match path.to_str() {
+            Some("/srv/prompts/a.txt") => Ok("  Help with orders.\n".to_owned()),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such file",
+            )),
+        }
+    };
+    let problems = parse(
+        Path::new("/srv/agents.toml"),
+        text,
+        &defaults(),
+        &|_| None,
+        &read,
+    )
+    .unwrap_err()
+    .0;
+    assert_eq!(
+        asked.borrow().as_slice(),
+        [
+            PathBuf::from("/srv/prompts/a.txt"),
+            PathBuf::from("/elsewhere/b.txt")
+        ]
+    );
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(
+        (problems[0].line, problems[0].key.as_deref()),
+        (Some(7), Some("instructions_file"))
+    );
+    assert!(problems[0].message.contains("/elsewhere/b.txt"));
+    assert!(problems[0].message.contains("no such file"));
+    let agents = parse(
+        Path::new("/srv/agents.toml"),
+        &text[..text.find("\n\n").unwrap()],
+        &defaults(),
+        &|_| None,
+        &read,
+    )
+    .unwrap();
+    assert_eq!(agents.profiles()[0].instructions, "Help with orders.");
+}
