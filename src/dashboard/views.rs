@@ -12,7 +12,9 @@ use crate::call::speaking::Speaking;
 use crate::clock::rfc3339;
 use crate::domain::phone::{Masked, mask_numbers_in};
 use crate::store::dashboard::{BARGE_IN, LiveCall, LiveCalls, TOOL_CALL};
-use crate::store::models::{CallDetail, CallEvent, CallRecord, ListCursor, StoredLine};
+use crate::store::models::{
+    CallDetail, CallEvent, CallLatency, CallRecord, ListCursor, StoredLine, TokenUsage,
+};
 use crate::twilio::call::Direction;
 
 /// What every page's frame needs: the sign-out form's CSRF token when signed in.
@@ -113,6 +115,16 @@ pub struct CallView {
     pub output_tokens: i64,
     pub total_tokens: i64,
     pub openai_session_id: Option<String>,
+    /// The model the call ran, once it has ended.
+    pub model: Option<String>,
+    /// Tokens by kind, as `name value` pairs, for the call's page.
+    pub usage: Vec<(&'static str, i64)>,
+    /// The estimated cost, `$0.0324`; `None` while the call runs or for an unknown model.
+    pub cost: Option<String>,
+    /// The turns' median and slowest wait, or else the first audio's: for the list.
+    pub latency: Option<String>,
+    /// Every latency the record has, as `name value` pairs, for the call's page.
+    pub latencies: Vec<(&'static str, String)>,
 }
 
 impl CallView {
@@ -162,8 +174,67 @@ impl CallView {
             output_tokens: call.output_tokens,
             total_tokens: call.total_tokens,
             openai_session_id: call.openai_session_id.clone(),
+            model: call.model.clone(),
+            usage: usage_by_kind(&call.usage),
+            cost: call.cost_usd.map(dollars),
+            latency: latency_summary(&call.latency),
+            latencies: latencies(&call.latency),
         }
     }
+}
+
+/// Micro-dollars as dollars to a hundredth of a cent, rounded to nearest: `$0.0324`.
+pub fn dollars(micro_usd: i64) -> String {
+    let ten_thousandths = (micro_usd.max(0) + 50) / 100;
+    format!(
+        "${}.{:04}",
+        ten_thousandths / 10_000,
+        ten_thousandths % 10_000
+    )
+}
+
+fn millis(ms: i64) -> String {
+    format!("{ms} ms")
+}
+
+fn latency_summary(latency: &CallLatency) -> Option<String> {
+    match (latency.turn_p50_ms, latency.turn_max_ms) {
+        (Some(p50), Some(max)) => Some(format!("{} (max {})", millis(p50), millis(max))),
+        _ => latency
+            .first_agent_audio_ms
+            .map(|first| format!("first audio {}", millis(first))),
+    }
+}
+
+fn latencies(latency: &CallLatency) -> Vec<(&'static str, String)> {
+    let mut shown = Vec::new();
+    let mut add = |name, value: Option<i64>| {
+        if let Some(value) = value {
+            shown.push((name, millis(value)));
+        }
+    };
+    add("OpenAI connect", latency.openai_connect_ms);
+    add("First agent audio", latency.first_agent_audio_ms);
+    add("Turn median", latency.turn_p50_ms);
+    add("Slowest turn", latency.turn_max_ms);
+    if latency.turns > 0 {
+        shown.push(("Turns", latency.turns.to_string()));
+    }
+    shown
+}
+
+fn usage_by_kind(usage: &TokenUsage) -> Vec<(&'static str, i64)> {
+    [
+        ("text in", usage.input_text_tokens),
+        ("audio in", usage.input_audio_tokens),
+        ("cached text in", usage.input_cached_text_tokens),
+        ("cached audio in", usage.input_cached_audio_tokens),
+        ("text out", usage.output_text_tokens),
+        ("audio out", usage.output_audio_tokens),
+    ]
+    .into_iter()
+    .filter(|(_, tokens)| *tokens > 0)
+    .collect()
 }
 
 /// A party's address masked, without the `whatsapp:` prefix (the channel is shown apart).
@@ -378,10 +449,10 @@ mod tests {
             input_tokens: 0,
             output_tokens: 0,
             total_tokens: 0,
-            usage: crate::store::models::TokenUsage::default(),
+            usage: TokenUsage::default(),
             model: None,
             cost_usd: None,
-            latency: crate::store::models::CallLatency::default(),
+            latency: CallLatency::default(),
         }
     }
 
@@ -397,6 +468,37 @@ mod tests {
         outbound.direction = Some(Direction::OutboundApi);
         (outbound.from, outbound.to) = (outbound.to.clone(), outbound.from.clone());
         assert_eq!(CallView::new(&outbound, 0).customer, "+*********0000");
+    }
+
+    #[test]
+    fn cost_and_latency_show_only_when_the_record_has_them() {
+        let running = CallView::new(&record(), 0);
+        assert_eq!((running.cost, running.latency), (None, None));
+        assert!(running.latencies.is_empty() && running.usage.is_empty());
+        let mut ended = record();
+        ended.cost_usd = Some(32_412);
+        ended.latency = CallLatency {
+            openai_connect_ms: Some(212),
+            first_agent_audio_ms: Some(1180),
+            turns: 3,
+            turn_p50_ms: Some(640),
+            turn_max_ms: Some(1410),
+        };
+        ended.usage.output_audio_tokens = 1500;
+        let view = CallView::new(&ended, 0);
+        assert_eq!(view.cost.as_deref(), Some("$0.0324"));
+        assert_eq!(view.latency.as_deref(), Some("640 ms (max 1410 ms)"));
+        assert_eq!(view.latencies.len(), 5);
+        assert_eq!(view.usage, [("audio out", 1500)]);
+        ended.latency.turn_p50_ms = None;
+        assert_eq!(
+            CallView::new(&ended, 0).latency.as_deref(),
+            Some("first audio 1180 ms")
+        );
+        assert_eq!(dollars(0), "$0.0000");
+        assert_eq!(dollars(49), "$0.0000");
+        assert_eq!(dollars(50), "$0.0001");
+        assert_eq!(dollars(12_345_678), "$12.3457");
     }
 
     #[test]

@@ -472,9 +472,16 @@ async fn a_live_call_is_followed_on_the_board_and_its_page_with_every_number_mas
     twilio.stop().await;
     twilio.closed_within(Duration::from_secs(2)).await;
     // The call's stream sends the ended call, then ends.
-    history
+    let ended = history
         .until("history", |html| html.contains("caller_hung_up"))
         .await;
+    // Once ended, the record has its cost estimate and latencies, and the page shows them.
+    assert!(ended.contains("<dt>Cost (estimate)</dt><dd>$0."), "{ended}");
+    assert!(ended.contains("<dt>First agent audio</dt><dd>"), "{ended}");
+    assert!(
+        ended.contains("<dt>Model</dt><dd>gpt-realtime-1.5</dd>"),
+        "{ended}"
+    );
     assert_eq!(
         history.next().await.map(|(name, _)| name).as_deref(),
         Some("end")
@@ -487,6 +494,10 @@ async fn a_live_call_is_followed_on_the_board_and_its_page_with_every_number_mas
         .until("recent", |html| html.contains("caller_hung_up"))
         .await;
     assert!(recent.contains(&sid));
+    assert!(
+        recent.contains(r#"<td data-label="Cost">$0."#) && recent.contains(" ms"),
+        "{recent}"
+    );
 
     let board_page = browser.page("/dashboard").await;
     for (what, body) in [
