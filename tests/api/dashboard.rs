@@ -557,6 +557,32 @@ async fn an_open_stream_does_not_hold_up_a_stop() {
 }
 
 #[tokio::test]
+async fn during_a_drain_the_board_says_so_and_streams_go_on_until_the_server_stops() {
+    let fake = FakeRealtime::start().await;
+    let app = dashboard_app(&fake, &[]).await;
+    let mut browser = Browser::new(&app);
+    browser.sign_in(API_TOKEN).await;
+    let sid = call_sid(7101);
+    let (mut twilio, _session) = connected_call(&app, &fake, &sid).await;
+    let mut board = Events::open(&browser, "/dashboard/live").await;
+    board.until("live", |html| html.contains(&sid)).await;
+    app.state.lifecycle.begin_drain();
+    // The live call keeps the drain going, and the stream with it.
+    board
+        .until("live", |html| {
+            html.contains("This server is draining") && html.contains(&sid)
+        })
+        .await;
+    twilio.stop().await;
+    twilio.closed_within(Duration::from_secs(2)).await;
+    // The last call ended: the drain is over, the server stops and so does the stream.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while board.next().await.is_some() {
+        assert!(Instant::now() < deadline, "the stream outlived the server");
+    }
+}
+
+#[tokio::test]
 async fn a_stream_signs_out_when_its_session_expires() {
     let clock = Arc::new(ManualClock::default());
     let config = test_config(&[("CALLBRIDGE_API_TOKEN", API_TOKEN)]);
