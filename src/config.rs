@@ -607,6 +607,21 @@ pub fn default_max_concurrent_calls() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) * CALLS_PER_CORE
 }
 
+/// Where Twilio's REST API and OpenAI's Realtime API are (tests point them at fakes).
+fn remote_urls<F: Fn(&str) -> Option<String>>(r: &mut Reader<'_, F>) -> (String, String) {
+    let twilio = r.parsed(
+        "TWILIO_API_BASE_URL",
+        DEFAULT_TWILIO_API_BASE_URL.to_owned(),
+        http_url,
+    );
+    let openai = r.parsed(
+        "OPENAI_REALTIME_URL",
+        DEFAULT_OPENAI_REALTIME_URL.to_owned(),
+        websocket_url,
+    );
+    (twilio, openai)
+}
+
 impl Config {
     /// Reads the real process environment (after `.env` has been loaded by `main`). A variable
     /// whose name or value is not UTF-8 counts as unset, as `std::env::var` would have it.
@@ -664,16 +679,7 @@ impl Config {
         let api_token = r.parsed("CALLBRIDGE_API_TOKEN", None, |raw| {
             long_enough_token(raw).map(|()| Some(SecretString::from(raw)))
         });
-        let twilio_api_base_url = r.parsed(
-            "TWILIO_API_BASE_URL",
-            DEFAULT_TWILIO_API_BASE_URL.to_owned(),
-            http_url,
-        );
-        let openai_realtime_url = r.parsed(
-            "OPENAI_REALTIME_URL",
-            DEFAULT_OPENAI_REALTIME_URL.to_owned(),
-            websocket_url,
-        );
+        let (twilio_api_base_url, openai_realtime_url) = remote_urls(&mut r);
         let agent = agent_setup(&mut r);
         let events_url = r.parsed("CALLBRIDGE_EVENTS_URL", None, events_url);
         webhook_secret_needed(&mut r, &agent, events_url.as_deref());

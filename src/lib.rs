@@ -3,6 +3,8 @@
 //! Twilio's voice webhook (`routes::voice`) answers with TwiML that connects the call to our
 //! `/stream/{token}` WebSocket; the bridge passes µ-law audio straight through to an OpenAI Realtime
 //! session and back. `startup::Application` wires it together from a `config::Config`.
+//! `simulate` places a call against a running server the way Twilio would, for trying it out
+//! without a phone.
 
 pub mod admission;
 pub mod agents;
@@ -20,6 +22,7 @@ pub mod limits;
 pub mod metrics;
 pub mod openai;
 pub mod routes;
+pub mod simulate;
 pub mod startup;
 pub mod state;
 pub mod store;

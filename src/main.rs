@@ -13,6 +13,8 @@ Usage: callbridge [COMMAND]
 
 Commands:
   serve       run the server (the default when no command is given)
+  simulate    call a running callbridge as Twilio would, from a WAV file: no phone needed
+              (`callbridge simulate --help` lists its options)
   help        print this help (also -h, --help)
   version     print the version (also -V, --version)
 
@@ -67,6 +69,7 @@ Routes:
   GET  /healthz                   200 while the process runs
   GET  /readyz                    200 while accepting calls, 503 while draining
   GET  /metrics                   Prometheus metrics
+  GET  /openapi.json              the OpenAPI 3.1 document of the bearer routes
   GET  /dashboard                 dashboard: live and recent calls (sign in with the API token)
   GET  /dashboard/calls/{call_sid}  dashboard: one call's record, transcript and events
   GET  /dashboard/live            dashboard: event stream of the live and recent calls
@@ -90,15 +93,14 @@ fn main() -> ExitCode {
             println!("callbridge {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
+        Some("simulate") => return simulate(),
         Some(other) => {
             eprintln!("unknown command {other:?}; `callbridge --help` lists the commands");
             return ExitCode::from(2);
         }
     }
-    // Before any thread exists: loading .env mutates the process environment.
-    if let Err(problem) = callbridge::config::load_dotenv() {
-        eprintln!("configuration error: {problem}");
-        return ExitCode::from(2);
+    if let Err(code) = load_dotenv() {
+        return code;
     }
     let config = match Config::from_env() {
         Ok(config) => config,
@@ -115,6 +117,29 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Reads `.env` from the working directory, if there is one. Before any thread exists:
+/// loading it mutates the process environment.
+fn load_dotenv() -> Result<(), ExitCode> {
+    callbridge::config::load_dotenv().map_err(|problem| {
+        eprintln!("configuration error: {problem}");
+        ExitCode::from(2)
+    })
+}
+
+/// `callbridge simulate …`: its options first, so `--help` and a bad option need no
+/// configuration; then the same `.env` and environment the server reads.
+fn simulate() -> ExitCode {
+    use clap::Parser as _;
+    let args = std::env::args_os().skip(2);
+    let options = callbridge::simulate::Options::parse_from(
+        std::iter::once("callbridge simulate".into()).chain(args),
+    );
+    if let Err(code) = load_dotenv() {
+        return code;
+    }
+    callbridge::simulate::main(options)
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

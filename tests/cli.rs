@@ -357,7 +357,7 @@ fn help_lists_the_commands_every_variable_and_every_route() {
         .unwrap();
     assert_eq!(output.status.code(), Some(0));
     let help = String::from_utf8(output.stdout).unwrap();
-    for command in ["serve", "help", "version"] {
+    for command in ["serve", "simulate", "help", "version"] {
         assert!(
             help.contains(&format!("\n  {command} ")),
             "{command}: {help}"
@@ -423,4 +423,58 @@ fn an_unknown_command_exits_2_and_points_at_help() {
         stderr.contains("\"srve\"") && stderr.contains("--help"),
         "{stderr}"
     );
+}
+
+#[test]
+fn simulate_explains_itself_without_configuration_and_then_needs_the_servers() {
+    let help = Command::new(BINARY)
+        .args(["simulate", "--help"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(help.status.code(), Some(0));
+    let text = String::from_utf8(help.stdout).unwrap();
+    for option in [
+        "--audio",
+        "--out",
+        "--from",
+        "--to",
+        "--channel",
+        "--seconds",
+        "--dtmf",
+        "--json",
+        "--server",
+    ] {
+        assert!(text.contains(option), "{option}: {text}");
+    }
+
+    let no_audio = Command::new(BINARY)
+        .arg("simulate")
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(no_audio.status.code(), Some(2));
+    assert!(
+        String::from_utf8(no_audio.stderr)
+            .unwrap()
+            .contains("--audio")
+    );
+
+    // Past its options it reads the same configuration as the server, and fails the same way.
+    let dir = empty_dir("simulate");
+    let unconfigured = Command::new(BINARY)
+        .args(["simulate", "--audio", "caller.wav"])
+        .current_dir(&dir)
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(unconfigured.status.code(), Some(2));
+    let stderr = String::from_utf8(unconfigured.stderr).unwrap();
+    for variable in REQUIRED {
+        assert!(
+            stderr.contains(&format!("{variable} is missing")),
+            "{stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

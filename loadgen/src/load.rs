@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use callbridge::config::PublicBaseUrl;
 use callbridge::openai::events;
+use callbridge::twilio::media_stream::{CONNECTED, MediaStream};
 use callbridge::twilio::signature::{self, SignedBody};
 use futures_util::future::join_all;
 use futures_util::{SinkExt, StreamExt};
@@ -34,7 +35,6 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use crate::procfs::{Spent, Tracker};
 use crate::stats::{Failures, Percentiles, ProcessReport, RunReport};
 use crate::workers;
-use callbridge_testkit::media_streams::{CONNECTED, MediaStream};
 use callbridge_testkit::wire::{
     self, AUDIO_DELTA, DELTA, EVENT, FRAME_INTERVAL, FrameAudio, MARK_NAME, PAYLOAD, TYPE,
 };

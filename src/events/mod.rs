@@ -171,6 +171,14 @@ impl Serialize for DeliveryStatus {
     }
 }
 
+impl utoipa::PartialSchema for DeliveryStatus {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        crate::routes::string_enum(Self::ALL.map(Self::as_str))
+    }
+}
+
+impl utoipa::ToSchema for DeliveryStatus {}
+
 /// What `call_permission.updated` says the permission became.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PermissionChange {

@@ -8,11 +8,10 @@ use actix_web::http::StatusCode;
 use actix_web::http::header::{HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
 use actix_web::{FromRequest, HttpRequest, HttpResponse, ResponseError, web};
 use secrecy::ExposeSecret;
-use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::clock::rfc3339;
-use crate::error::json_error_with;
+use crate::error::{ErrorDetails, json_error_with};
 use crate::state::AppState;
 use crate::twilio::rest::RestError;
 
@@ -204,17 +203,13 @@ impl ResponseError for ApiError {
         if let Self::Internal(cause) = self {
             tracing::error!(error = format!("{cause:#}"), "API request failed");
         }
-        let mut details = Map::new();
+        let mut details = ErrorDetails::default();
         match self {
-            Self::Twilio { code, .. } => {
-                details.insert("twilio_code".into(), json!(code));
-            }
+            Self::Twilio { code, .. } => details.twilio_code = Some(*code),
             Self::PermissionRequestLimited { until_ms, .. } => {
-                details.insert("retry_at".into(), Value::String(rfc3339(*until_ms)));
+                details.retry_at = Some(rfc3339(*until_ms));
             }
-            Self::BodyTooLarge(limit) => {
-                details.insert("limit_bytes".into(), json!(limit));
-            }
+            Self::BodyTooLarge(limit) => details.limit_bytes = Some(*limit),
             _ => {}
         }
         let mut response =

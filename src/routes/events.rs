@@ -2,19 +2,41 @@
 //! and a way to send one again once the endpoint is fixed.
 
 use actix_web::{HttpResponse, web};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 
 use super::api::{ApiCaller, ApiError, page_cursor, page_limit};
+use crate::error::ErrorEnvelope;
 use crate::events::DeliveryStatus;
 use crate::state::AppState;
-use crate::store::models::EventCursor;
+use crate::store::models::{EventCursor, EventDelivery};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventListQuery {
+    /// Only events in this state.
+    #[param(value_type = Option<DeliveryStatus>)]
     status: Option<String>,
+    /// How many events, 1 to 100 (default 20).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 100)]
     limit: Option<String>,
+    /// The `next_before` of the previous page.
     before: Option<String>,
+}
+
+/// A page of events, newest first.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct EventList {
+    events: Vec<EventDelivery>,
+    /// Pass as `before` for the next page; `null` on the last one.
+    next_before: Option<String>,
+}
+
+/// An event made due again.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct RetryScheduled {
+    id: String,
+    /// Always `pending`.
+    status: DeliveryStatus,
 }
 
 /// What `GET /events` asks for: the status to narrow to, how many, from which position on.
@@ -41,6 +63,19 @@ impl EventListQuery {
 }
 
 /// Newest first; `status` narrows the list to `pending`, `failed`, `stopped` or `delivered`.
+#[utoipa::path(
+    get,
+    path = "/events",
+    tag = "events",
+    params(EventListQuery),
+    responses(
+        (status = 200, description = "A page of events and how their delivery stands", body = EventList),
+        (status = 400, description = "`invalid_parameter`: `status`, `limit` or `before` is not usable", body = ErrorEnvelope),
+        (status = 401, description = "`unauthorized`", body = ErrorEnvelope),
+        (status = 500, description = "`internal_error`", body = ErrorEnvelope),
+        (status = 503, description = "`api_disabled`, or `events_disabled`: CALLBRIDGE_EVENTS_URL is not set", body = ErrorEnvelope),
+    ),
+)]
 pub async fn list_events(
     _caller: ApiCaller,
     state: web::Data<AppState>,
@@ -59,10 +94,26 @@ pub async fn list_events(
                 .map(|event| EventCursor::after(event).encode())
         })
         .flatten();
-    Ok(HttpResponse::Ok().json(json!({"events": events, "next_before": next_before})))
+    Ok(HttpResponse::Ok().json(EventList {
+        events,
+        next_before,
+    }))
 }
 
 /// Makes the event due now, with the same `webhook-id` and body and a fresh 24 h of retries.
+#[utoipa::path(
+    post,
+    path = "/events/{id}/retry",
+    tag = "events",
+    params(("id" = String, Path, description = "The event's `webhook-id` (`msg_…`)")),
+    responses(
+        (status = 200, description = "The event is due now", body = RetryScheduled),
+        (status = 401, description = "`unauthorized`", body = ErrorEnvelope),
+        (status = 404, description = "`event_not_found`: unknown, or already delivered", body = ErrorEnvelope),
+        (status = 500, description = "`internal_error`", body = ErrorEnvelope),
+        (status = 503, description = "`api_disabled` or `events_disabled`", body = ErrorEnvelope),
+    ),
+)]
 pub async fn retry_event(
     _caller: ApiCaller,
     state: web::Data<AppState>,
@@ -72,7 +123,10 @@ pub async fn retry_event(
     if !state.store.retry_event(&id, state.clock.now_ms()).await? {
         return Err(ApiError::EventNotFound);
     }
-    Ok(HttpResponse::Ok().json(json!({"id": id.as_str(), "status": "pending"})))
+    Ok(HttpResponse::Ok().json(RetryScheduled {
+        id: id.into_inner(),
+        status: DeliveryStatus::Pending,
+    }))
 }
 
 fn events_configured(state: &AppState) -> Result<(), ApiError> {

@@ -7,11 +7,15 @@ mod events;
 mod health;
 mod messaging;
 mod metrics;
+mod openapi;
 mod outbound;
 mod stream;
 mod voice;
 
+use actix_web::http::Method;
 use actix_web::web;
+
+pub use openapi::{document as openapi_document, string_enum};
 
 /// What the routes read untrusted requests into, with the checks they make on them, so that the
 /// fuzz targets and the seed regression test decode arbitrary bytes into exactly these types
@@ -23,6 +27,42 @@ pub mod inputs {
     pub use super::messaging::IncomingMessage;
     pub use super::outbound::{PermissionRequest, PlaceCall};
     pub use super::voice::{StatusCallback, VoiceRequest};
+}
+
+/// The bearer-authenticated API, as `(method, path)`: the one list they are mounted from, so
+/// the OpenAPI document can be checked against every route a client can call.
+pub fn bearer_routes() -> Vec<(Method, &'static str)> {
+    bearer_api().into_iter().map(|(m, p, _)| (m, p)).collect()
+}
+
+fn bearer_api() -> Vec<(Method, &'static str, actix_web::Route)> {
+    vec![
+        api(
+            Method::POST,
+            "/call-permissions",
+            outbound::request_permission,
+        ),
+        api(Method::GET, "/calls", calls::list_calls),
+        api(Method::POST, "/calls", outbound::place_call),
+        api(Method::GET, "/calls/{call_sid}", calls::get_call),
+        api(Method::POST, "/calls/{call_sid}/hangup", outbound::hang_up),
+        api(Method::GET, "/events", events::list_events),
+        api(Method::POST, "/events/{id}/retry", events::retry_event),
+    ]
+}
+
+/// One API route, with its method written once.
+fn api<F, Args>(
+    method: Method,
+    path: &'static str,
+    handler: F,
+) -> (Method, &'static str, actix_web::Route)
+where
+    F: actix_web::Handler<Args>,
+    Args: actix_web::FromRequest + 'static,
+    F::Output: actix_web::Responder + 'static,
+{
+    (method.clone(), path, web::method(method).to(handler))
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -37,18 +77,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/voice/status", web::post().to(voice::status))
         .route("/stream/{token}", web::get().to(stream::stream))
         .route("/messaging", web::post().to(messaging::messaging))
-        .route(
-            "/call-permissions",
-            web::post().to(outbound::request_permission),
-        )
-        .route("/calls", web::get().to(calls::list_calls))
-        .route("/calls", web::post().to(outbound::place_call))
-        .route("/calls/{call_sid}", web::get().to(calls::get_call))
-        .route(
-            "/calls/{call_sid}/hangup",
-            web::post().to(outbound::hang_up),
-        )
-        .route("/events", web::get().to(events::list_events))
-        .route("/events/{id}/retry", web::post().to(events::retry_event))
+        .route("/openapi.json", web::get().to(openapi::openapi_json))
         .configure(dashboard::configure);
+    for (_, path, route) in bearer_api() {
+        cfg.route(path, route);
+    }
 }

@@ -2,8 +2,7 @@
 //! within Meta's limits, and hang calls up.
 
 use actix_web::{HttpResponse, web};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 
 use super::api::{ApiCaller, ApiError};
 use crate::agents::Agents;
@@ -11,6 +10,7 @@ use crate::call::agent::Variables;
 use crate::clock::MS_PER_DAY;
 use crate::consent::{self, REQUEST_WINDOW_MS};
 use crate::domain::phone::{E164, Masked};
+use crate::error::ErrorEnvelope;
 use crate::state::AppState;
 use crate::store::permissions::OutboundCall;
 use crate::twilio::call::CallStatus;
@@ -56,10 +56,36 @@ fn user_number(raw: &str) -> Result<E164, ApiError> {
     E164::parse(raw).map_err(|_| ApiError::InvalidPhoneNumber(raw.to_owned()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PermissionRequest {
+    /// The WhatsApp user, in E.164 (`+5511999990000`).
     to: String,
+}
+
+/// The template went out; the user's answer arrives on `/messaging`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct PermissionRequested {
+    to: String,
+    /// Twilio's MessageSid of the template sent.
+    message_sid: String,
+    /// Always `pending` until the user answers.
+    #[schema(value_type = String, example = "pending")]
+    state: &'static str,
+}
+
+/// The call Twilio placed.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct CallPlaced {
+    call_sid: String,
+    status: CallStatus,
+}
+
+/// The call is over (or already was).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct HungUp {
+    call_sid: String,
+    status: CallStatus,
 }
 
 impl PermissionRequest {
@@ -70,6 +96,24 @@ impl PermissionRequest {
 }
 
 /// `POST /call-permissions`: sends the call-permission template, within Meta's request limits.
+#[utoipa::path(
+    post,
+    path = "/call-permissions",
+    tag = "outbound",
+    request_body = PermissionRequest,
+    responses(
+        (status = 201, description = "The permission request was sent", body = PermissionRequested),
+        (status = 400, description = "`invalid_json`: not a JSON body of this shape", body = ErrorEnvelope),
+        (status = 401, description = "`unauthorized`", body = ErrorEnvelope),
+        (status = 413, description = "`body_too_large`", body = ErrorEnvelope),
+        (status = 422, description = "`invalid_phone_number`", body = ErrorEnvelope),
+        (status = 429, description = "`permission_request_limited`: Meta's limits; see `retry_at` and `Retry-After`", body = ErrorEnvelope),
+        (status = 500, description = "`internal_error`", body = ErrorEnvelope),
+        (status = 502, description = "`twilio_error` (see `twilio_code`) or `twilio_unreachable`", body = ErrorEnvelope),
+        (status = 503, description = "`api_disabled` or `outbound_disabled`", body = ErrorEnvelope),
+        (status = 504, description = "`twilio_timeout`", body = ErrorEnvelope),
+    ),
+)]
 pub async fn request_permission(
     _caller: ApiCaller,
     state: web::Data<AppState>,
@@ -122,22 +166,28 @@ pub async fn request_permission(
         .record_permission_request(user.as_str(), &message.sid, now)
         .await?;
     tracing::info!(to = %Masked(user.as_str()), message_sid = %message.sid, "call permission requested");
-    Ok(HttpResponse::Created().json(json!({
-        "to": user.as_str(),
-        "message_sid": message.sid,
-        "state": "pending",
-    })))
+    Ok(HttpResponse::Created().json(PermissionRequested {
+        to: user.as_str().to_owned(),
+        message_sid: message.sid,
+        state: "pending",
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlaceCall {
+    /// The WhatsApp user, in E.164; they must have granted permission.
     to: String,
+    /// The agent to answer with (by name); the default agent when absent.
     #[serde(default)]
+    #[schema(max_length = 64)]
     agent: Option<String>,
+    /// Text the agent is told about this call, at most 4096 bytes.
     #[serde(default)]
     context: Option<String>,
+    /// Values for the agent's `{{placeholders}}`: at most 32, names of letters, digits and `_`.
     #[serde(default)]
+    #[schema(value_type = std::collections::BTreeMap<String, String>)]
     variables: Variables,
 }
 
@@ -194,6 +244,25 @@ fn check_variables(variables: &Variables) -> Result<(), ApiError> {
 }
 
 /// `POST /calls`: places a WhatsApp call to a user who granted permission.
+#[utoipa::path(
+    post,
+    path = "/calls",
+    tag = "outbound",
+    request_body = PlaceCall,
+    responses(
+        (status = 201, description = "Twilio is placing the call", body = CallPlaced),
+        (status = 400, description = "`invalid_json`", body = ErrorEnvelope),
+        (status = 401, description = "`unauthorized`", body = ErrorEnvelope),
+        (status = 409, description = "`no_call_permission`, or `call_in_progress`: another call to this user is being placed", body = ErrorEnvelope),
+        (status = 413, description = "`body_too_large`", body = ErrorEnvelope),
+        (status = 422, description = "`invalid_phone_number`, `context_too_long`, `invalid_agent`, `unknown_agent` or `invalid_variables`", body = ErrorEnvelope),
+        (status = 429, description = "`call_limit_reached`: OUTBOUND_CALLS_PER_DAY", body = ErrorEnvelope),
+        (status = 500, description = "`internal_error`", body = ErrorEnvelope),
+        (status = 502, description = "`twilio_error` or `twilio_unreachable`", body = ErrorEnvelope),
+        (status = 503, description = "`api_disabled`, `outbound_disabled`, or `unavailable`: draining or every call slot taken", body = ErrorEnvelope),
+        (status = 504, description = "`twilio_timeout`", body = ErrorEnvelope),
+    ),
+)]
 pub async fn place_call(
     _caller: ApiCaller,
     state: web::Data<AppState>,
@@ -301,10 +370,29 @@ async fn place_under_lease(
         })
         .await?;
     tracing::info!(call_sid = %call.sid, to = %Masked(&to), "outbound call placed");
-    Ok(HttpResponse::Created().json(json!({"call_sid": call.sid, "status": call.status})))
+    Ok(HttpResponse::Created().json(CallPlaced {
+        call_sid: call.sid,
+        status,
+    }))
 }
 
 /// `POST /calls/{call_sid}/hangup`: ends the call; one that has already ended is fine too.
+#[utoipa::path(
+    post,
+    path = "/calls/{call_sid}/hangup",
+    tag = "calls",
+    params(("call_sid" = String, Path, description = "Twilio's CallSid (`CA…`)")),
+    responses(
+        (status = 200, description = "The call is over", body = HungUp),
+        (status = 400, description = "`invalid_parameter`: not a CallSid", body = ErrorEnvelope),
+        (status = 401, description = "`unauthorized`", body = ErrorEnvelope),
+        (status = 404, description = "`call_not_found`", body = ErrorEnvelope),
+        (status = 500, description = "`internal_error`", body = ErrorEnvelope),
+        (status = 502, description = "`twilio_error` or `twilio_unreachable`", body = ErrorEnvelope),
+        (status = 503, description = "`api_disabled`", body = ErrorEnvelope),
+        (status = 504, description = "`twilio_timeout`", body = ErrorEnvelope),
+    ),
+)]
 /// A CallSid the store has never seen is most likely a typo or another account's call: it is
 /// answered 404 without asking Twilio, which would report an unknown call as already ended.
 pub async fn hang_up(
@@ -318,5 +406,8 @@ pub async fn hang_up(
         return Err(ApiError::CallNotFound);
     }
     state.twilio.hang_up(call_sid.as_str()).await?;
-    Ok(HttpResponse::Ok().json(json!({"call_sid": call_sid.as_str(), "status": "completed"})))
+    Ok(HttpResponse::Ok().json(HungUp {
+        call_sid: call_sid.as_str().to_owned(),
+        status: CallStatus::Completed,
+    }))
 }

@@ -21,12 +21,13 @@ pub struct StatusUpdate {
     pub at_ms: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct CallRecord {
     pub call_sid: String,
     pub stream_sid: Option<String>,
     /// `None` while no webhook has said; shown as `""`, as it is stored.
     #[serde(serialize_with = "direction_or_empty")]
+    #[schema(value_type = Direction)]
     pub direction: Option<Direction>,
     pub from: String,
     pub to: String,
@@ -48,13 +49,14 @@ pub struct CallRecord {
     /// The estimated cost in dollars from the built-in price table; `null` while the call
     /// runs and for a model without known prices.
     #[serde(serialize_with = "micro_usd_as_dollars")]
+    #[schema(value_type = Option<f64>)]
     pub cost_usd: Option<i64>,
     pub latency: CallLatency,
 }
 
 /// A call's tokens by kind, summed over all its OpenAI sessions. The input counts include the
 /// cached ones.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct TokenUsage {
     pub input_text_tokens: i64,
     pub input_audio_tokens: i64,
@@ -67,7 +69,7 @@ pub struct TokenUsage {
 /// How long the caller waited, in milliseconds: for the first OpenAI session to open and for
 /// the first agent audio (both from the stream's start), and per turn from the end of their
 /// speech to the first agent audio after it (median and slowest of `turns`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct CallLatency {
     pub openai_connect_ms: Option<i64>,
     pub first_agent_audio_ms: Option<i64>,
@@ -89,7 +91,7 @@ fn micro_usd_as_dollars<S: Serializer>(
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct CallEvent {
     /// `status`, `stream`, `tool_call`, `dtmf`, `context_failed`, `openai_error`, …
     #[serde(rename = "type")]
@@ -99,11 +101,12 @@ pub struct CallEvent {
     pub detail: Option<String>,
     /// Structured details, for the events that have them.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub data: Option<serde_json::Value>,
     pub at_ms: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct StoredLine {
     pub sequence: i64,
     pub speaker: String,
@@ -112,7 +115,7 @@ pub struct StoredLine {
     pub truncated: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct CallDetail {
     pub call: CallRecord,
     pub events: Vec<CallEvent>,
@@ -168,7 +171,7 @@ fn decode_position(raw: &str) -> Option<(i64, String)> {
 }
 
 /// One event for the business and how its delivery stands, for the API.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct EventDelivery {
     /// The `webhook-id` every attempt carries (`msg_…`).
     pub id: String,

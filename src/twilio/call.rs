@@ -175,6 +175,23 @@ twilio_words!(
     "inbound, outbound-api or outbound-dial"
 );
 
+impl utoipa::PartialSchema for CallStatus {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        crate::routes::string_enum(Self::ALL.map(Self::as_str))
+    }
+}
+
+impl utoipa::ToSchema for CallStatus {}
+
+impl utoipa::PartialSchema for Direction {
+    /// As the API shows it: `""` while no webhook has said.
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        crate::routes::string_enum(std::iter::once("").chain(Self::ALL.map(Self::as_str)))
+    }
+}
+
+impl utoipa::ToSchema for Direction {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

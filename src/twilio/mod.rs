@@ -4,6 +4,7 @@
 pub mod call;
 pub mod ids;
 pub mod media;
+pub mod media_stream;
 pub mod rest;
 pub mod signature;
 pub mod socket;

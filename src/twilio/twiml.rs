@@ -2,6 +2,7 @@
 //! through the `Xml` escaper (`askama.toml` maps the `.xml` extension to it), so a hostile caller
 //! ID cannot break the document.
 
+use std::collections::HashMap;
 use std::fmt::{self, Write};
 
 use askama::Template;
@@ -97,6 +98,67 @@ fn is_xml_char(c: char) -> bool {
         && !matches!(c, '\u{FFFE}' | '\u{FFFF}')
 }
 
+/// A TwiML document as Twilio reads it: what `callbridge simulate` (and the tests) act on after
+/// `POST /voice`, read with a real XML parser so an escaped value comes back as Twilio sees it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Document {
+    /// Every element's name, in document order.
+    pub elements: Vec<String>,
+    /// The `<Stream url>`, when the document connects a stream.
+    pub stream_url: Option<String>,
+    /// The stream's `<Parameter>`s, which Twilio passes to the stream's `start` unchanged.
+    pub parameters: HashMap<String, String>,
+    /// The text of each `<Say>`, in order.
+    pub say: Vec<String>,
+}
+
+/// Reads `xml` as Twilio would. Attribute values are normalised as XML 1.0 §3.3.3 says (raw
+/// tab, line feed and carriage return become spaces before references are resolved), which
+/// is why the escaper above writes those three as references.
+pub fn read(xml: &str) -> Result<Document, quick_xml::Error> {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let mut document = Document::default();
+    let mut in_say = false;
+    loop {
+        match reader.read_event()? {
+            Event::Start(element) | Event::Empty(element) => {
+                let name = String::from_utf8_lossy(element.name().as_ref()).into_owned();
+                let mut attributes = HashMap::new();
+                for attribute in element.attributes() {
+                    let attribute = attribute?;
+                    let raw =
+                        String::from_utf8_lossy(&attribute.value).replace(['\t', '\n', '\r'], " ");
+                    attributes.insert(
+                        String::from_utf8_lossy(attribute.key.as_ref()).into_owned(),
+                        quick_xml::escape::unescape(&raw)?.into_owned(),
+                    );
+                }
+                match name.as_str() {
+                    "Stream" => document.stream_url = attributes.remove("url"),
+                    "Parameter" => {
+                        if let (Some(name), Some(value)) =
+                            (attributes.remove("name"), attributes.remove("value"))
+                        {
+                            document.parameters.insert(name, value);
+                        }
+                    }
+                    "Say" => in_say = true,
+                    _ => {}
+                }
+                document.elements.push(name);
+            }
+            Event::Text(text) if in_say => {
+                document.say.push(text.unescape()?.into_owned());
+                in_say = false;
+            }
+            Event::End(_) => in_say = false,
+            Event::Eof => return Ok(document),
+            _ => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +249,41 @@ mod tests {
             // Text content keeps LF as is; a parser only folds CR LF and lone CR into LF.
             prop_assert_eq!(said, if kept(&to).is_empty() { vec![] } else { vec![kept(&to)] });
         }
+    }
+
+    #[test]
+    fn a_rendered_answer_reads_back_as_twilio_reads_it() {
+        let xml = ConnectStream {
+            stream_url: "wss://abc.ngrok.app/stream/t0k",
+            parameters: &[("token", "t0k"), ("from", "whatsapp:+1555\t<x> & \"y\"")],
+            apology: APOLOGY,
+        }
+        .render()
+        .unwrap();
+        let document = read(&xml).unwrap();
+        assert_eq!(
+            document.elements,
+            [
+                "Response",
+                "Connect",
+                "Stream",
+                "Parameter",
+                "Parameter",
+                "Say",
+                "Hangup"
+            ]
+        );
+        assert_eq!(
+            document.stream_url.as_deref(),
+            Some("wss://abc.ngrok.app/stream/t0k")
+        );
+        assert_eq!(document.parameters["token"], "t0k");
+        assert_eq!(document.parameters["from"], "whatsapp:+1555\t<x> & \"y\"");
+        assert_eq!(document.say, [APOLOGY]);
+
+        let busy = read(&SayHangup { message: BUSY }.render().unwrap()).unwrap();
+        assert_eq!((busy.stream_url, busy.say), (None, vec![BUSY.to_owned()]));
+        assert!(read("<Response></Say>").is_err());
     }
 
     #[test]

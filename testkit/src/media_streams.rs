@@ -1,12 +1,9 @@
-//! Twilio's side of a Media Stream: the messages Twilio sends on the socket ([`MediaStream`]),
-//! and a client that opens the socket and speaks them ([`MediaStreamClient`]).
-//!
-//! The messages are written with `format!` rather than built as `serde_json::Value`s: the load
-//! generator sends tens of thousands a second from the cores it measures the server on. Every
-//! value written here is an id, a number or base64, none of which needs JSON escaping.
+//! Twilio's side of a Media Stream as a test drives it: a client that opens the socket and
+//! speaks the messages callbridge's own `twilio::media_stream` writes as Twilio does.
 
 use std::time::Duration;
 
+use callbridge::twilio::media_stream::{CONNECTED, MediaStream};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
@@ -14,76 +11,6 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-/// The first message of every stream, before `start`.
-pub const CONNECTED: &str = r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#;
-
-/// One Media Stream's ids and the running `sequenceNumber` Twilio puts on each message.
-pub struct MediaStream {
-    pub call_sid: String,
-    pub account_sid: String,
-    /// `MZ` and the CallSid's digits, so a test can tell which call a stream belongs to.
-    pub stream_sid: String,
-    sequence: u64,
-}
-
-impl MediaStream {
-    pub fn new(call_sid: &str, account_sid: &str) -> Self {
-        Self {
-            stream_sid: format!("MZ{}", call_sid.get(2..).unwrap_or_default()),
-            call_sid: call_sid.to_owned(),
-            account_sid: account_sid.to_owned(),
-            sequence: 0,
-        }
-    }
-
-    fn next_sequence(&mut self) -> u64 {
-        self.sequence += 1;
-        self.sequence
-    }
-
-    /// `start`, carrying `parameters` (a JSON object) as its `customParameters`: Twilio passes
-    /// the TwiML's `<Parameter>`s through unchanged.
-    pub fn start(&mut self, parameters: &Value) -> String {
-        format!(
-            r#"{{"event":"start","sequenceNumber":"{}","streamSid":"{sid}","start":{{"accountSid":"{}","streamSid":"{sid}","callSid":"{}","tracks":["inbound"],"customParameters":{parameters},"mediaFormat":{{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}}}}"#,
-            self.next_sequence(),
-            self.account_sid,
-            self.call_sid,
-            sid = self.stream_sid,
-        )
-    }
-
-    /// Frame `n` (from 0) of the caller's audio, `payload` being base64 µ-law.
-    pub fn media(&mut self, n: usize, payload: &str) -> String {
-        format!(
-            r#"{{"event":"media","sequenceNumber":"{}","streamSid":"{}","media":{{"track":"inbound","chunk":"{}","timestamp":"{}","payload":"{payload}"}}}}"#,
-            self.next_sequence(),
-            self.stream_sid,
-            n + 1,
-            n * 20,
-        )
-    }
-
-    /// Twilio echoes each mark once the audio sent before it has played.
-    pub fn mark(&mut self, name: &str) -> String {
-        format!(
-            r#"{{"event":"mark","sequenceNumber":"{}","streamSid":"{}","mark":{{"name":"{name}"}}}}"#,
-            self.next_sequence(),
-            self.stream_sid,
-        )
-    }
-
-    pub fn stop(&mut self) -> String {
-        format!(
-            r#"{{"event":"stop","sequenceNumber":"{}","streamSid":"{}","stop":{{"accountSid":"{}","callSid":"{}"}}}}"#,
-            self.next_sequence(),
-            self.stream_sid,
-            self.account_sid,
-            self.call_sid,
-        )
-    }
-}
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -212,33 +139,5 @@ impl MediaStreamClient {
         })
         .await
         .ok()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use callbridge::twilio::media::{Inbound, parse};
-
-    #[test]
-    fn callbridge_reads_every_message_as_twilio_sends_it() {
-        let (call_sid, account_sid) = (format!("CA{:032}", 7), format!("AC{:032}", 9));
-        let mut stream = MediaStream::new(&call_sid, &account_sid);
-        assert_eq!(stream.stream_sid, format!("MZ{:032}", 7));
-        let start = stream.start(&serde_json::json!({"token": "t"}));
-        let media = stream.media(0, "AAECAw==");
-        let mark = stream.mark("m1");
-        let stop = stream.stop();
-        for text in [&start, &media, &mark, &stop] {
-            if let Err(error) = parse(text) {
-                panic!("{text}: {error:?}");
-            }
-        }
-        assert!(matches!(parse(&stop), Ok(Inbound::Stop)), "{stop}");
-        let numbers: Vec<Value> = [&start, &media, &mark, &stop]
-            .iter()
-            .map(|text| serde_json::from_str::<Value>(text).unwrap()["sequenceNumber"].clone())
-            .collect();
-        assert_eq!(numbers, ["1", "2", "3", "4"]);
     }
 }

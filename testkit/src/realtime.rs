@@ -168,6 +168,23 @@ impl FakeSession {
             .expect("an event from the bridge within 10 s")
     }
 
+    /// The next client event's raw text, or `None` once the bridge has closed the session:
+    /// for a test that reads a call to its end.
+    pub async fn next_text(&mut self) -> Option<String> {
+        let next_text = async {
+            loop {
+                match self.received.recv().await {
+                    Some(Message::Text(text)) => return Some(text.as_str().to_owned()),
+                    Some(Message::Close(_)) | None => return None,
+                    Some(_) => continue,
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), next_text)
+            .await
+            .expect("an event from the bridge, or its close, within 10 s")
+    }
+
     pub fn send(&self, event: Value) {
         self.send_raw(Message::text(event.to_string()));
     }

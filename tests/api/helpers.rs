@@ -253,55 +253,12 @@ impl Client {
     }
 }
 
-/// The parts of a `/voice` answer the tests look at, read with a real XML parser.
-#[derive(Debug, Default)]
-pub struct Twiml {
-    pub elements: Vec<String>,
-    pub stream_url: Option<String>,
-    pub parameters: HashMap<String, String>,
-    pub say: Vec<String>,
-}
+/// The parts of a `/voice` answer the tests look at, read as Twilio (and `callbridge simulate`)
+/// reads them.
+pub use callbridge::twilio::twiml::Document as Twiml;
 
 pub fn parse_twiml(xml: &str) -> Twiml {
-    use quick_xml::events::Event;
-    let mut reader = quick_xml::Reader::from_str(xml);
-    let mut twiml = Twiml::default();
-    let mut in_say = false;
-    loop {
-        match reader.read_event().expect("TwiML is well-formed XML") {
-            Event::Start(e) | Event::Empty(e) => {
-                let name = String::from_utf8(e.name().as_ref().to_vec()).unwrap();
-                let attrs: HashMap<String, String> = e
-                    .attributes()
-                    .map(|a| {
-                        let a = a.unwrap();
-                        (
-                            String::from_utf8(a.key.as_ref().to_vec()).unwrap(),
-                            a.unescape_value().unwrap().into_owned(),
-                        )
-                    })
-                    .collect();
-                match name.as_str() {
-                    "Stream" => twiml.stream_url = attrs.get("url").cloned(),
-                    "Parameter" => {
-                        twiml
-                            .parameters
-                            .insert(attrs["name"].clone(), attrs["value"].clone());
-                    }
-                    "Say" => in_say = true,
-                    _ => {}
-                }
-                twiml.elements.push(name);
-            }
-            Event::Text(t) if in_say => {
-                twiml.say.push(t.unescape().unwrap().into_owned());
-                in_say = false;
-            }
-            Event::Eof => break,
-            _ => {}
-        }
-    }
-    twiml
+    callbridge::twilio::twiml::read(xml).expect("TwiML is well-formed XML")
 }
 
 /// The real `callbridge` binary, configured like `test_config` plus `env`, for what only a
