@@ -510,7 +510,7 @@ const OUR_PREFIXES: [&str; 4] = ["TWILIO_", "OPENAI_", "AGENT_", "CALLBRIDGE_"];
 
 /// Names with our prefixes that other programs read, so an operator's shell may well export
 /// them: Twilio's and OpenAI's own SDKs and CLIs, and this project's test suite.
-const OTHER_PROGRAMS_VARIABLES: [&str; 10] = [
+const OTHER_PROGRAMS_VARIABLES: [&str; 11] = [
     "TWILIO_API_KEY",
     "TWILIO_API_SECRET",
     "TWILIO_REGION",
@@ -521,6 +521,7 @@ const OTHER_PROGRAMS_VARIABLES: [&str; 10] = [
     "OPENAI_PROJECT_ID",
     "CALLBRIDGE_TEST_POSTGRES_URL",
     "CALLBRIDGE_REQUIRE_POSTGRES",
+    "CALLBRIDGE_REQUIRE_CHROMIUM",
 ];
 
 /// One problem per name in `names` that has one of our prefixes but is not among `read` (the
@@ -1004,6 +1005,21 @@ mod tests {
         assert!(errors.last().unwrap().starts_with("OPENAI_VOCE "));
 
         assert!(Config::from_vars(vars(MINIMAL)).is_ok());
+    }
+
+    #[test]
+    fn the_test_suites_variables_are_not_taken_for_typos() {
+        let mut pairs = MINIMAL.to_vec();
+        pairs.extend([
+            (
+                "CALLBRIDGE_TEST_POSTGRES_URL",
+                "postgres://postgres@127.0.0.1:5432/postgres",
+            ),
+            ("CALLBRIDGE_REQUIRE_POSTGRES", "1"),
+            ("CALLBRIDGE_REQUIRE_CHROMIUM", "1"),
+        ]);
+        let config = Config::from_vars(vars(&pairs));
+        assert!(config.is_ok(), "{config:?}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod call;
 pub mod clock;
 pub mod config;
 pub mod consent;
+pub mod dashboard;
 pub mod domain;
 pub mod error;
 pub mod events;

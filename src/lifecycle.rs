@@ -10,6 +10,7 @@ pub struct Lifecycle {
     draining: AtomicBool,
     drain_requested: CancellationToken,
     close_calls: CancellationToken,
+    stopping: CancellationToken,
 }
 
 impl Lifecycle {
@@ -36,5 +37,17 @@ impl Lifecycle {
     /// Each bridge holds a child of this token and ends its call when it fires.
     pub fn close_calls_token(&self) -> CancellationToken {
         self.close_calls.child_token()
+    }
+
+    /// The HTTP server is about to stop: long-lived responses (the dashboard's event streams)
+    /// end now, so the server's graceful stop does not wait out its timeout for them. Streams
+    /// keep running during the drain itself, so an operator can watch the last calls finish.
+    pub fn stop_streams(&self) {
+        self.stopping.cancel();
+    }
+
+    /// A handle that fires with `stop_streams`, for a response that outlives its handler.
+    pub fn streams_stopping_token(&self) -> CancellationToken {
+        self.stopping.child_token()
     }
 }

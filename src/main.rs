@@ -70,7 +70,16 @@ Routes:
   GET  /readyz                    200 while accepting calls, 503 while draining
   GET  /metrics                   Prometheus metrics
   GET  /openapi.json              the OpenAPI 3.1 document of the bearer routes
-API routes need 'Authorization: Bearer $CALLBRIDGE_API_TOKEN'.
+  GET  /dashboard                 dashboard: live and recent calls (sign in with the API token)
+  GET  /dashboard/calls/{call_sid}  dashboard: one call's record, transcript and events
+  GET  /dashboard/live            dashboard: event stream of the live and recent calls
+  GET  /dashboard/calls/{call_sid}/live  dashboard: event stream of one call
+  GET  /dashboard/login           dashboard: the sign-in form
+  POST /dashboard/login           dashboard: sign in (sets the session cookie)
+  POST /dashboard/logout          dashboard: sign out
+  GET  /dashboard/assets/dashboard.css  dashboard: its stylesheet
+  GET  /dashboard/assets/dashboard.js   dashboard: its script
+API routes need 'Authorization: Bearer $CALLBRIDGE_API_TOKEN'; the dashboard, a session from it.
 ";
 
 fn main() -> ExitCode {

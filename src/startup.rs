@@ -263,6 +263,7 @@ async fn supervise(state: Arc<AppState>, server: ServerHandle) {
     tokio::select! {
         () = drained => {
             tracing::info!("drain complete: stopping");
+            state.lifecycle.stop_streams();
             server.stop(true).await;
         }
         () = shutdown_signal() => {
@@ -270,6 +271,7 @@ async fn supervise(state: Arc<AppState>, server: ServerHandle) {
             state.lifecycle.close_calls();
             let _ = tokio::time::timeout(STOP_NOW_GRACE, wait_until_idle(&state)).await;
             // No grace for open connections: the calls' ends are recorded by `record_exit`.
+            state.lifecycle.stop_streams();
             server.stop(false).await;
         }
     }

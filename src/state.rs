@@ -7,8 +7,10 @@ use anyhow::Context;
 
 use crate::admission::Admission;
 use crate::agents::{Agents, AgentsHandle};
+use crate::call::speaking::SpeakingBoard;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+use crate::dashboard::OpenStreams;
 use crate::events::worker::EventsWorker;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
@@ -37,6 +39,10 @@ pub struct AppState {
     pub lease_keeper: tokio::task::AbortHandle,
     /// Delivers events to `CALLBRIDGE_EVENTS_URL`, when it is set (see `events`).
     pub events_worker: Option<tokio::task::AbortHandle>,
+    /// Who is speaking on the calls this machine carries, for the dashboard.
+    pub speaking: SpeakingBoard,
+    /// The dashboard's event streams open on this machine.
+    pub dashboard_streams: OpenStreams,
 }
 
 impl AppState {
@@ -109,6 +115,8 @@ impl AppState {
             clock,
             lease_keeper,
             events_worker,
+            speaking: SpeakingBoard::default(),
+            dashboard_streams: OpenStreams::default(),
         }))
     }
 }

@@ -385,8 +385,16 @@ fn help_lists_the_commands_every_variable_and_every_route() {
 
     let routes =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/routes/mod.rs")).unwrap();
-    let paths = literals(&routes, |literal| literal.starts_with('/'));
+    let mut paths = literals(&routes, |literal| literal.starts_with('/'));
     assert!(paths.len() > 10, "{paths:?}");
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/routes/dashboard.rs"
+    ))
+    .unwrap();
+    let dashboard_paths = literals(&dashboard, |literal| literal.starts_with("/dashboard"));
+    assert!(dashboard_paths.len() >= 9, "{dashboard_paths:?}");
+    paths.extend(dashboard_paths);
     for path in paths {
         assert!(
             help.contains(&format!(" {path} ")),

@@ -23,6 +23,7 @@ use crate::call::latency::Latencies;
 use crate::call::leg::MediaLeg;
 use crate::call::link::{AgentLink, MediaLink};
 use crate::call::playback::{BYTES_PER_MS, LineCorrection, Playback, base64_decoded_len};
+use crate::call::speaking::Speaking;
 use crate::call::tools::ToolLedger;
 use crate::call::transcript::{Speaker, TranscriptLine};
 use crate::domain::phone::Masked;
@@ -395,6 +396,15 @@ impl<L: MediaLeg> CallCore<L> {
         &self.media
     }
 
+    /// Who is making sound now: the caller between `speech_started` and `speech_stopped`, the
+    /// agent while Twilio holds audio of it that has not played.
+    pub fn speaking(&self) -> Speaking {
+        Speaking {
+            caller: self.tools.is_caller_speaking(),
+            agent: self.playback.has_unplayed_audio(),
+        }
+    }
+
     pub fn handle(&mut self, input: Input<'_>, now: Instant) {
         if self.ended.is_some() {
             // Late results (a side task, a frame already in flight) have nothing left to act on.
@@ -761,7 +771,7 @@ impl<L: MediaLeg> CallCore<L> {
                 self.latencies.speech_started();
                 self.tools.speech_started();
                 self.silence.caller_spoke();
-                self.on_speech_started();
+                self.on_speech_started(now);
             }
             ServerEvent::SpeechStopped => {
                 self.latencies.speech_stopped(now);
@@ -848,7 +858,7 @@ impl<L: MediaLeg> CallCore<L> {
 
     /// Barge-in. Silence first: stopping playback is what the caller notices, so `clear` is
     /// queued before anything else, records included.
-    fn on_speech_started(&mut self) {
+    fn on_speech_started(&mut self, now: Instant) {
         let Some(interruption) = self.playback.interrupt(self.session_auto_interrupts) else {
             return;
         };
@@ -871,6 +881,19 @@ impl<L: MediaLeg> CallCore<L> {
         }
         let corrections = self.playback.take_corrections();
         self.apply_corrections(corrections);
+        // In the call's history, so the dashboard (and `GET /calls/{sid}`) can count them.
+        let heard_ms: Vec<u64> = interruption
+            .truncations
+            .iter()
+            .map(|truncation| truncation.audio_end_ms)
+            .collect();
+        self.record_event_with(
+            "barge_in",
+            "caller",
+            None,
+            Some(serde_json::json!({"heard_ms": heard_ms})),
+            now,
+        );
     }
 
     // --- Time.

@@ -26,6 +26,8 @@ use crate::call::core::{
 };
 use crate::call::ending::{self, EndPlan, EndingTimes};
 use crate::call::leg::{CallControl, TwilioLeg};
+use crate::call::link::MediaLink;
+use crate::call::speaking::Presence;
 use crate::metrics::EndReason;
 use crate::openai::client::{AgentDialer, DialError};
 use crate::state::AppState;
@@ -92,6 +94,7 @@ where
     };
     let timer = tokio::time::sleep_until(Instant::now());
     let mut timer = std::pin::pin!(timer);
+    let mut presence = Presence::new(&state.speaking);
     let plan = loop {
         match io.carry_out(&mut core).await {
             Carried::Ended(plan) => break plan,
@@ -101,6 +104,11 @@ where
             }
             Carried::Done => {}
         }
+        let call_sid = match core.media_link() {
+            MediaLink::Streaming { call_sid, .. } => Some(call_sid.as_str()),
+            MediaLink::AwaitingStart => None,
+        };
+        presence.update(call_sid, core.speaking());
         // Read once per input: the timer moves only when the core's deadline does.
         let deadline = core.poll_timeout().map(Instant::from_std);
         if let Some(deadline) = deadline
@@ -111,6 +119,7 @@ where
         io.next_input(&mut core, timer.as_mut(), deadline.is_some())
             .await;
     };
+    drop(presence);
     io.close(&plan, peers.control, times).await;
     let summary = core.summary();
     tracing::info!(

@@ -17,7 +17,8 @@
 //!   [`ending`] the one policy for how a call ends, [`agent`] what the call tells its agent and
 //!   the business (parties, variables, context), [`tools`] the ordering rules of function calls.
 //!   The core's own submodules hold its briefing (context lookups) and its acting (tools,
-//!   `end_call`, transfers, keypresses, time limit, silence).
+//!   `end_call`, transfers, keypresses, time limit, silence). [`speaking`] tells the dashboard
+//!   who is speaking on the calls this machine carries.
 
 pub mod agent;
 pub mod core;
@@ -27,6 +28,7 @@ pub mod latency;
 pub mod leg;
 pub mod link;
 pub mod playback;
+pub mod speaking;
 pub mod tools;
 pub mod transcript;
 

@@ -73,6 +73,68 @@ impl fmt::Debug for Masked<'_> {
     }
 }
 
+/// Hides every phone-number-like run in free text the way [`Masked`] hides an address: a run
+/// of at least [`NUMBER_DIGITS`] digits, which may be split by single spaces, dashes, dots or
+/// parentheses (`+55 11 99999-0000`), keeps only its last four digits. People read numbers out
+/// in transcripts and key them in, and tools echo them, so a page that shows such text would
+/// otherwise show the very numbers the call's own record hides. Shorter runs (an order number,
+/// a time, a price) stay as they are.
+pub fn mask_numbers_in(text: &str) -> std::borrow::Cow<'_, str> {
+    let runs = digit_runs(text);
+    if runs.is_empty() {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut masked = String::with_capacity(text.len());
+    let mut copied = 0;
+    for (start, end) in runs {
+        masked.push_str(&text[copied..start]);
+        masked.push_str(&Masked(&text[start..end]).to_string());
+        copied = end;
+    }
+    masked.push_str(&text[copied..]);
+    std::borrow::Cow::Owned(masked)
+}
+
+/// The fewest digits a run must have to be taken for a phone number: E.164 numbers have 8 to
+/// 15 (see [`E164::parse`]).
+pub const NUMBER_DIGITS: usize = 8;
+
+/// Byte ranges of the runs [`mask_numbers_in`] hides: digits joined by at most one separator
+/// between any two of them, with at least `NUMBER_DIGITS` digits in all.
+fn digit_runs(text: &str) -> Vec<(usize, usize)> {
+    let bytes = text.as_bytes();
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if !bytes[i].is_ascii_digit() {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        let mut end = i;
+        let mut digits = 0;
+        let mut j = i;
+        while j < bytes.len() {
+            if bytes[j].is_ascii_digit() {
+                digits += 1;
+                j += 1;
+                end = j;
+            } else if matches!(bytes[j], b' ' | b'-' | b'.' | b'(' | b')')
+                && bytes.get(j + 1).is_some_and(u8::is_ascii_digit)
+            {
+                j += 1;
+            } else {
+                break;
+            }
+        }
+        if digits >= NUMBER_DIGITS {
+            runs.push((start, end));
+        }
+        i = end.max(i + 1);
+    }
+    runs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,5 +175,32 @@ mod tests {
         assert_eq!(Masked("+14158675309").to_string(), "+*******5309");
         assert_eq!(Masked("123").to_string(), "123");
         assert_eq!(Masked("client:alice").to_string(), "client:alice");
+    }
+
+    #[test]
+    fn numbers_in_free_text_are_masked_and_short_runs_kept() {
+        assert_eq!(
+            mask_numbers_in("call me on +55 11 99999-0000 please"),
+            "call me on +** ** *****-0000 please"
+        );
+        assert_eq!(
+            mask_numbers_in("whatsapp:+5511999990000 and 14158675309"),
+            "whatsapp:+*********0000 and *******5309"
+        );
+        assert_eq!(
+            mask_numbers_in("order 4411, at 10.30, costs 1 234.50"),
+            "order 4411, at 10.30, costs 1 234.50"
+        );
+        // Two separators in a row end a run: a list of short numbers is not one long one.
+        assert_eq!(mask_numbers_in("1234, 5678"), "1234, 5678");
+        assert_eq!(
+            mask_numbers_in("pressed: 1 2 3 4 5 6 7 8"),
+            "pressed: * * * * 5 6 7 8"
+        );
+        assert!(matches!(
+            mask_numbers_in("nothing to hide"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(mask_numbers_in("ação 12345678é"), "ação ****5678é");
     }
 }

@@ -238,8 +238,15 @@ fn bearer_token(value: &str) -> Option<&str> {
         .then(|| token.trim_start_matches(' '))
 }
 
-/// Proof the request carried `CALLBRIDGE_API_TOKEN`. Compared as SHA-256 digests so the time
-/// taken does not depend on how much of a guess was right.
+/// Whether `presented` is the API token. Compared as SHA-256 digests so the time taken does
+/// not depend on how much of a guess was right; an empty guess never matches.
+pub fn token_matches(presented: &str, expected: &secrecy::SecretString) -> bool {
+    !presented.is_empty()
+        && Sha256::digest(presented.as_bytes())
+            == Sha256::digest(expected.expose_secret().as_bytes())
+}
+
+/// Proof the request carried `CALLBRIDGE_API_TOKEN` (see `token_matches`).
 pub struct ApiCaller;
 
 impl FromRequest for ApiCaller {
@@ -259,9 +266,7 @@ impl FromRequest for ApiCaller {
             .and_then(|v| v.to_str().ok())
             .and_then(bearer_token)
             .unwrap_or("");
-        let matches = Sha256::digest(presented.as_bytes())
-            == Sha256::digest(expected.expose_secret().as_bytes());
-        ready(if matches && !presented.is_empty() {
+        ready(if token_matches(presented, expected) {
             Ok(ApiCaller)
         } else {
             Err(ApiError::Unauthorized)

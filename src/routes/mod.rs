@@ -2,6 +2,7 @@
 
 mod api;
 mod calls;
+pub mod dashboard;
 mod events;
 mod health;
 mod messaging;
@@ -76,7 +77,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/voice/status", web::post().to(voice::status))
         .route("/stream/{token}", web::get().to(stream::stream))
         .route("/messaging", web::post().to(messaging::messaging))
-        .route("/openapi.json", web::get().to(openapi::openapi_json));
+        .route("/openapi.json", web::get().to(openapi::openapi_json))
+        .configure(dashboard::configure);
     for (_, path, route) in bearer_api() {
         cfg.route(path, route);
     }

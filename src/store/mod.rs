@@ -41,6 +41,9 @@ macro_rules! call_columns {
     };
 }
 
+// After `call_columns!`, which it uses.
+pub mod dashboard;
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

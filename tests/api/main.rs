@@ -3,9 +3,11 @@
 
 mod acting;
 mod agents;
+mod browser;
 mod business;
 mod calls;
 mod cost;
+mod dashboard;
 mod endings;
 mod events;
 mod events_durable;

@@ -1045,6 +1045,76 @@ async fn an_unreachable_postgres_fails_at_once_naming_its_address() {
     assert!(started.elapsed() < std::time::Duration::from_secs(3));
 }
 
+/// The dashboard's question: the calls live right now (stream started, not ended), newest
+/// first, each with its barge-ins, tool calls and newest lines; on either database.
+#[tokio::test]
+async fn live_calls_are_the_started_unended_ones_with_their_counts_and_newest_lines() {
+    for url in fresh_databases().await {
+        let store = Store::connect(&url).await.unwrap();
+        let started = |sid: &str, at_ms| Record::StreamStarted {
+            call_sid: sid.into(),
+            stream_sid: format!("MZ{sid}"),
+            agent: "default".into(),
+            at_ms,
+        };
+        let event = |sid: &str, kind: &'static str| Record::Event {
+            call_sid: sid.into(),
+            kind,
+            name: "x".into(),
+            detail: None,
+            data: None,
+            at_ms: 5,
+        };
+        for (sid, at) in [("CA1", 1), ("CA2", 2), ("CA3", 3), ("CA4", 4)] {
+            store.record_call(&new_call(sid, at)).await.unwrap();
+        }
+        let mut records = vec![started("CA1", 1), started("CA2", 2), started("CA4", 4)];
+        // CA3 was answered but its stream never started: not live.
+        for n in 1..=10 {
+            let speaker = if n % 2 == 0 {
+                Speaker::Agent
+            } else {
+                Speaker::Caller
+            };
+            records.push(Record::Transcript {
+                call_sid: "CA1".into(),
+                line: line(n, speaker, &format!("line {n}")),
+            });
+        }
+        records.extend([
+            event("CA1", "barge_in"),
+            event("CA1", "barge_in"),
+            event("CA1", "tool_call"),
+            event("CA1", "dtmf"),
+            event("CA2", "tool_call"),
+        ]);
+        // CA4 has ended.
+        records.push(ended("caller_hung_up", "CA4", 9));
+        store.apply(&records).await.unwrap();
+
+        let live = store.live_calls(50, 3).await.unwrap();
+        assert_eq!(live.total, 2, "{url}");
+        let sids: Vec<&str> = live
+            .calls
+            .iter()
+            .map(|c| c.call.call_sid.as_str())
+            .collect();
+        assert_eq!(sids, ["CA2", "CA1"], "newest first ({url})");
+        let (ca2, ca1) = (&live.calls[0], &live.calls[1]);
+        assert_eq!((ca1.barge_ins, ca1.tool_calls), (2, 1), "{url}");
+        assert_eq!((ca2.barge_ins, ca2.tool_calls), (0, 1), "{url}");
+        let texts: Vec<&str> = ca1.lines.iter().map(|l| l.text.as_str()).collect();
+        assert_eq!(texts, ["line 8", "line 9", "line 10"], "{url}");
+        assert_eq!(ca1.line_count, 10);
+        assert!(ca2.lines.is_empty() && ca2.line_count == 0);
+
+        // The newest one only, and the count of them all.
+        let first = store.live_calls(1, 3).await.unwrap();
+        assert_eq!((first.calls.len(), first.total), (1, 2));
+        assert_eq!(first.calls[0].call.call_sid, "CA2");
+    }
+}
+
 #[tokio::test]
 async fn a_streams_end_closes_a_record_no_callback_closed_and_a_later_callback_still_counts() {
     for url in fresh_databases().await {

@@ -400,15 +400,45 @@ fn barge_in_sends_clear_before_anything_else_then_truncates_at_what_was_heard() 
     // min(sent 100 ms, played 40 ms + 50 ms).
     assert_eq!(sent[0]["audio_end_ms"], 90);
     assert!(matches!(
-        actions.last(),
-        Some(Action::RecordDurably(Record::TranscriptCorrection {
+        &actions[actions.len() - 2],
+        Action::RecordDurably(Record::TranscriptCorrection {
             truncated: true,
             ..
-        }))
+        })
     ));
+    // The barge-in goes into the call's history, with how much of each item was heard.
+    let Some(Action::Record(Record::Event {
+        kind, name, data, ..
+    })) = actions.last()
+    else {
+        panic!("the barge-in is not recorded last: {actions:?}")
+    };
+    assert_eq!((*kind, name.as_str()), ("barge_in", "caller"));
+    assert_eq!(data.as_ref(), Some(&json!({"heard_ms": [90]})));
     // Later deltas of the interrupted response are dropped.
     assert!(h.delta("resp_1", "item_1", FRAME).is_empty());
     assert_eq!(h.metrics.dropped_interrupted_deltas.get(), 1);
+}
+
+#[test]
+fn speaking_follows_the_callers_turns_and_the_agents_unplayed_audio() {
+    use crate::call::speaking::Speaking;
+    let mut h = Harness::new();
+    h.ready();
+    assert_eq!(h.core.speaking(), Speaking::default());
+    h.agent(json!({"type": "input_audio_buffer.speech_started"}));
+    assert_eq!(h.core.speaking().label(), "caller");
+    h.agent(json!({"type": "input_audio_buffer.speech_stopped"}));
+    assert_eq!(h.core.speaking().label(), "nobody");
+    h.agent(json!({"type": "response.created", "response": {"id": "resp_1"}}));
+    h.delta("resp_1", "item_1", FRAME);
+    h.delta("resp_1", "item_1", FRAME);
+    assert_eq!(h.core.speaking().label(), "agent");
+    // Twilio played the first frame only: the agent is still being heard.
+    h.twilio(json!({"event": "mark", "mark": {"name": "m1"}}));
+    assert_eq!(h.core.speaking().label(), "agent");
+    h.twilio(json!({"event": "mark", "mark": {"name": "m2"}}));
+    assert_eq!(h.core.speaking().label(), "nobody");
 }
 
 #[test]
@@ -424,6 +454,14 @@ fn speech_while_a_response_is_active_but_before_its_audio_cancels_it_without_cle
     assert!(to_media(&actions).is_empty(), "nothing played: no clear");
     let sent = to_agent(&actions);
     assert_eq!(sent, vec![json!({"type": "response.cancel"})]);
+    assert!(
+        actions.iter().any(|action| matches!(
+            action,
+            Action::Record(Record::Event { kind: "barge_in", data: Some(data), .. })
+                if data == &json!({"heard_ms": []})
+        )),
+        "the barge-in is recorded: {actions:?}"
+    );
     // The response is dropped: its audio never reaches the caller.
     assert!(h.delta("resp_1", "item_1", FRAME).is_empty());
 }
