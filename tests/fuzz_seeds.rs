@@ -2,7 +2,6 @@
 //! targets run (`fuzz/src/lib.rs`, included here), on stable Rust: an input that once crashed a
 //! parser is kept as a seed, so the crash stays fixed without nightly or a fuzzing run.
 
-#[allow(dead_code)]
 #[path = "../fuzz/src/lib.rs"]
 mod checks;
 
