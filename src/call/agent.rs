@@ -371,6 +371,34 @@ mod tests {
         assert!(brief.system_messages.is_empty());
     }
 
+    /// The business gets the number the model wrote, as the nearest double: serde_json's
+    /// default float parsing can miss it by one unit in the last place (this one was found by
+    /// fuzzing), so the body carried another number, which a second reading changed again.
+    #[test]
+    fn a_tool_gets_the_numbers_of_the_models_arguments() {
+        let written = "555555555555555955595545E55";
+        let arguments: Map<String, Value> =
+            serde_json::from_str(&format!(r#"{{"n":{written}}}"#)).unwrap();
+        let parties = Parties::from_stream("+15550001111", "+15552223333", None);
+        let body = tool_request(
+            "CA1",
+            "support",
+            &parties,
+            "lookup_order",
+            "call_9",
+            &arguments,
+        );
+        // Read with the standard library, whose parsing is exact.
+        let sent = body
+            .split_once(r#""arguments":{"n":"#)
+            .and_then(|(_, rest)| rest.split_once('}'))
+            .map(|(number, _)| number)
+            .unwrap();
+        assert_eq!(sent.parse::<f64>(), written.parse::<f64>(), "sent {sent}");
+        let read: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(read["arguments"], Value::Object(arguments));
+    }
+
     #[test]
     fn request_bodies_follow_the_contract() {
         let parties = Parties::from_stream("whatsapp:+15550001111", "whatsapp:+15552223333", None);

@@ -1,0 +1,4 @@
+#![no_main]
+//! See `callbridge_fuzz::openai_event` for the input and the properties checked.
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| callbridge_fuzz::openai_event(data));
