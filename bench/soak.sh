@@ -9,13 +9,16 @@
 # dialling a new session. The fake OpenAI Realtime and Twilio REST servers run inside loadgen.
 # Afterwards it checks every OpenAI socket, call slot, socket, record and the memory, prints
 # the summary, and exits 0 only if every check passed. Everything runs on 127.0.0.1; the
-# processes and the scratch directory are removed at the end (about 6 minutes with the
+# processes and the scratch directory are removed at the end (about 7 minutes with the
 # defaults, plus the build).
 #
 # Environment:
 #   SOAK_CALLS          calls in the soak, after the warm-up (default 6000)
-#   SOAK_WARMUP_CALLS   calls before the memory baseline is taken (default 100)
+#   SOAK_WARMUP_CALLS   calls before the memory baseline is taken (default 3000: callbridge's
+#                       memory grows over its first few thousand calls, then stays flat)
 #   SOAK_CONCURRENCY    calls up at once (default 64)
+#   SOAK_CHECKPOINT_CALLS  after every this many calls the soak lets callbridge go quiet and
+#                       reads its memory, for the trend (default 1000)
 #   SOAK_ROLLOVER_SECS  the server's SESSION_ROLLOVER_SECS, at least 3 (default 3)
 #   SOAK_MIX            weights, e.g. "stop=30,twilio-drop=20,openai-drop=14,refused=8,
 #                       expired=12,rollover=10,drop-mid-reconnect=6" (the default)
@@ -28,8 +31,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
 calls=${SOAK_CALLS:-6000}
-warmup=${SOAK_WARMUP_CALLS:-100}
+warmup=${SOAK_WARMUP_CALLS:-3000}
 concurrency=${SOAK_CONCURRENCY:-64}
+checkpoint=${SOAK_CHECKPOINT_CALLS:-1000}
 rollover=${SOAK_ROLLOVER_SECS:-3}
 seed=${SOAK_SEED:-1}
 target_dir=${CARGO_TARGET_DIR:-target}
@@ -124,6 +128,7 @@ status=0
     --auth-token "$auth_token" --account-sid "$account_sid" --api-token "$api_token" \
     --pid "$server_pid" --realtime-port "$realtime_port" --twilio-port "$twilio_port" \
     --calls "$calls" --warmup-calls "$warmup" --concurrency "$concurrency" --lanes "$lanes" \
+    --checkpoint-calls "$checkpoint" \
     --rollover-secs "$rollover" --seed "$seed" --clk-tck "$(getconf CLK_TCK)" \
     "${mix_args[@]}" --json-out "$json_out" || status=$?
 

@@ -91,11 +91,30 @@ pub struct TcpSocket {
     pub state: SocketState,
 }
 
+/// A TCP socket's state, as the kernel names it (`include/net/tcp_states.h`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SocketState {
-    Listen,
-    /// Any other state (established, closing, waiting for the application to close, …).
-    Connected,
+pub struct SocketState(u8);
+
+impl SocketState {
+    pub const LISTEN: Self = Self(0x0A);
+
+    pub fn name(self) -> &'static str {
+        const NAMES: [&str; 12] = [
+            "?",
+            "ESTABLISHED",
+            "SYN_SENT",
+            "SYN_RECV",
+            "FIN_WAIT1",
+            "FIN_WAIT2",
+            "TIME_WAIT",
+            "CLOSE",
+            "CLOSE_WAIT",
+            "LAST_ACK",
+            "LISTEN",
+            "CLOSING",
+        ];
+        NAMES.get(usize::from(self.0)).copied().unwrap_or("?")
+    }
 }
 
 /// Every TCP socket (IPv4 and IPv6) the process has open: the kernel's socket table of its
@@ -141,12 +160,7 @@ fn tcp_line(line: &str) -> Option<(u64, TcpSocket)> {
     let socket = TcpSocket {
         local_port: port(fields.get(1)?)?,
         remote_port: port(fields.get(2)?)?,
-        // 0A is TCP_LISTEN in the kernel's numbering.
-        state: if *fields.get(3)? == "0A" {
-            SocketState::Listen
-        } else {
-            SocketState::Connected
-        },
+        state: SocketState(u8::from_str_radix(fields.get(3)?, 16).ok()?),
     };
     Some((fields.get(9)?.parse().ok()?, socket))
 }
@@ -205,12 +219,12 @@ mod tests {
         let listen = TcpSocket {
             local_port: port,
             remote_port: 0,
-            state: SocketState::Listen,
+            state: SocketState::LISTEN,
         };
         assert!(sockets.contains(&listen), "{sockets:?}");
         let to_listener = |s: &&TcpSocket| s.remote_port == port;
         assert_eq!(sockets.iter().filter(to_listener).count(), 1);
-        let from_client = |s: &&TcpSocket| s.local_port == port && s.state != SocketState::Listen;
+        let from_client = |s: &&TcpSocket| s.local_port == port && s.state != SocketState::LISTEN;
         assert_eq!(sockets.iter().filter(from_client).count(), 1);
         assert!(open_fds(std::process::id()).unwrap() >= 3);
         drop((client, accepted));
@@ -225,7 +239,8 @@ mod tests {
         let (inode, socket) = tcp_line(line).unwrap();
         assert_eq!(inode, 123_456);
         assert_eq!((socket.local_port, socket.remote_port), (8080, 53940));
-        assert_eq!(socket.state, SocketState::Connected);
+        assert_eq!(socket.state.name(), "ESTABLISHED");
+        assert_eq!(SocketState::LISTEN.name(), "LISTEN");
         assert_eq!(tcp_line("  sl  local_address rem_address   st"), None);
     }
 

@@ -76,11 +76,13 @@ pub async fn run(call: &CallLog, bridge: &Bridge, audio: &FrameAudio) -> Outcome
         call.ended(Instant::now(), call.plan.ending);
         return Outcome::failed("start", error);
     }
+    let first = Instant::now();
+    call.talking_from(first);
     let mut live = Live {
         socket,
         stream,
         id: call.audio_id(),
-        first: Instant::now(),
+        first,
         back: Vec::new(),
         payload: String::new(),
         outcome: Outcome::default(),

@@ -79,6 +79,8 @@ pub struct CallState {
     pub end: CallEnd,
     /// Per caller frame (by its number), how many sessions received it.
     pub heard: Vec<u8>,
+    /// When the harness sent the call's first frame (frame n went about n × 20 ms later).
+    pub first_frame: Option<Instant>,
 }
 
 /// One call of the soak.
@@ -195,6 +197,10 @@ impl CallLog {
             state.heard.resize(seq + 1, 0);
         }
         state.heard[seq] = state.heard[seq].saturating_add(1);
+    }
+
+    pub fn talking_from(&self, at: Instant) {
+        self.state().first_frame = Some(at);
     }
 
     pub fn ended(&self, at: Instant, ending: Ending) {

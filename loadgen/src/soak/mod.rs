@@ -74,9 +74,15 @@ pub struct SoakArgs {
     /// Calls in the soak proper, after the warm-up.
     #[arg(long, default_value_t = 6000, value_parser = clap::value_parser!(u64).range(1..MAX_CALLS))]
     calls: u64,
-    /// Calls before memory is measured, with the same mix and concurrency.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..MAX_CALLS))]
+    /// Calls before memory is measured, with the same mix and concurrency. callbridge's memory
+    /// grows over its first few thousand calls (caches and allocator arenas reaching their
+    /// working size) and is flat after that; the baseline is taken once it is.
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..MAX_CALLS))]
     warmup_calls: u64,
+    /// The soak stops starting calls after every this many, lets the slots drain and reads
+    /// callbridge's memory at that quiet moment, so a growth shows as a trend.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    checkpoint_calls: u64,
     /// Calls up at once.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     concurrency: u64,
@@ -142,10 +148,13 @@ struct Run {
     concurrency: usize,
 }
 
+fn count(n: u64) -> usize {
+    usize::try_from(n).expect("bounded by the command line")
+}
+
 /// Runs the soak; `Ok(false)` when a check failed.
 pub fn run(args: &SoakArgs) -> anyhow::Result<bool> {
     callbridge::tls::install_crypto_provider();
-    let count = |n: u64| usize::try_from(n).expect("bounded by the command line");
     let concurrency = count(args.concurrency);
     let ledger = Arc::new(Ledger::new(count(args.lanes)));
     let realtime =
@@ -169,45 +178,35 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<bool> {
         realtime: args.realtime_port,
         twilio_rest: args.twilio_port,
     };
-    let probe = Probe::new(&args.server, &args.api_token, args.pid, ports)?;
-    let run = Arc::new(Run {
-        ledger: Arc::clone(&ledger),
-        bridge: Bridge::new(
-            &args.server,
-            &args.public_base_url,
-            &args.auth_token,
-            &args.account_sid,
-        )?,
-        audio: FrameAudio::new(),
-        concurrency,
-    });
-    let timings = Timings {
-        rollover: Duration::from_secs(args.rollover_secs),
+    let soak = Soak {
+        args,
+        probe: Probe::new(&args.server, &args.api_token, args.pid, ports)?,
+        run: Arc::new(Run {
+            ledger: Arc::clone(&ledger),
+            bridge: Bridge::new(
+                &args.server,
+                &args.public_base_url,
+                &args.auth_token,
+                &args.account_sid,
+            )?,
+            audio: FrameAudio::new(),
+            concurrency,
+        }),
+        runtime,
+        timings: Timings {
+            rollover: Duration::from_secs(args.rollover_secs),
+        },
     };
     let (warmup, calls) = (count(args.warmup_calls), count(args.calls));
-    let idle = runtime.block_on(probe.snapshot(None))?;
-
+    let idle = soak.runtime.block_on(soak.probe.snapshot(None))?;
     eprintln!("==> warm-up: {warmup} calls, {concurrency} at once");
-    let mut results = run_calls(&run, timings.plans(&args.mix, args.seed, 0..warmup));
-    let warm = runtime.block_on(probe.settle(args.drain_timeout, args.quiet_seconds))?;
-
+    let mut results = soak.calls(0..warmup);
+    let warm = soak.quiet()?;
     eprintln!("==> soak: {calls} calls, {concurrency} at once");
-    let mut cpu = Tracker::new(args.pid)?;
-    cpu.start_window()?;
-    let started = Instant::now();
-    let sampler = RssSampler::start(args.pid);
-    results.extend(run_calls(
-        &run,
-        timings.plans(&args.mix, args.seed, warmup..warmup + calls),
-    ));
-    let soak_seconds = started.elapsed().as_secs_f64();
-    let end = runtime.block_on(probe.settle(args.drain_timeout, args.quiet_seconds))?;
-    let peak_rss_kib = sampler.stop().max(end.rss_kib);
-    let spent = cpu.end_window()?;
-    let cpu_seconds = (spent.user_ticks + spent.system_ticks) as f64 / args.clk_tck as f64;
+    let phase = soak.soak(warmup, calls, &mut results)?;
 
     eprintln!("==> reading {} call records", results.len());
-    let hang_ups = runtime.block_on(twilio.hang_ups());
+    let hang_ups = soak.runtime.block_on(twilio.hang_ups());
     // Calls `/voice` did not answer have no record to look for.
     let answered: Vec<String> = results
         .iter()
@@ -219,7 +218,7 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<bool> {
         })
         .map(|(call, _)| call.call_sid.clone())
         .collect();
-    let rows = runtime.block_on(probe.rows(&answered))?;
+    let rows = soak.runtime.block_on(soak.probe.rows(&answered))?;
     let report = report::build(report::Gathered {
         settings: report::Settings {
             calls,
@@ -234,10 +233,11 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<bool> {
         strays: ledger.strays(),
         idle,
         warm,
-        end,
-        peak_rss_kib,
-        cpu_seconds,
-        soak_seconds,
+        end: phase.end,
+        peak_rss_kib: phase.peak_rss_kib,
+        checkpoints: phase.checkpoints,
+        cpu_seconds: phase.cpu_seconds,
+        soak_seconds: phase.soak_seconds,
         hang_ups,
         rows: answered.into_iter().zip(rows).collect(),
     });
@@ -248,6 +248,78 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<bool> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(report.passed())
+}
+
+/// The soak's parts, once set up.
+struct Soak<'a> {
+    args: &'a SoakArgs,
+    probe: Probe,
+    run: Arc<Run>,
+    runtime: tokio::runtime::Runtime,
+    timings: Timings,
+}
+
+/// What the soak proper (after the warm-up) came to.
+struct Phase {
+    end: probe::Snapshot,
+    checkpoints: Vec<report::Checkpoint>,
+    peak_rss_kib: u64,
+    cpu_seconds: f64,
+    /// Time spent making calls, the checkpoints' quiet moments left out.
+    soak_seconds: f64,
+}
+
+impl Soak<'_> {
+    /// Calls `range` of the plan, `--concurrency` at once.
+    fn calls(&self, range: std::ops::Range<usize>) -> Vec<(Arc<CallLog>, Outcome)> {
+        let args = self.args;
+        run_calls(&self.run, self.timings.plans(&args.mix, args.seed, range))
+    }
+
+    /// Waits for callbridge to give every slot back, and looks at it.
+    fn quiet(&self) -> anyhow::Result<probe::Snapshot> {
+        let args = self.args;
+        self.runtime
+            .block_on(self.probe.settle(args.drain_timeout, args.quiet_seconds))
+    }
+
+    /// The `calls` after the `warmup`, with a quiet checkpoint every `--checkpoint-calls`.
+    fn soak(
+        &self,
+        warmup: usize,
+        calls: usize,
+        results: &mut Vec<(Arc<CallLog>, Outcome)>,
+    ) -> anyhow::Result<Phase> {
+        let pid = self.args.pid;
+        let mut cpu = Tracker::new(pid)?;
+        cpu.start_window()?;
+        let sampler = RssSampler::start(pid);
+        let mut soak_seconds = 0.0;
+        let mut checkpoints = Vec::new();
+        let last = warmup + calls;
+        let mut from = warmup;
+        let end = loop {
+            let to = (from + count(self.args.checkpoint_calls)).min(last);
+            let started = Instant::now();
+            results.extend(self.calls(from..to));
+            soak_seconds += started.elapsed().as_secs_f64();
+            from = to;
+            let quiet = self.quiet()?;
+            checkpoints.push(report::Checkpoint::new(to - warmup, &quiet));
+            if to == last {
+                break quiet;
+            }
+            eprintln!("    after {} calls: RSS {} KiB", to - warmup, quiet.rss_kib);
+        };
+        let spent = cpu.end_window()?;
+        Ok(Phase {
+            peak_rss_kib: sampler.stop().max(end.rss_kib),
+            end,
+            checkpoints,
+            cpu_seconds: (spent.user_ticks + spent.system_ticks) as f64 / self.args.clk_tck as f64,
+            soak_seconds,
+        })
+    }
 }
 
 /// Runs `plans` with `run.concurrency` calls up at once, each worker starting its next call as

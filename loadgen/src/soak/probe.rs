@@ -55,6 +55,8 @@ pub struct SocketCounts {
     /// To the (fake) Twilio REST API: reqwest's pool may keep some idle.
     pub twilio_rest: usize,
     pub other: usize,
+    /// The OpenAI and inbound sockets, with their state: none should be left.
+    pub details: Vec<String>,
 }
 
 /// A call's record, as `GET /calls/{sid}` shows it.
@@ -83,8 +85,10 @@ impl Probe {
             api_token: api_token.to_owned(),
             pid,
             ports,
+            // No idle connections kept: they would be counted as callbridge's inbound sockets.
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
+                .pool_max_idle_per_host(0)
                 .build()?,
         })
     }
@@ -128,8 +132,9 @@ impl Probe {
     }
 
     pub async fn snapshot(&self, drained_after_ms: Option<u64>) -> anyhow::Result<Snapshot> {
-        let metrics = self.metrics().await?;
+        // Before this probe's own request, whose connection is inbound while it lasts.
         let sockets = self.sockets()?;
+        let metrics = self.metrics().await?;
         Ok(Snapshot {
             rss_kib: self.rss_kib()?,
             open_fds: procfs::open_fds(self.pid)?,
@@ -147,11 +152,19 @@ impl Probe {
     fn sockets(&self) -> anyhow::Result<SocketCounts> {
         let mut counts = SocketCounts::default();
         for socket in procfs::tcp_sockets(self.pid)? {
-            let slot = if socket.state == SocketState::Listen {
+            let slot = if socket.state == SocketState::LISTEN {
                 &mut counts.listening
             } else if socket.remote_port == self.ports.realtime {
+                counts
+                    .details
+                    .push(format!("OpenAI, {}", socket.state.name()));
                 &mut counts.openai
             } else if socket.local_port == self.ports.server {
+                counts.details.push(format!(
+                    "inbound from port {}, {}",
+                    socket.remote_port,
+                    socket.state.name()
+                ));
                 &mut counts.inbound
             } else if socket.remote_port == self.ports.twilio_rest {
                 &mut counts.twilio_rest

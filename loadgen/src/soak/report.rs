@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::caller::Outcome;
-use super::ledger::{CallLog, Closer, SessionLog};
+use super::ledger::{CallLog, CallState, Closer, SessionLog};
 use super::plan::{Ending, Scenario};
 use super::probe::{Row, Snapshot};
 use crate::stats::{Failures, Percentiles};
@@ -44,10 +44,36 @@ pub struct Gathered {
     pub warm: Snapshot,
     pub end: Snapshot,
     pub peak_rss_kib: u64,
+    pub checkpoints: Vec<Checkpoint>,
     pub cpu_seconds: f64,
     pub soak_seconds: f64,
     pub hang_ups: HashMap<String, usize>,
     pub rows: HashMap<String, Row>,
+}
+
+/// callbridge at a quiet moment after some of the soak's calls.
+#[derive(Clone, Debug, Serialize)]
+pub struct Checkpoint {
+    /// Soak calls run so far (after the warm-up).
+    pub calls: usize,
+    pub rss_kib: u64,
+    pub live_calls: i64,
+    pub pending_streams: i64,
+    pub openai_sockets: usize,
+    pub inbound_sockets: usize,
+}
+
+impl Checkpoint {
+    pub fn new(calls: usize, quiet: &Snapshot) -> Self {
+        Self {
+            calls,
+            rss_kib: quiet.rss_kib,
+            live_calls: quiet.live_calls,
+            pending_streams: quiet.pending_streams,
+            openai_sockets: quiet.sockets.openai,
+            inbound_sockets: quiet.sockets.inbound,
+        }
+    }
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -72,6 +98,8 @@ pub struct ScenarioRow {
     /// Calls whose last frame came back (of calls that sent any).
     pub last_frame_back: usize,
     pub rows_ended: usize,
+    /// The first call with a caller frame lost or heard twice, told in full.
+    pub audio_example: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -106,6 +134,8 @@ pub struct MemoryReport {
     pub after_soak_kib: u64,
     /// After the soak against after the warm-up.
     pub change_percent: f64,
+    /// At each quiet checkpoint, the last being the end of the soak.
+    pub checkpoints: Vec<Checkpoint>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -293,11 +323,61 @@ fn scenario_rows(
         let (never, twice) = heard(&state.heard, outcome.frames_sent);
         row.frames_never_heard += never;
         row.frames_heard_twice += twice;
+        if (never > 0 || twice > 0) && row.audio_example.is_none() {
+            row.audio_example = Some(timeline(call, &state, outcome));
+        }
         row.echoes_lost += outcome.frames_sent - outcome.frames_back;
         row.last_frame_back += usize::from(outcome.last_frame_back);
         row.rows_ended += usize::from(matches!(rows.get(&call.call_sid), Some(Row::Ended(_))));
     }
     by_scenario.into_values().collect()
+}
+
+/// A call's story in milliseconds from its first frame: which frames no session heard (or
+/// more than one did), each session's life, the fault, the end.
+fn timeline(call: &CallLog, state: &CallState, outcome: &Outcome) -> String {
+    let Some(first) = state.first_frame else {
+        return format!("{}: no frame sent", call.call_sid);
+    };
+    let at = |instant: Instant| {
+        let ms = |d: Duration| d.as_millis().to_string();
+        instant.checked_duration_since(first).map_or_else(
+            || format!("-{}", ms(first - instant)),
+            |after| format!("+{}", ms(after)),
+        )
+    };
+    let odd: Vec<String> = (0..usize::try_from(outcome.frames_sent).unwrap_or(0))
+        .filter(|&seq| state.heard.get(seq).copied().unwrap_or(0) != 1)
+        .take(8)
+        .map(|seq| format!("{seq}×{}", state.heard.get(seq).copied().unwrap_or(0)))
+        .collect();
+    let sessions: Vec<String> = state
+        .sessions
+        .iter()
+        .map(|s| {
+            let closed = s.closed.as_ref().map_or_else(
+                || "never closed".to_owned(),
+                |(when, closer)| format!("closed {} ({closer:?})", at(*when)),
+            );
+            let expired = s.expired_sent.map(|e| format!(", expired {}", at(e)));
+            format!(
+                "opened {} {closed}{}",
+                at(s.opened),
+                expired.unwrap_or_default()
+            )
+        })
+        .collect();
+    format!(
+        "{}: {} frames sent; frames × sessions that heard them: {}; sessions: {}; fault {}; \
+         ended {} ({})",
+        call.call_sid,
+        outcome.frames_sent,
+        odd.join(" "),
+        sessions.join("; "),
+        state.fault_at.map_or_else(|| "-".to_owned(), at),
+        state.end.at.map_or_else(|| "-".to_owned(), at),
+        state.end.ending.map_or("-", Ending::label),
+    )
 }
 
 /// Of the first `sent` frames, how many no session received, and how many extra times some
@@ -407,6 +487,7 @@ pub fn build(gathered: Gathered) -> SoakReport {
         peak_kib: gathered.peak_rss_kib,
         after_soak_kib: gathered.end.rss_kib,
         change_percent: (gathered.end.rss_kib as f64 - warm) * 100.0 / warm.max(1.0),
+        checkpoints: gathered.checkpoints,
     };
     let mut report = SoakReport {
         calls_run: calls.len(),
@@ -470,8 +551,14 @@ fn checks(report: &SoakReport, calls: &[(Arc<CallLog>, Outcome)]) -> Vec<Check> 
         check(
             "callbridge holds no OpenAI or media socket afterwards",
             format!(
-                "{} to OpenAI, {} inbound",
-                end.sockets.openai, end.sockets.inbound
+                "{} to OpenAI, {} inbound{}",
+                end.sockets.openai,
+                end.sockets.inbound,
+                if end.sockets.details.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", end.sockets.details.join("; "))
+                }
             ),
             end.sockets.openai == 0 && end.sockets.inbound == 0,
         ),
@@ -622,6 +709,11 @@ impl SoakReport {
                 row.rows_ended,
             );
         }
+        for row in &self.scenarios {
+            if let Some(example) = &row.audio_example {
+                let _ = writeln!(out, "  {}: e.g. {example}", row.scenario);
+            }
+        }
         out += &self.render_openai();
         out += &self.render_server();
         out
@@ -685,6 +777,17 @@ impl SoakReport {
             m.peak_kib,
             m.after_soak_kib,
             m.change_percent,
+        );
+        let trend: Vec<String> = m
+            .checkpoints
+            .iter()
+            .map(|c| format!("{}: {}", c.calls, c.rss_kib))
+            .collect();
+        let _ = writeln!(
+            out,
+            "RSS at quiet moments, KiB after N soak calls: warm-up: {}, {}",
+            m.after_warmup_kib,
+            trend.join(", ")
         );
         let r = &self.rows;
         let reasons: Vec<String> = r
