@@ -9,13 +9,12 @@
 # dialling a new session. The fake OpenAI Realtime and Twilio REST servers run inside loadgen.
 # Afterwards it checks every OpenAI socket, call slot, socket, record and the memory, prints
 # the summary, and exits 0 only if every check passed. Everything runs on 127.0.0.1; the
-# processes and the scratch directory are removed at the end (about 7 minutes with the
+# processes and the scratch directory are removed at the end (about 6 minutes with the
 # defaults, plus the build).
 #
 # Environment:
 #   SOAK_CALLS          calls in the soak, after the warm-up (default 6000)
-#   SOAK_WARMUP_CALLS   calls before the memory baseline is taken (default 3000: callbridge's
-#                       memory grows over its first few thousand calls, then stays flat)
+#   SOAK_WARMUP_CALLS   calls before the memory baseline is taken (default 1000)
 #   SOAK_CONCURRENCY    calls up at once (default 64)
 #   SOAK_CHECKPOINT_CALLS  after every this many calls the soak lets callbridge go quiet and
 #                       reads its memory, for the trend (default 1000)
@@ -31,7 +30,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
 calls=${SOAK_CALLS:-6000}
-warmup=${SOAK_WARMUP_CALLS:-3000}
+warmup=${SOAK_WARMUP_CALLS:-1000}
 concurrency=${SOAK_CONCURRENCY:-64}
 checkpoint=${SOAK_CHECKPOINT_CALLS:-1000}
 rollover=${SOAK_ROLLOVER_SECS:-3}

@@ -74,10 +74,9 @@ pub struct SoakArgs {
     /// Calls in the soak proper, after the warm-up.
     #[arg(long, default_value_t = 6000, value_parser = clap::value_parser!(u64).range(1..MAX_CALLS))]
     calls: u64,
-    /// Calls before memory is measured, with the same mix and concurrency. callbridge's memory
-    /// grows over its first few thousand calls (caches and allocator arenas reaching their
-    /// working size) and is flat after that; the baseline is taken once it is.
-    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..MAX_CALLS))]
+    /// Calls before memory is measured, with the same mix and concurrency: over its first
+    /// thousand calls callbridge's heap grows to its working size.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..MAX_CALLS))]
     warmup_calls: u64,
     /// The soak stops starting calls after every this many, lets the slots drain and reads
     /// callbridge's memory at that quiet moment, so a growth shows as a trend.

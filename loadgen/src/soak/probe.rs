@@ -35,6 +35,7 @@ pub struct Probe {
 #[derive(Clone, Debug, Serialize)]
 pub struct Snapshot {
     pub rss_kib: u64,
+    pub rss: procfs::RssParts,
     pub open_fds: usize,
     pub sockets: SocketCounts,
     pub live_calls: i64,
@@ -137,6 +138,7 @@ impl Probe {
         let metrics = self.metrics().await?;
         Ok(Snapshot {
             rss_kib: self.rss_kib()?,
+            rss: procfs::rss_parts(self.pid)?,
             open_fds: procfs::open_fds(self.pid)?,
             sockets,
             live_calls: gauge(&metrics, "callbridge_live_calls"),

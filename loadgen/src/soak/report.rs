@@ -57,6 +57,7 @@ pub struct Checkpoint {
     /// Soak calls run so far (after the warm-up).
     pub calls: usize,
     pub rss_kib: u64,
+    pub rss: crate::procfs::RssParts,
     pub live_calls: i64,
     pub pending_streams: i64,
     pub openai_sockets: usize,
@@ -68,6 +69,7 @@ impl Checkpoint {
         Self {
             calls,
             rss_kib: quiet.rss_kib,
+            rss: quiet.rss,
             live_calls: quiet.live_calls,
             pending_streams: quiet.pending_streams,
             openai_sockets: quiet.sockets.openai,
@@ -781,12 +783,21 @@ impl SoakReport {
         let trend: Vec<String> = m
             .checkpoints
             .iter()
-            .map(|c| format!("{}: {}", c.calls, c.rss_kib))
+            .map(|c| {
+                format!(
+                    "{}: {} ({} anon, {} file, {} shmem)",
+                    c.calls, c.rss_kib, c.rss.anon_kib, c.rss.file_kib, c.rss.shmem_kib
+                )
+            })
             .collect();
         let _ = writeln!(
             out,
-            "RSS at quiet moments, KiB after N soak calls: warm-up: {}, {}",
+            "RSS at quiet moments, KiB after N soak calls: warm-up: {} ({} anon, {} file, {} \
+             shmem), {}",
             m.after_warmup_kib,
+            self.after_warmup.rss.anon_kib,
+            self.after_warmup.rss.file_kib,
+            self.after_warmup.rss.shmem_kib,
             trend.join(", ")
         );
         let r = &self.rows;
