@@ -51,6 +51,16 @@ pub enum Command {
         #[command(flatten)]
         load: Load,
     },
+    /// Thousands of short calls through callbridge at --server, with Twilio and OpenAI dropping
+    /// out on purpose (the fake Realtime and Twilio REST servers run in this process), then
+    /// checks that every socket, slot, record and byte of memory came back. Exits 1 when a
+    /// check fails.
+    Soak(Box<crate::soak::SoakArgs>),
+    /// Prints the agents file `soak` needs the server to run with: one agent per lane.
+    SoakAgents {
+        #[arg(long, default_value_t = 160, value_parser = clap::value_parser!(u64).range(1..=65536))]
+        lanes: u64,
+    },
     /// The table from DIR/floor-N.json and DIR/bridge-N.json (outputs of --json), the highest
     /// N held and the targets.
     Report {
@@ -90,7 +100,7 @@ pub struct Load {
     pub json: bool,
 }
 
-fn seconds(value: &str) -> Result<Duration, String> {
+pub(crate) fn seconds(value: &str) -> Result<Duration, String> {
     value
         .parse()
         .ok()

@@ -23,7 +23,6 @@ use callbridge::twilio::media_stream::{CONNECTED, MediaStream};
 use callbridge::twilio::signature::{self, SignedBody};
 use futures_util::future::join_all;
 use futures_util::{SinkExt, StreamExt};
-use serde_json::json;
 // AsyncRead/WriteExt need tokio's `io-util`, which tokio-tungstenite always enables.
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -64,11 +63,11 @@ pub enum Target {
 /// callbridge, reached as Twilio reaches it.
 pub struct Bridge {
     /// `host:port` the server listens on.
-    address: String,
+    pub(crate) address: String,
     /// The public URL Twilio signs `/voice` requests over.
     voice_url: String,
     auth_token: String,
-    account_sid: String,
+    pub(crate) account_sid: String,
 }
 
 impl Bridge {
@@ -124,7 +123,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Sentinel in `Frame::rtt_us`: the frame has not come back.
 const NOT_RECEIVED: u32 = u32::MAX;
 
-type Socket = WebSocketStream<TcpStream>;
+pub(crate) type Socket = WebSocketStream<TcpStream>;
 
 /// Everything the calls of every worker thread share.
 struct Context {
@@ -148,13 +147,13 @@ struct Frame {
 }
 
 /// Why a call failed, by step.
-struct Failure {
-    step: &'static str,
-    error: String,
+pub(crate) struct Failure {
+    pub(crate) step: &'static str,
+    pub(crate) error: String,
 }
 
 impl Failure {
-    fn new(step: &'static str, error: impl std::fmt::Display) -> Self {
+    pub(crate) fn new(step: &'static str, error: impl std::fmt::Display) -> Self {
         Self {
             step,
             error: format!("{error:#}"),
@@ -162,7 +161,7 @@ impl Failure {
     }
 
     /// For `map_err`: the failure of `step`.
-    fn at<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> Self {
+    pub(crate) fn at<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> Self {
         move |error| Self::new(step, error)
     }
 }
@@ -286,7 +285,30 @@ impl Peer {
 async fn open_media_stream(index: usize, bridge: &Bridge) -> Result<Session, Failure> {
     // Unique per process and call, so runs against one server never reuse a CallSid.
     let call_sid = format!("CA{:08x}{index:024x}", std::process::id());
-    let answer = answer_call(bridge, &call_sid)
+    let (mut socket, answer) = upgrade(bridge, &call_sid, BUSINESS).await?;
+    let mut stream = MediaStream::new(&call_sid, &bridge.account_sid);
+    let start = start_message(&mut stream, &answer);
+    for message in [CONNECTED.to_owned(), start] {
+        socket
+            .feed(Message::text(message))
+            .await
+            .map_err(Failure::at("start"))?;
+    }
+    socket.flush().await.map_err(Failure::at("start"))?;
+    Ok(Session {
+        socket,
+        peer: Peer::Twilio(stream),
+    })
+}
+
+/// What Twilio does to open a call's Media Stream up to its first message: `POST /voice` to
+/// `to` for the TwiML, then the signed upgrade to the TwiML's stream URL.
+pub(crate) async fn upgrade(
+    bridge: &Bridge,
+    call_sid: &str,
+    to: &str,
+) -> Result<(Socket, Answer), Failure> {
+    let answer = answer_call(bridge, call_sid, to)
         .await
         .map_err(Failure::at("POST /voice"))?;
     let mut request = answer
@@ -306,37 +328,27 @@ async fn open_media_stream(index: usize, bridge: &Bridge) -> Result<Session, Fai
             .parse()
             .map_err(Failure::at("/stream upgrade"))?,
     );
-    let mut socket = websocket(&bridge.address, request)
+    let socket = websocket(&bridge.address, request)
         .await
         .map_err(Failure::at("/stream upgrade"))?;
-    let mut stream = MediaStream::new(&call_sid, &bridge.account_sid);
-    let start = stream.start(&json!({
-        "token": answer.token,
-        "from": CALLER,
-        "to": BUSINESS,
-        "direction": "inbound",
-    }));
-    for message in [CONNECTED.to_owned(), start] {
-        socket
-            .feed(Message::text(message))
-            .await
-            .map_err(Failure::at("start"))?;
-    }
-    socket.flush().await.map_err(Failure::at("start"))?;
-    Ok(Session {
-        socket,
-        peer: Peer::Twilio(stream),
-    })
+    Ok((socket, answer))
+}
+
+/// Twilio's `start` for the stream `/voice` answered, carrying the TwiML's `<Parameter>`s as
+/// its `customParameters`, as Twilio does.
+pub(crate) fn start_message(stream: &mut MediaStream, answer: &Answer) -> String {
+    stream.start(&serde_json::Value::Object(answer.parameters.clone()))
 }
 
 const CALLER: &str = "whatsapp:+5511999990000";
 const BUSINESS: &str = "whatsapp:+558551234567";
 
 /// What `/voice` answered: where to open the stream, and the token `start` repeats.
-struct Answer {
+pub(crate) struct Answer {
     /// The `<Stream url>`, public (`wss://…/stream/{token}`): what Twilio signs.
     stream_url: String,
-    token: String,
+    /// The TwiML's `<Parameter>`s, the stream token among them.
+    parameters: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Answer {
@@ -348,12 +360,12 @@ impl Answer {
 }
 
 /// `POST /voice` as Twilio sends it, signed; returns the stream URL and token from the TwiML.
-async fn answer_call(bridge: &Bridge, call_sid: &str) -> anyhow::Result<Answer> {
+async fn answer_call(bridge: &Bridge, call_sid: &str, to: &str) -> anyhow::Result<Answer> {
     let form: Vec<(String, String)> = [
         ("CallSid", call_sid),
         ("AccountSid", &bridge.account_sid),
         ("From", CALLER),
-        ("To", BUSINESS),
+        ("To", to),
         ("Direction", "inbound"),
     ]
     .into_iter()
@@ -381,15 +393,39 @@ async fn answer_call(bridge: &Bridge, call_sid: &str) -> anyhow::Result<Answer> 
         status.split(' ').nth(1) == Some("200"),
         "answered {status:?}"
     );
-    // The token is URL-safe base64, so it (and the URL holding it) appear unescaped.
-    let token = wire::string_after(&response, r#"<Parameter name="token" value=""#)
-        .context("the TwiML has no token <Parameter> (busy or draining?)")?;
+    let parameters = twiml_parameters(&response);
+    ensure!(
+        parameters.contains_key("token"),
+        "the TwiML has no token <Parameter> (busy or draining?)"
+    );
     let stream_url = wire::string_after(&response, r#"<Stream url=""#)
         .context("the TwiML has no <Stream url>")?;
     Ok(Answer {
         stream_url: stream_url.to_owned(),
-        token: token.to_owned(),
+        parameters,
     })
+}
+
+/// Every `<Parameter name="…" value="…"/>` of a TwiML document. The values callbridge puts
+/// there (the URL-safe token, `whatsapp:+…` numbers, a direction, an agent name) carry no XML
+/// escapes, so they are read as they appear.
+fn twiml_parameters(twiml: &str) -> serde_json::Map<String, serde_json::Value> {
+    const NAME: &str = r#"<Parameter name=""#;
+    const VALUE: &str = r#"" value=""#;
+    let mut parameters = serde_json::Map::new();
+    let mut rest = twiml;
+    while let Some(start) = rest.find(NAME) {
+        rest = &rest[start + NAME.len()..];
+        let Some((name, after)) = rest.split_once(VALUE) else {
+            break;
+        };
+        let Some(end) = after.find('"') else {
+            break;
+        };
+        parameters.insert(name.to_owned(), after[..end].into());
+        rest = &after[end..];
+    }
+    parameters
 }
 
 async fn open_realtime(floor: &Floor) -> Result<Session, Failure> {
@@ -693,5 +729,39 @@ fn summarise(mode: &str, context: &Context, records: &[CallRecord], window: &Win
         send_lag: Percentiles::of_micros(frames().map(|f| f.lag_us)),
         process: window.process.as_ref().map(process_report),
         harness: Some(process_report(&window.harness)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use askama::Template;
+    use callbridge::twilio::twiml::ConnectStream;
+
+    #[test]
+    fn every_parameter_of_callbridge_s_twiml_is_read_back() {
+        let twiml = ConnectStream {
+            stream_url: "wss://abc.ngrok.app/stream/q5mAbc-_9",
+            parameters: &[
+                ("token", "q5mAbc-_9"),
+                ("from", CALLER),
+                ("to", "whatsapp:+15550000007"),
+                ("direction", "inbound"),
+                ("agent", "lane-7"),
+            ],
+            apology: "Sorry.",
+        }
+        .render()
+        .unwrap();
+        let parameters = twiml_parameters(&twiml);
+        let expected = serde_json::json!({
+            "token": "q5mAbc-_9",
+            "from": CALLER,
+            "to": "whatsapp:+15550000007",
+            "direction": "inbound",
+            "agent": "lane-7",
+        });
+        assert_eq!(serde_json::Value::Object(parameters), expected);
+        assert!(twiml_parameters("<Response><Say>Busy.</Say></Response>").is_empty());
     }
 }

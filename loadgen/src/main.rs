@@ -7,6 +7,7 @@ mod fake_realtime;
 mod load;
 mod procfs;
 mod report;
+mod soak;
 mod stats;
 mod workers;
 
@@ -20,6 +21,22 @@ fn main() -> ExitCode {
     let outcome = match Cli::parse().command {
         Command::FakeRealtime { port } => fake_realtime::serve(port),
         Command::Report { dir, json_out } => report::run(&dir, json_out.as_deref()),
+        Command::Soak(args) => {
+            args.validate().unwrap_or_else(usage_error);
+            return match soak::run(&args) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(error) => {
+                    eprintln!("loadgen: {error:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Command::SoakAgents { lanes } => {
+            let lanes = usize::try_from(lanes).unwrap_or(usize::MAX);
+            print!("{}", soak::agents_file(lanes));
+            Ok(())
+        }
         Command::Run {
             server,
             public_base_url,

@@ -31,7 +31,8 @@ pub const MAX_TWILIO_FRAME: usize = 64 * 1024;
 const MAX_HEADER_LEN: usize = 14;
 
 /// A WebSocket connection's incoming bytes, refused (`PayloadError::Overflow`) at the first
-/// frame header that declares a payload, or a fragment taking its message, over the limit.
+/// frame header that declares a payload, or a fragment taking its message, over the limit; a
+/// connection that ends without a close frame ends them, after every byte it delivered.
 pub struct FrameLimit<S> {
     body: S,
     max_message: u64,
@@ -41,6 +42,7 @@ pub struct FrameLimit<S> {
     payload_left: u64,
     /// What the data message being received has declared so far, over all its fragments.
     message_len: u64,
+    /// Nothing more passes: a frame was refused, or the connection ended.
     refused: bool,
 }
 
@@ -123,6 +125,15 @@ where
             return Poll::Ready(None);
         }
         let item = ready!(self.body.poll_next_unpin(cx));
+        // The connection ended without a close frame (the peer's socket closed or was reset).
+        // That ends the stream, but it is no reason to lose what came before: actix-ws drops
+        // the frames it has buffered when the body fails, and those may be the call's `start`
+        // or `stop`, sent just before the caller's socket went away. Ending the body instead
+        // lets it read them, then end.
+        if let Some(Err(PayloadError::Incomplete(_))) = &item {
+            self.refused = true;
+            return Poll::Ready(None);
+        }
         if let Some(Ok(chunk)) = &item
             && let Err(refusal) = self.follow(chunk)
         {
@@ -251,6 +262,45 @@ mod tests {
         bytes.extend(frame(CONTINUE, false, LIMIT / 2));
         bytes.extend(header(CONTINUE, true, 1));
         assert!(feed(&bytes, 64).await.1);
+    }
+
+    /// A client's text frame, masked as `header` says (every mask byte 7).
+    fn text(message: &str) -> Vec<u8> {
+        let mut bytes = header(TEXT, true, message.len() as u64);
+        bytes.extend(message.bytes().map(|b| b ^ 7));
+        bytes
+    }
+
+    #[tokio::test]
+    async fn frames_that_arrive_with_the_connection_s_end_are_still_read() {
+        use actix_web::{FromRequest, dev, web};
+        let request = actix_web::test::TestRequest::get()
+            .insert_header(("upgrade", "websocket"))
+            .insert_header(("connection", "upgrade"))
+            .insert_header(("sec-websocket-version", "13"))
+            .insert_header(("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="))
+            .to_http_request();
+        // `connected` and `start` in the same read as the end of a connection that sent no
+        // close frame, as actix-http hands them over: the bytes, then `Incomplete`.
+        let mut bytes = text("connected");
+        bytes.extend(text("start"));
+        let body: Vec<Result<Bytes, PayloadError>> =
+            vec![Ok(Bytes::from(bytes)), Err(PayloadError::Incomplete(None))];
+        let limited: Pin<Box<dyn Stream<Item = Result<Bytes, PayloadError>>>> =
+            Box::pin(FrameLimit::new(stream::iter(body), LIMIT));
+        let payload = web::Payload::from_request(&request, &mut dev::Payload::from(limited))
+            .await
+            .unwrap();
+        let (_response, _session, messages) = actix_ws::handle(&request, payload).unwrap();
+        let read: Vec<String> = messages
+            .aggregate_continuations()
+            .map(|message| match message {
+                Ok(actix_ws::AggregatedMessage::Text(text)) => text.to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect()
+            .await;
+        assert_eq!(read, ["connected", "start"]);
     }
 
     #[test]
