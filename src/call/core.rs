@@ -948,35 +948,38 @@ impl<L: MediaLeg> CallCore<L> {
         let cut_off = self.playback.finish();
         self.apply_corrections(cut_off);
         let call_sid = self.streaming_call_sid();
-        if let Some(sid) = &call_sid {
-            self.record_event("stream", "ended", Some(reason.label().to_owned()), now);
-            let usage = self.usage;
-            let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-            self.actions
-                .push_back(Action::RecordDurably(Record::CallEnded {
-                    call_sid: sid.to_string(),
-                    end_reason: reason.label(),
-                    openai_session_id: self.session_id.clone(),
-                    totals: Box::new(CallTotals {
-                        input_tokens: tokens(usage.input_tokens),
-                        output_tokens: tokens(usage.output_tokens),
-                        total_tokens: tokens(usage.total_tokens),
-                        usage: TokenUsage {
-                            input_text_tokens: tokens(usage.input_text_tokens),
-                            input_audio_tokens: tokens(usage.input_audio_tokens),
-                            input_cached_text_tokens: tokens(usage.input_cached_text_tokens),
-                            input_cached_audio_tokens: tokens(usage.input_cached_audio_tokens),
-                            output_text_tokens: tokens(usage.output_text_tokens),
-                            output_audio_tokens: tokens(usage.output_audio_tokens),
-                        },
-                        model: self.agent.model.clone(),
-                        cost_micro_usd: pricing::cost_micro_usd(&self.agent.model, &usage)
-                            .map(tokens),
-                        latency: self.latencies.summary(),
-                    }),
-                    at_ms: self.wall_ms(now),
-                }));
-        }
+        self.record_event("stream", "ended", Some(reason.label().to_owned()), now);
+        // A stream that ended before its `start` was checked still spent the token `/voice`
+        // issued for this call, whose record would otherwise never end: its end is recorded
+        // too (but nothing is hung up through REST for it, as the plan below has no CallSid).
+        let ended_sid = call_sid
+            .clone()
+            .unwrap_or_else(|| self.grant.call_sid.clone());
+        let usage = self.usage;
+        let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.actions
+            .push_back(Action::RecordDurably(Record::CallEnded {
+                call_sid: ended_sid.to_string(),
+                end_reason: reason.label(),
+                openai_session_id: self.session_id.clone(),
+                totals: Box::new(CallTotals {
+                    input_tokens: tokens(usage.input_tokens),
+                    output_tokens: tokens(usage.output_tokens),
+                    total_tokens: tokens(usage.total_tokens),
+                    usage: TokenUsage {
+                        input_text_tokens: tokens(usage.input_text_tokens),
+                        input_audio_tokens: tokens(usage.input_audio_tokens),
+                        input_cached_text_tokens: tokens(usage.input_cached_text_tokens),
+                        input_cached_audio_tokens: tokens(usage.input_cached_audio_tokens),
+                        output_text_tokens: tokens(usage.output_text_tokens),
+                        output_audio_tokens: tokens(usage.output_audio_tokens),
+                    },
+                    model: self.agent.model.clone(),
+                    cost_micro_usd: pricing::cost_micro_usd(&self.agent.model, &usage).map(tokens),
+                    latency: self.latencies.summary(),
+                }),
+                at_ms: self.wall_ms(now),
+            }));
         self.actions.push_back(Action::End(EndPlan::new(
             reason,
             call_sid,

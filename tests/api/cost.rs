@@ -145,3 +145,17 @@ async fn a_model_without_known_prices_has_no_cost() {
     assert!(detail["call"]["cost_usd"].is_null(), "{detail}");
     assert_eq!(detail["call"]["latency"]["turns"], 0);
 }
+
+#[tokio::test]
+async fn a_stream_closed_before_its_start_still_ends_the_calls_record() {
+    let fake = FakeRealtime::start().await;
+    let app = app_with(&fake, &[("CALLBRIDGE_API_TOKEN", API_TOKEN)]).await;
+    let sid = call_sid(9402);
+    let token = app.answer_call(&sid).await;
+    let twilio = crate::fake_twilio::FakeTwilio::connect(&app, &token).await;
+    // Twilio's side goes away before sending `start`.
+    drop(twilio);
+    let detail = ended_call(&app, &sid).await;
+    assert_eq!(detail["call"]["end_reason"], "caller_hung_up", "{detail}");
+    assert_eq!(detail["call"]["status"], "completed", "{detail}");
+}
