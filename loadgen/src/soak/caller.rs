@@ -10,7 +10,7 @@ use tokio_tungstenite::tungstenite::Message;
 use super::ledger::CallLog;
 use super::plan::{Ending, Scenario, lane_number};
 use crate::load::{self, Bridge, Failure, Socket};
-use callbridge_testkit::media_streams::{CONNECTED, MediaStream};
+use callbridge::twilio::media_stream::{CONNECTED, MediaStream};
 use callbridge_testkit::wire::{self, EVENT, FRAME_INTERVAL, FrameAudio, MARK_NAME, PAYLOAD};
 
 /// How long a call that ends with `stop` waits for its last frames to come back first.
