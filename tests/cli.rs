@@ -17,10 +17,12 @@ const REQUIRED: [&str; 4] = [
     "PUBLIC_BASE_URL",
 ];
 
-#[test]
-fn an_empty_environment_names_every_missing_variable_and_exits_2() {
+/// Runs the binary with `args` in an empty directory and environment, checks it exits 2 naming
+/// every required variable, and returns what it printed.
+fn unconfigured(args: &[&str]) -> String {
     let dir = Scratch::new();
     let output = Command::new(BINARY)
+        .args(args)
         .current_dir(dir.path())
         .env_clear()
         .output()
@@ -33,6 +35,12 @@ fn an_empty_environment_names_every_missing_variable_and_exits_2() {
             "{stderr}"
         );
     }
+    stderr
+}
+
+#[test]
+fn an_empty_environment_names_every_missing_variable_and_exits_2() {
+    let stderr = unconfigured(&[]);
     assert_eq!(
         stderr.lines().count(),
         REQUIRED.len(),
@@ -454,19 +462,5 @@ fn simulate_explains_itself_without_configuration_and_then_needs_the_servers() {
     );
 
     // Past its options it reads the same configuration as the server, and fails the same way.
-    let dir = Scratch::new();
-    let unconfigured = Command::new(BINARY)
-        .args(["simulate", "--audio", "caller.wav"])
-        .current_dir(dir.path())
-        .env_clear()
-        .output()
-        .unwrap();
-    assert_eq!(unconfigured.status.code(), Some(2));
-    let stderr = String::from_utf8(unconfigured.stderr).unwrap();
-    for variable in REQUIRED {
-        assert!(
-            stderr.contains(&format!("{variable} is missing")),
-            "{stderr}"
-        );
-    }
+    unconfigured(&["simulate", "--audio", "caller.wav"]);
 }

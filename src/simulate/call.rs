@@ -208,17 +208,7 @@ async fn answer(
     plan: &Plan,
     call_sid: &str,
 ) -> Result<twiml::Document, SimulateError> {
-    let form = pairs(&[
-        ("CallSid", call_sid),
-        ("AccountSid", &plan.account_sid),
-        ("From", &plan.from),
-        ("To", &plan.to),
-        ("Caller", &plan.from),
-        ("Called", &plan.to),
-        ("CallStatus", "ringing"),
-        ("Direction", "inbound"),
-        ("ApiVersion", "2010-04-01"),
-    ]);
+    let form = call_form(plan, call_sid, "ringing", &[]);
     let response = post_signed(http, plan, "/voice", &form)
         .await
         .map_err(|error| unanswered("POST /voice", &plan.server, &error))?;
@@ -242,6 +232,29 @@ async fn answer(
         .await
         .map_err(|error| unanswered("POST /voice", &plan.server, &error))?;
     twiml::read(&body).map_err(|error| SimulateError::Twiml(error.to_string()))
+}
+
+/// The fields Twilio sends about an inbound call in every voice webhook, at `status`, then
+/// `extra`.
+fn call_form(
+    plan: &Plan,
+    call_sid: &str,
+    status: &str,
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    let mut form = pairs(&[
+        ("CallSid", call_sid),
+        ("AccountSid", &plan.account_sid),
+        ("From", &plan.from),
+        ("To", &plan.to),
+        ("Caller", &plan.from),
+        ("Called", &plan.to),
+        ("CallStatus", status),
+        ("Direction", "inbound"),
+        ("ApiVersion", "2010-04-01"),
+    ]);
+    form.extend(pairs(extra));
+    form
 }
 
 fn pairs(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -678,19 +691,15 @@ async fn completed(
     timeline: &mut Timeline,
 ) {
     let duration = started.elapsed().as_secs().to_string();
-    let form = pairs(&[
-        ("CallSid", call_sid),
-        ("AccountSid", &plan.account_sid),
-        ("From", &plan.from),
-        ("To", &plan.to),
-        ("Caller", &plan.from),
-        ("Called", &plan.to),
-        ("CallStatus", "completed"),
-        ("CallDuration", &duration),
-        ("Direction", "inbound"),
-        ("ApiVersion", "2010-04-01"),
-        ("CallbackSource", "call-progress-events"),
-    ]);
+    let form = call_form(
+        plan,
+        call_sid,
+        "completed",
+        &[
+            ("CallDuration", &duration),
+            ("CallbackSource", "call-progress-events"),
+        ],
+    );
     match post_signed(http, plan, "/voice/status", &form).await {
         Ok(response) => timeline.emit(&Event::StatusCallback {
             t_ms: elapsed_ms(started),
