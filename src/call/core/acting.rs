@@ -658,16 +658,22 @@ impl<L: MediaLeg> CallCore<L> {
 
     // --- Silence.
 
-    /// Silence counts only while nobody speaks, nothing plays and nothing is pending.
-    fn track_quiet(&mut self, now: Instant) {
-        let quiet = self.agent.silence.is_some()
-            && matches!(self.link, AgentLink::Ready)
-            && self.wrap_up.is_none()
-            && matches!(self.transfer, Transfer::None)
+    /// The session is ready and idle: no response running or asked for, the caller not
+    /// speaking, no tool pending, no agent audio unplayed. What silence and rollover wait for.
+    pub(super) fn nothing_going_on(&self) -> bool {
+        matches!(self.link, AgentLink::Ready)
             && !self.tools.is_response_active()
             && !self.tools.is_caller_speaking()
             && !self.tools.has_pending()
             && !self.playback.has_unplayed_audio()
+    }
+
+    /// Silence counts only while nobody speaks, nothing plays and nothing is pending.
+    fn track_quiet(&mut self, now: Instant) {
+        let quiet = self.agent.silence.is_some()
+            && self.nothing_going_on()
+            && self.wrap_up.is_none()
+            && matches!(self.transfer, Transfer::None)
             && self.keypad.digits.is_empty();
         match (quiet, self.silence.quiet_since) {
             (false, _) => self.silence.quiet_since = None,

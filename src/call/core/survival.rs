@@ -254,11 +254,7 @@ impl<L: MediaLeg> CallCore<L> {
         if !matches!(self.standby, Standby::Open { .. }) {
             return;
         }
-        let quiet = matches!(self.link, AgentLink::Ready)
-            && !self.tools.is_response_active()
-            && !self.tools.is_caller_speaking()
-            && !self.tools.has_pending()
-            && !self.playback.has_unplayed_audio()
+        let quiet = self.nothing_going_on()
             && self
                 .answer_awaited_since
                 .is_none_or(|since| now >= since + ANSWER_WAIT)
